@@ -1,0 +1,137 @@
+"""Header/trailer soft-token adapters that make packets context independent.
+
+An adapter is two small trainable matrices in the model's input-embedding
+space: ``header [n_header, hidden]`` and ``trailer [n_trailer, hidden]``. Every
+chunk is wrapped as ``[header; chunk; trailer]`` before its KV cache is built.
+The model itself stays frozen. Files are safetensors with JSON metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CorruptPacketError, IncompatiblePacketError
+from .models import LoadedModel
+
+NO_ADAPTER = "none"
+
+
+class PacketAdapter(torch.nn.Module):
+    """Trainable soft tokens wrapped around every chunk of one model.
+
+    Args:
+        header: float tensor ``[n_header, hidden]`` (n_header may be 0).
+        trailer: float tensor ``[n_trailer, hidden]`` (n_trailer may be 0).
+        model_fingerprint: fingerprint of the model the adapter belongs to.
+        card: free-form JSON-serialisable metadata (training data, hyperparameters, ...).
+    """
+
+    def __init__(self, header: torch.Tensor, trailer: torch.Tensor, model_fingerprint: str, card: dict | None = None):
+        super().__init__()
+        if header.dim() != 2 or trailer.dim() != 2 or header.shape[1] != trailer.shape[1]:
+            raise ValueError(f"header/trailer must be [n, hidden] with the same hidden size, got {tuple(header.shape)} and {tuple(trailer.shape)}")
+        self.header = torch.nn.Parameter(header.detach().clone())
+        self.trailer = torch.nn.Parameter(trailer.detach().clone())
+        self.model_fingerprint = model_fingerprint
+        self.card = dict(card or {})
+
+    @classmethod
+    def initialize(cls, model: LoadedModel, n_header: int = 8, n_trailer: int = 8, seed: int = 0) -> "PacketAdapter":
+        """New adapter drawn from N(mean, std) of the model's token-embedding matrix."""
+        if n_header < 0 or n_trailer < 0:
+            raise ValueError("adapter sizes must be >= 0")
+        weight = model.model.get_input_embeddings().weight.detach().float()
+        mean, std = weight.mean().item(), weight.std().item()
+        generator = torch.Generator().manual_seed(seed)
+        draw = lambda n: torch.randn(n, model.hidden_size, generator=generator) * std + mean  # noqa: E731
+        return cls(draw(n_header), draw(n_trailer), model.fingerprint)
+
+    @classmethod
+    def empty(cls, model: LoadedModel) -> "PacketAdapter":
+        """The 0+0 adapter: packets of the bare chunk (the `no_recompute` baseline)."""
+        zero = torch.zeros(0, model.hidden_size)
+        return cls(zero, zero.clone(), model.fingerprint)
+
+    @property
+    def n_header(self) -> int:
+        return self.header.shape[0]
+
+    @property
+    def n_trailer(self) -> int:
+        return self.trailer.shape[0]
+
+    @property
+    def fingerprint(self) -> str:
+        """``none`` for a 0+0 adapter, else sha256 hex over sizes and float32 values."""
+        if self.n_header == 0 and self.n_trailer == 0:
+            return NO_ADAPTER
+        digest = hashlib.sha256(f"{self.n_header}|{self.n_trailer}|".encode())
+        for tensor in (self.header, self.trailer):
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def check_model(self, model: LoadedModel) -> None:
+        """Raise IncompatiblePacketError unless the adapter was made for ``model``."""
+        if self.n_header + self.n_trailer and self.model_fingerprint != model.fingerprint:
+            raise IncompatiblePacketError(
+                f"this adapter was trained for another model (fingerprint {self.model_fingerprint[:12]}, "
+                f"loaded model {model.name} is {model.fingerprint[:12]}); train one with `kvpacket train --model {model.name}`."
+            )
+        if self.header.shape[1] != model.hidden_size:
+            raise IncompatiblePacketError(
+                f"adapter hidden size {self.header.shape[1]} != model hidden size {model.hidden_size}"
+            )
+
+    def wrap(self, chunk_embeddings: torch.Tensor) -> torch.Tensor:
+        """``[header; chunk; trailer]`` along the sequence axis: ``[L, hidden] -> [n_h + L + n_t, hidden]``."""
+        dtype, device = chunk_embeddings.dtype, chunk_embeddings.device
+        return torch.cat([self.header.to(device, dtype), chunk_embeddings, self.trailer.to(device, dtype)])
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``path`` (safetensors) and ``path`` with ``.json`` suffix (the human-readable card)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {"format": "kvpacket-adapter/1", "model_fingerprint": self.model_fingerprint,
+                    "fingerprint": self.fingerprint, "card": json.dumps(self.card, default=str)}
+        tensors = {"header": self.header.detach().to("cpu", torch.float32).contiguous(),
+                   "trailer": self.trailer.detach().to("cpu", torch.float32).contiguous()}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(path)
+        card = {**self.card, "model_fingerprint": self.model_fingerprint, "fingerprint": self.fingerprint,
+                "n_header": self.n_header, "n_trailer": self.n_trailer}
+        path.with_suffix(".json").write_text(json.dumps(card, indent=2, default=str) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model: LoadedModel | None = None) -> "PacketAdapter":
+        """Read an adapter file; with ``model``, also check it belongs to that model.
+
+        Raises:
+            FileNotFoundError, CorruptPacketError, IncompatiblePacketError.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"adapter file {path} does not exist; train one with `kvpacket train` or pass --adapter none")
+        try:
+            tensors = load_file(str(path))
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as handle:
+                metadata = handle.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CorruptPacketError(f"adapter file {path} is unreadable ({error}); re-train or re-download it") from error
+        if metadata.get("format") != "kvpacket-adapter/1" or not {"header", "trailer"} <= tensors.keys():
+            raise CorruptPacketError(f"{path} is not a kvpacket adapter file")
+        adapter = cls(tensors["header"], tensors["trailer"], metadata["model_fingerprint"], json.loads(metadata.get("card", "{}")))
+        if metadata.get("fingerprint") != adapter.fingerprint:
+            raise CorruptPacketError(f"adapter file {path} fails its checksum; it was altered or truncated")
+        if model is not None:
+            adapter.check_model(model)
+        return adapter

@@ -1,0 +1,125 @@
+"""Building KV packets: one frozen-model forward per wrapped chunk."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapter import PacketAdapter
+from .errors import ContextTooLongError, EmptyInputError
+from .models import LoadedModel
+from .packet import KVPacket, packet_key
+from .prompt import PromptFormatter
+
+
+class PacketBuilder:
+    """Turns chunk texts into immutable `KVPacket`s.
+
+    Args:
+        model: the frozen model.
+        adapter: header/trailer soft tokens; None means the 0+0 adapter (bare chunks).
+        formatter: tokenizes chunks exactly as the engine will.
+        batch_tokens: padded tokens per forward when building many chunks at once.
+
+    Example:
+        >>> builder = PacketBuilder(model, adapter, PromptFormatter(model.tokenizer))
+        >>> packet = builder.build("Ada Lovelace was born in London.")
+    """
+
+    def __init__(self, model: LoadedModel, adapter: PacketAdapter | None, formatter: PromptFormatter,
+                 batch_tokens: int = 4096):
+        self.model = model
+        self.adapter = adapter if adapter is not None else PacketAdapter.empty(model)
+        self.adapter.check_model(model)
+        self.formatter = formatter
+        self.batch_tokens = batch_tokens
+
+    @property
+    def adapter_fingerprint(self) -> str:
+        return self.adapter.fingerprint
+
+    def chunk_ids(self, text: str) -> list[int]:
+        """Token ids of a chunk, validated against the model's context.
+
+        Raises:
+            EmptyInputError, ContextTooLongError.
+        """
+        ids = self.formatter.chunk_ids(text)
+        self._check_length(len(ids))
+        return ids
+
+    def _check_length(self, n_tokens: int) -> None:
+        if n_tokens == 0:
+            raise EmptyInputError("a chunk tokenized to nothing; drop it before building packets")
+        total = self.adapter.n_header + n_tokens + self.adapter.n_trailer
+        if total > self.model.max_positions:
+            raise ContextTooLongError(
+                f"a chunk of {n_tokens} tokens (+{total - n_tokens} adapter tokens) exceeds the model's "
+                f"{self.model.max_positions} positions; split the document into smaller chunks."
+            )
+
+    def key_for(self, token_ids: Sequence[int]) -> str:
+        """The packet key the chunk's packet has (or will have) under this model and adapter."""
+        return packet_key(token_ids, self.model.fingerprint, self.model.tokenizer_fingerprint,
+                          self.adapter.fingerprint, self.model.dtype)
+
+    def build(self, chunk: str | Sequence[int]) -> KVPacket:
+        """Build the packet of one chunk (text, or token ids from `chunk_ids`)."""
+        return self.build_many([chunk])[0]
+
+    @torch.no_grad()
+    def build_many(self, chunks: Sequence[str | Sequence[int]], progress: bool = False) -> list[KVPacket]:
+        """Build packets for many chunks, batching chunks of similar length.
+
+        Returns packets in the order of ``chunks``. Each packet equals the one `build` gives alone
+        (padding is on the right, and attention is causal).
+        """
+        id_lists = [self.chunk_ids(c) if isinstance(c, str) else list(c) for c in chunks]
+        for ids in id_lists:
+            self._check_length(len(ids))
+        order = sorted(range(len(id_lists)), key=lambda i: len(id_lists[i]))
+        packets: list[KVPacket | None] = [None] * len(id_lists)
+        bar = tqdm(total=len(order), desc="building packets", unit="chunk", disable=not progress)
+        start = 0
+        while start < len(order):
+            batch = self._next_batch(order, id_lists, start)
+            for index, packet in zip(batch, self._forward([id_lists[i] for i in batch])):
+                packets[index] = packet
+            start += len(batch)
+            bar.update(len(batch))
+        bar.close()
+        return packets  # type: ignore[return-value]
+
+    def _next_batch(self, order: list[int], id_lists: list[list[int]], start: int) -> list[int]:
+        batch = [order[start]]
+        extra = self.adapter.n_header + self.adapter.n_trailer
+        for index in order[start + 1 :]:
+            longest = len(id_lists[index]) + extra  # sorted by length: the newest is the longest
+            if longest * (len(batch) + 1) > self.batch_tokens:
+                break
+            batch.append(index)
+        return batch
+
+    def _forward(self, id_lists: list[list[int]]) -> list[KVPacket]:
+        model = self.model
+        wrapped = [self.adapter.wrap(model.embed(torch.tensor(ids))) for ids in id_lists]
+        lengths = [w.shape[0] for w in wrapped]
+        longest = max(lengths)
+        embeds = torch.zeros(len(wrapped), longest, model.hidden_size, dtype=model.dtype, device=model.device)
+        mask = torch.zeros(len(wrapped), longest, dtype=torch.long, device=model.device)
+        for row, (w, n) in enumerate(zip(wrapped, lengths)):
+            embeds[row, :n] = w
+            mask[row, :n] = 1
+        positions = torch.arange(longest, device=model.device).expand(len(wrapped), -1)
+        output = model.model.model(inputs_embeds=embeds, attention_mask=mask if len(wrapped) > 1 else None,
+                                   position_ids=positions, use_cache=True)
+        keys = torch.stack([layer.keys for layer in output.cache.layers], dim=1)  # [B, layers, heads, T, D]
+        values = torch.stack([layer.values for layer in output.cache.layers], dim=1)
+        return [
+            KVPacket(keys[row, :, :, :n].cpu().clone(), values[row, :, :, :n].cpu().clone(),
+                     torch.tensor(ids, dtype=torch.int64), self.adapter.n_header, self.adapter.n_trailer,
+                     model.fingerprint, model.tokenizer_fingerprint, self.adapter.fingerprint)
+            for row, (ids, n) in enumerate(zip(id_lists, lengths))
+        ]

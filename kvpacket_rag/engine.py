@@ -1,0 +1,274 @@
+"""The question-time engine: packets in, answer out, with timings and FLOPs.
+
+Example:
+    >>> engine = PacketEngine()                      # default model and adapter
+    >>> answer = engine.answer("Where was Ada born?", ["Ada was born in London.", "Bob likes tea."])
+    >>> answer.text, answer.timings["ttft_s"]
+    >>> for piece in engine.stream("Where was Ada born?", chunks):
+    ...     print(piece, end="")
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .adapter import PacketAdapter
+from .builder import PacketBuilder
+from .errors import EmptyInputError, IncompatiblePacketError
+from .flops import forward_flops
+from .generation import GenerationConfig, TextStreamer, decode_tokens, eos_ids
+from .kvcache import KVBuffer, PacketCache
+from .methods import ContextMethod, get_method
+from .models import DEFAULT_MODEL, LoadedModel, load_model
+from .packet import KVPacket
+from .prompt import DEFAULT_SYSTEM_PROMPT, ChatTurn, PromptFormatter
+from .store import InMemoryStore, PacketStore
+
+SHIPPED_ADAPTERS = {DEFAULT_MODEL: Path(__file__).parent / "adapters" / "smollm2-135m-instruct.safetensors"}
+
+
+@dataclass
+class Answer:
+    """One generated answer and how it was produced.
+
+    Attributes:
+        text: the answer (stop strings and special tokens removed).
+        token_ids: generated token ids.
+        method: the method name (``kv_packet``, ``full_recompute``, ...).
+        timings: seconds: ``packet_load_s``, ``packet_build_s``, ``assembly_s``, ``context_prefill_s``,
+            ``question_prefill_s``, ``ttft_s`` (call start to first token) and ``total_s``.
+        context_flops: FLOPs spent on the documents at question time (rotation and/or recompute).
+        prefill_flops: all FLOPs before the first token (context work plus the question prefill).
+        context_tokens: positions of preamble and context; question_tokens: suffix length.
+        forwarded_tokens: tokens pushed through the model before the first token (question included).
+        packet_keys: packets used, in context order.
+    """
+
+    text: str
+    token_ids: list[int]
+    method: str
+    timings: dict[str, float]
+    context_flops: int
+    prefill_flops: int
+    context_tokens: int
+    question_tokens: int
+    forwarded_tokens: int
+    packet_keys: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class AnswerStream:
+    """Iterate to receive the answer text piece by piece; `answer` is set once iteration ends."""
+
+    def __init__(self, pieces: Iterator[str]):
+        self._pieces = pieces
+        self.answer: Answer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def collect(self) -> Answer:
+        """Consume the stream and return the final `Answer`."""
+        for _ in self._pieces:
+            pass
+        assert self.answer is not None
+        return self.answer
+
+
+def resolve_adapter(model: LoadedModel, adapter: PacketAdapter | str | Path | None) -> PacketAdapter:
+    """The adapter to use: an object, a file path, ``None``/``"none"`` (0+0), or ``"default"``.
+
+    ``"default"`` is the shipped adapter of the embedded default model; other models have none.
+
+    Raises:
+        IncompatiblePacketError: ``"default"`` for a model without a shipped adapter, or a foreign adapter.
+    """
+    if adapter is None or adapter == "none":
+        return PacketAdapter.empty(model)
+    if isinstance(adapter, PacketAdapter):
+        adapter.check_model(model)
+        return adapter
+    if adapter == "default":
+        shipped = SHIPPED_ADAPTERS.get(model.name)
+        if shipped is None or not shipped.is_file():
+            raise IncompatiblePacketError(
+                f"no trained adapter ships for {model.name}; train one with "
+                f"`kvpacket train --model {model.name} --out adapter.safetensors` and pass its path, "
+                "or pass adapter=None for bare packets (lower quality)."
+            )
+        adapter = shipped
+    return PacketAdapter.load(adapter, model)
+
+
+class PacketEngine:
+    """Answers questions over chunks through KV packets (or a baseline method).
+
+    Args:
+        model: a `LoadedModel`, a Hugging Face id/directory, or None for the embedded default.
+        adapter: see `resolve_adapter` (default: the shipped adapter of the default model).
+        store: where packets are read and written (default: an in-process `InMemoryStore`).
+        system_prompt: system message of the cached preamble.
+        device, dtype: where and how to load ``model`` when it is not already loaded.
+
+    Not thread-safe: use one engine per thread (concurrent streams get separate buffers).
+    """
+
+    def __init__(self, model: LoadedModel | str | None = None, adapter: PacketAdapter | str | Path | None = "default",
+                 store: PacketStore | None = None, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+                 device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None):
+        self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
+        self.adapter = resolve_adapter(self.model, adapter)
+        self.store = store if store is not None else InMemoryStore()
+        self.formatter = PromptFormatter(self.model.tokenizer, system_prompt)
+        self.builder = PacketBuilder(self.model, self.adapter, self.formatter)
+        self.bare_builder = PacketBuilder(self.model, None, self.formatter)
+        self.counters = {"packets_built": 0, "packets_loaded": 0}
+        self._preamble: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._buffers: list[KVBuffer] = []
+        self._lock = threading.Lock()
+        self._stop_ids = eos_ids(self.model.tokenizer, self.model.config)
+
+    # ---- packets -------------------------------------------------------------------------
+
+    def chunk_ids(self, text: str) -> list[int]:
+        """Token ids of one chunk (validated for emptiness and length)."""
+        return self.builder.chunk_ids(text)
+
+    def build_packets(self, chunks: Sequence[str], adapted: bool = True, progress: bool = False) -> list[str]:
+        """Make sure every chunk has a stored packet; return their keys (builds only the missing ones)."""
+        return self._ensure_packets(chunks, adapted, progress)[2]
+
+    def packets_for(self, chunks: Sequence[str], adapted: bool = True) -> tuple[list[KVPacket], float, list[str]]:
+        """Packets of ``chunks`` from the store, building missing ones.
+
+        Returns:
+            ``(packets, seconds spent building, keys)``.
+        """
+        packets, build_s, keys = self._ensure_packets(chunks, adapted, progress=False)
+        return packets, build_s, keys
+
+    def _ensure_packets(self, chunks, adapted, progress):
+        builder = self.builder if adapted else self.bare_builder
+        ids = [builder.chunk_ids(chunk) for chunk in chunks]
+        keys = [builder.key_for(i) for i in ids]
+        found = self.store.get_many(keys)
+        missing = [n for n, packet in enumerate(found) if packet is None]
+        start = time.perf_counter()
+        if missing:
+            built = builder.build_many([ids[n] for n in missing], progress=progress)
+            for n, packet in zip(missing, built):
+                self.store.put(packet)
+                found[n] = packet
+            self.counters["packets_built"] += len(built)
+        build_s = time.perf_counter() - start if missing else 0.0
+        for packet in found:
+            packet.check_compatible(self.model.fingerprint, self.model.tokenizer_fingerprint, builder.adapter_fingerprint)
+        self.counters["packets_loaded"] += len(found) - len(missing)
+        return found, build_s, keys
+
+    def preamble_block(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values ``[layers, kv_heads, P, head_dim]`` of the chat preamble, computed once."""
+        if self._preamble is None:
+            ids = self.formatter.preamble_ids()
+            buffer = KVBuffer(self.model, len(ids))
+            cache = PacketCache(buffer, 0)
+            self.forward_context(ids, cache)
+            self._preamble = (buffer.keys[:, 0, :, : len(ids)].clone(), buffer.values[:, 0, :, : len(ids)].clone())
+        return self._preamble
+
+    @torch.no_grad()
+    def forward_context(self, ids: Sequence[int], cache) -> None:
+        """Run context tokens through the base model (no LM head), appending to ``cache``."""
+        start = cache.get_seq_length()
+        input_ids = torch.tensor([list(ids)], device=self.model.device)
+        positions = torch.arange(start, start + len(ids), device=self.model.device).unsqueeze(0)
+        self.model.model.model(input_ids=input_ids, position_ids=positions, cache=cache, use_cache=True)
+
+    # ---- answering -----------------------------------------------------------------------
+
+    def answer(self, question: str, chunks: Sequence[str], method: str | ContextMethod = "kv_packet",
+               history: Sequence[ChatTurn] = (), generation: GenerationConfig | None = None) -> Answer:
+        """Answer ``question`` over ``chunks`` (in context order). See `stream` for the arguments."""
+        return self.stream(question, chunks, method, history, generation).collect()
+
+    def stream(self, question: str, chunks: Sequence[str], method: str | ContextMethod = "kv_packet",
+               history: Sequence[ChatTurn] = (), generation: GenerationConfig | None = None) -> AnswerStream:
+        """Stream the answer to ``question`` over ``chunks``.
+
+        Args:
+            question: the user's question (non-empty).
+            chunks: retrieved chunk texts, in the order they appear in the context (may be empty).
+            method: ``kv_packet`` (default), ``no_recompute``, ``full_recompute``, ``closed_book``, ... or an object.
+            history: earlier turns of the conversation; they follow the packets in the prompt.
+            generation: decoding settings (default: greedy, 64 tokens).
+
+        Raises:
+            EmptyInputError, ContextTooLongError, IncompatiblePacketError (before any token is produced).
+        """
+        if not question or not question.strip():
+            raise EmptyInputError("the question is empty; pass the text to answer")
+        stream = AnswerStream(iter(()))
+        stream._pieces = self._run(stream, question, list(chunks), get_method(method), tuple(history),
+                                   generation or GenerationConfig())
+        return stream
+
+    def _run(self, stream: AnswerStream, question, chunks, method, history, generation) -> Iterator[str]:
+        start = time.perf_counter()
+        suffix = self.formatter.suffix_ids(question, history)
+        buffer = self._acquire_buffer()
+        try:
+            reserve = len(suffix) + generation.max_new_tokens
+            context = method.prepare(self, chunks, buffer, reserve)
+            self.model.check_context(context.length + reserve, "context plus question and answer")
+            prefill_start = time.perf_counter()
+            logits = self._prefill(suffix, context)
+            prefill_s = time.perf_counter() - prefill_start
+            streamer = TextStreamer(self.model.tokenizer, generation.stop)
+            tokens = decode_tokens(self.model.model, context.cache, logits, context.length + len(suffix),
+                                   generation, self._stop_ids)
+            ttft = None
+            for token in tokens:
+                ttft = ttft if ttft is not None else time.perf_counter() - start
+                piece = streamer.push(token)
+                if piece:
+                    yield piece
+                if streamer.stopped:
+                    break
+            tail = streamer.flush()
+            if tail:
+                yield tail
+            total = time.perf_counter() - start
+            timings = {"packet_load_s": context.packet_load_s, "packet_build_s": context.packet_build_s,
+                       "assembly_s": context.assembly_s, "context_prefill_s": context.context_prefill_s,
+                       "question_prefill_s": prefill_s,
+                       "ttft_s": ttft if ttft is not None else total, "total_s": total}
+            question_flops = forward_flops(self.model.config, len(suffix), context.length, logits_tokens=1)
+            stream.answer = Answer(streamer.text, list(streamer.ids), method.name, timings, context.context_flops,
+                                   context.context_flops + question_flops, context.length, len(suffix),
+                                   context.forwarded_tokens + len(suffix), context.packet_keys)
+        finally:
+            self._release_buffer(buffer)
+
+    @torch.no_grad()
+    def _prefill(self, suffix: list[int], context) -> torch.Tensor:
+        device = self.model.device
+        ids = torch.tensor([suffix], device=device)
+        positions = torch.arange(context.length, context.length + len(suffix), device=device).unsqueeze(0)
+        return self.model.model(input_ids=ids, position_ids=positions, cache=context.cache, use_cache=True,
+                                logits_to_keep=1).logits[0, -1]
+
+    def _acquire_buffer(self) -> KVBuffer:
+        with self._lock:
+            return self._buffers.pop() if self._buffers else KVBuffer(self.model)
+
+    def _release_buffer(self, buffer: KVBuffer) -> None:
+        with self._lock:
+            self._buffers.append(buffer)

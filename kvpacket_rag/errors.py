@@ -1,0 +1,32 @@
+"""Exceptions raised by kvpacket-rag. Every message says what went wrong and how to fix it."""
+
+
+class KVPacketError(Exception):
+    """Base class of every error raised by kvpacket-rag."""
+
+
+class UnsupportedModelError(KVPacketError):
+    """The model's architecture or RoPE variant cannot be re-rotated exactly."""
+
+
+class ContextTooLongError(KVPacketError):
+    """A chunk or an assembled context exceeds what the model can attend to."""
+
+
+class EmptyInputError(KVPacketError, ValueError):
+    """An empty question, chunk or document was given."""
+
+
+class IncompatiblePacketError(KVPacketError):
+    """A packet or adapter was built for another model, tokenizer or adapter."""
+
+
+class CorruptPacketError(KVPacketError):
+    """A stored packet or adapter file is truncated, altered or unreadable."""
+
+
+class PacketNotFoundError(KVPacketError, KeyError):
+    """A packet key is not in the store."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else "packet not found"

@@ -1,0 +1,141 @@
+"""A preallocated KV cache that packets are assembled into.
+
+`KVBuffer` owns one ``[layers, 1, kv_heads, capacity, head_dim]`` key tensor and
+one value tensor, reused across questions so that no fresh memory is touched
+per question. `PacketCache` is a transformers `Cache` whose layers are views of
+that buffer: the question prefill and every decoded token are written in place
+instead of re-concatenating the whole context.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .models import LoadedModel
+from .rope import RopeSpec, rotate_keys
+
+
+class KVBuffer:
+    """Reusable storage for assembled contexts of one model.
+
+    Args:
+        model: the model the cache serves (layer count, heads, head dim, dtype, device).
+        capacity: initial number of positions; grows on demand.
+    """
+
+    def __init__(self, model: LoadedModel, capacity: int = 0):
+        self.shape = (model.num_layers, 1, model.num_kv_heads, 0, model.head_dim)
+        self.dtype, self.device = model.dtype, model.device
+        self.keys = self.values = torch.empty(0)
+        self.reserve(capacity)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3] if self.keys.dim() == 5 else 0
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for ``capacity`` positions (keeps no content when it grows)."""
+        if capacity <= self.capacity:
+            return
+        layers, batch, heads, _, dim = self.shape
+        capacity = max(capacity, int(self.capacity * 1.5))
+        self.keys = torch.empty(layers, batch, heads, capacity, dim, dtype=self.dtype, device=self.device)
+        self.values = torch.empty_like(self.keys)
+
+
+class PreallocatedLayer(DynamicLayer):
+    """One layer of a `PacketCache`: writes new keys/values into a preallocated tensor in place."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+        super().__init__()
+        self.buffer_keys, self.buffer_values, self.length = keys, values, length
+        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+        self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self.buffer_keys.shape[-2]:
+            self._grow(end)
+        self.buffer_keys[:, :, self.length : end] = key_states
+        self.buffer_values[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self.buffer_keys[:, :, :end], self.buffer_values[:, :, :end]
+        return self.keys, self.values
+
+    def _grow(self, needed: int) -> None:
+        shape = list(self.buffer_keys.shape)
+        shape[-2] = max(needed, 2 * shape[-2])
+        for name in ("buffer_keys", "buffer_values"):
+            old = getattr(self, name)
+            new = old.new_empty(shape)
+            new[:, :, : self.length] = old[:, :, : self.length]
+            setattr(self, name, new)
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def crop(self, max_length: int) -> None:
+        if max_length < 0:
+            max_length = self.length + max_length
+        self.length = min(self.length, max_length)
+        self.keys, self.values = self.buffer_keys[:, :, : self.length], self.buffer_values[:, :, : self.length]
+
+
+class PacketCache(Cache):
+    """A transformers `Cache` over a `KVBuffer` holding ``length`` assembled positions."""
+
+    def __init__(self, buffer: KVBuffer, length: int):
+        layers = [PreallocatedLayer(buffer.keys[i], buffer.values[i], length) for i in range(buffer.shape[0])]
+        super().__init__(layers=layers)
+
+
+def assemble(
+    buffer: KVBuffer,
+    blocks: list[tuple[torch.Tensor, torch.Tensor]],
+    rope: RopeSpec,
+    reserve: int = 0,
+) -> PacketCache:
+    """Concatenate KV blocks into ``buffer``, moving each block's keys to its global start.
+
+    Args:
+        buffer: destination; grown to hold all blocks plus ``reserve`` positions.
+        blocks: ``(keys, values)`` pairs ``[layers, kv_heads, T_i, head_dim]``, each at local positions
+            ``0..T_i-1`` (the preamble first). Block ``i`` lands at ``start_i = sum(T_j, j < i)``.
+        rope: the model's RoPE description.
+        reserve: positions to keep free for the question and the answer.
+
+    Returns:
+        A `PacketCache` of length ``sum(T_i)`` whose keys equal those computed at global positions.
+    """
+    total = sum(keys.shape[2] for keys, _ in blocks)
+    buffer.reserve(total + reserve)
+    staged = _stage_on_device(blocks, buffer.device) if buffer.device.type != "cpu" else blocks
+    start = 0
+    for keys, values in staged:
+        end = start + keys.shape[2]
+        rotate_keys(keys.to(buffer.dtype), start, rope, out=buffer.keys[:, 0, :, start:end])
+        buffer.values[:, 0, :, start:end] = values
+        start = end
+    return PacketCache(buffer, total)
+
+
+def _stage_on_device(blocks: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device):
+    """Move all CPU blocks to ``device`` in one pinned, non-blocking copy."""
+    on_host = [(k, v) for k, v in blocks if k.device.type == "cpu"]
+    if not on_host:
+        return blocks
+    lengths = [k.shape[2] for k, _ in blocks]
+    layers, heads, _, dim = blocks[0][0].shape
+    staging = torch.empty(2, layers, heads, sum(lengths), dim, dtype=blocks[0][0].dtype, pin_memory=True)
+    start = 0
+    for (keys, values), n in zip(blocks, lengths):
+        staging[0, :, :, start : start + n] = keys
+        staging[1, :, :, start : start + n] = values
+        start += n
+    moved = staging.to(device, non_blocking=True)
+    out, start = [], 0
+    for n in lengths:
+        out.append((moved[0, :, :, start : start + n], moved[1, :, :, start : start + n]))
+        start += n
+    return out

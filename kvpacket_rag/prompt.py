@@ -1,0 +1,101 @@
+"""Splitting a chat prompt into independently tokenized pieces.
+
+The prompt of a RAG question is ``preamble | chunk_1 | ... | chunk_n | suffix``:
+
+- preamble: the chat template up to the start of the first user message
+  (BOS, system prompt, user-turn header), cached once per system prompt;
+- chunks: each chunk's text, tokenized alone (no special tokens);
+- suffix: the question (and any earlier chat turns) to the assistant header.
+
+Each piece is tokenized on its own and the ids are concatenated, so chunk
+boundaries never depend on their neighbours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .errors import EmptyInputError
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You answer questions using the documents in the user's message. "
+    "Reply with a short answer only."
+)
+_SENTINEL = "\u2063KVPACKET_DOCUMENTS\u2063"
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """One earlier exchange of a conversation."""
+
+    user: str
+    assistant: str
+
+
+class PromptFormatter:
+    """Renders the three prompt pieces with the tokenizer's chat template.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (with or without a chat template).
+        system_prompt: system message placed in the cached preamble.
+    """
+
+    def __init__(self, tokenizer, system_prompt: str = DEFAULT_SYSTEM_PROMPT):
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+        self._preamble_text = self._render(question="?", history=())[0]
+
+    def _render(self, question: str, history: Sequence[ChatTurn]) -> tuple[str, str]:
+        first_user = history[0].user if history else question
+        if not getattr(self.tokenizer, "chat_template", None):
+            lines = [f"{self.system_prompt}\n\n", _SENTINEL, f"Question: {first_user}\nAnswer:"]
+            for turn, following in zip(history, [*(t.user for t in history[1:]), question]):
+                lines.append(f" {turn.assistant}\nQuestion: {following}\nAnswer:")
+            bos = self.tokenizer.bos_token or ""
+            text = bos + "".join(lines)
+        else:
+            messages = [{"role": "system", "content": self.system_prompt},
+                        {"role": "user", "content": f"{_SENTINEL}Question: {first_user}"}]
+            for turn, following in zip(history, [*(t.user for t in history[1:]), question]):
+                messages += [{"role": "assistant", "content": turn.assistant}, {"role": "user", "content": following}]
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        before, _, after = text.partition(_SENTINEL)
+        return before, after
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def preamble_ids(self) -> list[int]:
+        """Token ids of the cached prefix (template start, system prompt, user-turn header)."""
+        return self._ids(self._preamble_text)
+
+    def chunk_ids(self, text: str) -> list[int]:
+        """Token ids of one document chunk, tokenized alone (a blank line ends it).
+
+        Raises:
+            EmptyInputError: the chunk is empty or whitespace.
+        """
+        if not text or not text.strip():
+            raise EmptyInputError("a document chunk is empty; drop empty documents before building packets")
+        return self._ids(text.strip() + "\n\n")
+
+    def suffix_ids(self, question: str, history: Sequence[ChatTurn] = ()) -> list[int]:
+        """Token ids after the chunks: the question, earlier turns, and the assistant header.
+
+        Raises:
+            EmptyInputError: the question is empty.
+        """
+        if not question or not question.strip():
+            raise EmptyInputError("the question is empty; pass the text to answer")
+        preamble, suffix = self._render(question.strip(), tuple(history))
+        if preamble != self._preamble_text:
+            raise ValueError("the chat template renders a different preamble per question; it cannot be cached")
+        return self._ids(suffix)
+
+    def full_prompt_ids(self, chunks: Sequence[str], question: str, history: Sequence[ChatTurn] = ()) -> list[int]:
+        """Concatenated ids of all pieces: what full recompute runs through the model."""
+        ids = self.preamble_ids()
+        for chunk in chunks:
+            ids += self.chunk_ids(chunk)
+        return ids + self.suffix_ids(question, history)

@@ -178,10 +178,9 @@ class PacketEngine:
         """Keys/values ``[layers, kv_heads, P, head_dim]`` of the chat preamble, computed once."""
         if self._preamble is None:
             ids = self.formatter.preamble_ids()
-            buffer = KVBuffer(self.model, len(ids))
-            cache = PacketCache(buffer, 0)
+            cache = PacketCache(KVBuffer(self.model, len(ids)), 0)
             self.forward_context(ids, cache)
-            self._preamble = (buffer.keys[:, 0, :, : len(ids)].clone(), buffer.values[:, 0, :, : len(ids)].clone())
+            self._preamble = cache.to_block()
         return self._preamble
 
     @torch.no_grad()

@@ -27,12 +27,13 @@ class KVBuffer:
     def __init__(self, model: LoadedModel, capacity: int = 0):
         self.shape = (model.num_layers, 1, model.num_kv_heads, 0, model.head_dim)
         self.dtype, self.device = model.dtype, model.device
-        self.keys = self.values = torch.empty(0)
+        self.keys = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        self.values = torch.empty_like(self.keys)
         self.reserve(capacity)
 
     @property
     def capacity(self) -> int:
-        return self.keys.shape[3] if self.keys.dim() == 5 else 0
+        return self.keys.shape[3]
 
     def reserve(self, capacity: int) -> None:
         """Make room for ``capacity`` positions (keeps no content when it grows)."""
@@ -88,6 +89,12 @@ class PacketCache(Cache):
     def __init__(self, buffer: KVBuffer, length: int):
         layers = [PreallocatedLayer(buffer.keys[i], buffer.values[i], length) for i in range(buffer.shape[0])]
         super().__init__(layers=layers)
+
+    def to_block(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of the cached keys/values as ``[layers, kv_heads, length, head_dim]`` tensors."""
+        keys = torch.stack([layer.keys[0] for layer in self.layers])
+        values = torch.stack([layer.values[0] for layer in self.layers])
+        return keys, values
 
 
 def assemble(

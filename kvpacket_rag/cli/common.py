@@ -1,0 +1,27 @@
+"""Arguments shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, --adapter, --device, --dtype, --threads."""
+    parser.add_argument("--model", default=None, help="Hugging Face id or directory (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--adapter", default="default",
+                        help="adapter file, 'default' (shipped adapter of the default model) or 'none'")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 (CUDA default) or float16")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def make_engine(args: argparse.Namespace, store=None):
+    """A PacketEngine from the parsed model arguments."""
+    from ..engine import PacketEngine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    adapter = None if args.adapter == "none" else args.adapter
+    return PacketEngine(args.model, adapter=adapter, store=store, device=args.device, dtype=args.dtype)

@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.handler(args) or 0)
+        status = args.handler(args)
+        return status if isinstance(status, int) else 0
     except (KVPacketError, ValueError, FileNotFoundError) as error:
         print(f"kvpacket {args.command}: error: {error}", file=sys.stderr)
         return 2

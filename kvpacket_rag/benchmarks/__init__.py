@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that write a JSON result and a markdown table."""

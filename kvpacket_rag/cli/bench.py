@@ -1,0 +1,21 @@
+"""`kvpacket bench ttft|store`: benchmarks that write JSON and a markdown table."""
+
+from __future__ import annotations
+
+import importlib
+
+BENCHMARKS = {"ttft": "time to first token: kv_packet vs full recompute",
+              "store": "packet store read/write throughput and quantization"}
+
+
+def register(subparsers) -> None:
+    bench = subparsers.add_parser("bench", help="run a benchmark")
+    kinds = bench.add_subparsers(dest="benchmark", required=True)
+    for name, help_text in BENCHMARKS.items():
+        try:
+            module = importlib.import_module(f"kvpacket_rag.benchmarks.{name}")
+        except ModuleNotFoundError:
+            continue
+        parser = kinds.add_parser(name, help=help_text)
+        module.add_arguments(parser)
+        parser.set_defaults(handler=module.run)

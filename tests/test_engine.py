@@ -1,0 +1,147 @@
+"""PacketEngine: answers, streaming, bad input, and a real run on the default model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvpacket_rag.adapter import PacketAdapter
+from kvpacket_rag.engine import PacketEngine
+from kvpacket_rag.errors import ContextTooLongError, EmptyInputError, IncompatiblePacketError
+from kvpacket_rag.generation import GenerationConfig
+from kvpacket_rag.prompt import ChatTurn
+from kvpacket_rag.reference import block_forward
+
+from conftest import make_tiny_model
+
+CHUNKS = ["Ada Lovelace was born in London.", "Alan Turing studied at Cambridge.", "Grace Hopper served in the navy."]
+GREEDY8 = GenerationConfig(max_new_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama) -> PacketEngine:
+    return PacketEngine(tiny_llama, adapter=PacketAdapter.initialize(tiny_llama, 4, 4, seed=3))
+
+
+def greedy_reference(engine: PacketEngine, chunks, question, steps: int, history=()) -> list[int]:
+    """Greedy decoding by repeated block-mask forwards over the growing tail."""
+    f = engine.formatter
+    tail = f.suffix_ids(question, history)
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = block_forward(engine.model, engine.adapter, f.preamble_ids(), [f.chunk_ids(c) for c in chunks],
+                                   tail + out, logits_tokens=1)
+            out.append(int(logits[-1].argmax()))
+    return out
+
+
+def test_generated_tokens_equal_block_mask_greedy_decoding(engine):
+    answer = engine.answer("Where was Ada Lovelace born?", CHUNKS, generation=GREEDY8)
+    expected = greedy_reference(engine, CHUNKS, "Where was Ada Lovelace born?", len(answer.token_ids))
+    assert answer.token_ids == expected[: len(answer.token_ids)]
+    assert answer.forwarded_tokens == answer.question_tokens  # no chunk token went through the model
+
+
+def test_multi_turn_history_follows_the_packets(engine):
+    history = [ChatTurn("Who studied at Cambridge?", "Alan Turing.")]
+    answer = engine.answer("And who served in the navy?", CHUNKS, history=history, generation=GREEDY8)
+    expected = greedy_reference(engine, CHUNKS, "And who served in the navy?", len(answer.token_ids), history)
+    assert answer.token_ids == expected[: len(answer.token_ids)]
+
+
+def test_stream_yields_the_same_text(engine):
+    stream = engine.stream("Who was in the navy?", CHUNKS, generation=GREEDY8)
+    pieces = list(stream)
+    assert "".join(pieces) == stream.answer.text == engine.answer("Who was in the navy?", CHUNKS, generation=GREEDY8).text
+
+
+def test_packets_are_built_once_and_reused(tiny_llama):
+    engine = PacketEngine(tiny_llama, adapter=None)
+    engine.answer("q?", CHUNKS, generation=GenerationConfig(max_new_tokens=1))
+    engine.answer("another q?", CHUNKS[::-1], generation=GenerationConfig(max_new_tokens=1))
+    assert engine.counters["packets_built"] == 3 and engine.counters["packets_loaded"] == 3
+
+
+def test_full_recompute_forwards_every_context_token(engine):
+    answer = engine.answer("Who?", CHUNKS, method="full_recompute", generation=GenerationConfig(max_new_tokens=1))
+    packet = engine.answer("Who?", CHUNKS, method="kv_packet", generation=GenerationConfig(max_new_tokens=1))
+    assert answer.forwarded_tokens == answer.context_tokens + answer.question_tokens
+    assert packet.context_flops < 1e-2 * answer.context_flops
+
+
+def test_stop_strings_end_the_answer(engine):
+    free = engine.answer("Where was Ada born?", CHUNKS, generation=GREEDY8)
+    if len(free.text) < 2:
+        pytest.skip("the random model produced no text to cut")
+    stop = free.text[1:3]
+    cut = engine.answer("Where was Ada born?", CHUNKS, generation=GenerationConfig(max_new_tokens=8, stop=(stop,)))
+    assert cut.text == free.text[: free.text.find(stop)]
+
+
+@pytest.mark.parametrize("question, chunks, error, message", [
+    ("", CHUNKS, EmptyInputError, "question is empty"),
+    ("Who?", ["fine", "   "], EmptyInputError, "chunk is empty"),
+    ("Who?", ["word " * 3000], ContextTooLongError, "split the document"),
+])
+def test_bad_input_gets_a_clear_error(engine, question, chunks, error, message):
+    with pytest.raises(error, match=message):
+        engine.answer(question, chunks)
+
+
+def test_total_context_beyond_the_model_is_refused(engine):
+    chunks = ["word " * 500] * 5
+    with pytest.raises(ContextTooLongError, match="fewer or shorter"):
+        engine.answer("Who?", chunks)
+
+
+def test_default_adapter_for_a_model_without_one(tiny_llama):
+    with pytest.raises(IncompatiblePacketError, match="kvpacket train"):
+        PacketEngine(tiny_llama, adapter="default")
+
+
+def test_packets_of_another_adapter_are_never_used(tiny_llama):
+    first = PacketEngine(tiny_llama, adapter=PacketAdapter.initialize(tiny_llama, 4, 4, seed=1))
+    second = PacketEngine(tiny_llama, adapter=PacketAdapter.initialize(tiny_llama, 4, 4, seed=2), store=first.store)
+    first.build_packets(CHUNKS)
+    second.build_packets(CHUNKS)
+    assert second.counters["packets_built"] == 3  # different adapter, different keys
+
+
+def test_real_model_answers_without_reading_documents(default_model):
+    """Five short documents on SmolLM2: only the question suffix goes through the decoder layers."""
+    engine = PacketEngine(default_model, adapter="default" if _has_shipped_adapter() else None)
+    docs = ["Lumen Labs was founded in 2011 in Tromsø, Norway.", "Orchard Robotics was founded by Mateo Ruiz.",
+            "Harbor Bank is based in Halifax, Canada.", "Quill Press was founded in 1988 by Fiona Baird.",
+            "Nimbus Air flies turboprop planes to 31 islands."]
+    engine.build_packets(docs)
+    engine.preamble_block()  # cached once per engine, like the packets
+    seen: list[int] = []
+    hook = default_model.model.model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["hidden_states"].shape[1] if "hidden_states" in kwargs
+                                                 else args[0].shape[1]), with_kwargs=True)
+    try:
+        answer = engine.answer("Who founded Quill Press?", docs, generation=GenerationConfig(max_new_tokens=12))
+    finally:
+        hook.remove()
+    assert answer.text.strip()
+    assert seen[0] == answer.question_tokens and all(n == 1 for n in seen[1:])
+    assert answer.context_tokens > sum(len(engine.chunk_ids(d)) for d in docs)
+
+
+def _has_shipped_adapter() -> bool:
+    from kvpacket_rag.engine import SHIPPED_ADAPTERS
+    from kvpacket_rag.models import DEFAULT_MODEL
+
+    return SHIPPED_ADAPTERS[DEFAULT_MODEL].is_file()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_packet_path_matches_full_forward(tokenizer, dtype):
+    model = make_tiny_model("llama", tokenizer, dtype=dtype)
+    model.model.to("cuda")
+    engine = PacketEngine(model, adapter=None)
+    answer = engine.answer("Where was Ada born?", CHUNKS, generation=GREEDY8)
+    reference = PacketEngine(model, adapter=None).answer("Where was Ada born?", CHUNKS, generation=GREEDY8)
+    assert answer.token_ids == reference.token_ids

@@ -101,18 +101,24 @@ def rotate_keys(
         keys: ``[..., seq, head_dim]`` keys computed at some positions ``p``.
         delta: position offset (may be 0 or negative).
         spec: the model's RopeSpec.
-        out: optional tensor of the same shape to write into (may alias nothing in ``keys``).
+        out: optional tensor of the same shape to write into (must not overlap ``keys``).
 
     Returns:
         Keys equal (to float rounding) to those computed at ``p + delta``; same shape and dtype.
+        Computed half by half (``[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]``) without temporaries.
     """
-    if delta == 0:
-        return keys if out is None else out.copy_(keys)
-    cos, sin = delta_cos_sin(spec, delta, keys.device, keys.dtype)
-    rotated = rotate_half(keys).mul_(sin)
     if out is None:
-        return rotated.addcmul_(keys, cos)
-    return torch.addcmul(rotated, keys, cos, out=out)
+        out = torch.empty_like(keys)
+    if delta == 0:
+        return out.copy_(keys)
+    cos, sin = delta_cos_sin(spec, delta, keys.device, keys.dtype)
+    half = keys.shape[-1] // 2
+    cos, sin = cos[:half], sin[:half]
+    x1, x2 = keys[..., :half], keys[..., half:]
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
+    return out
 
 
 def self_test(model: torch.nn.Module, spec: RopeSpec, tolerance: float = 1e-4) -> None:

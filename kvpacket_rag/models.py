@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from .errors import ContextTooLongError, UnsupportedModelError
 from .rope import RopeSpec, detect_rope, self_test
@@ -251,5 +252,9 @@ def load_model(
     name = name_or_path or DEFAULT_MODEL
     path = default_model_dir() if name == DEFAULT_MODEL else name_or_path
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    finally:
+        hf_logging.enable_progress_bar()
     return wrap_model(model.to(device), tokenizer, name)

@@ -128,21 +128,21 @@ def assemble(
 
 
 def _stage_on_device(blocks: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device):
-    """Move all CPU blocks to ``device`` in one pinned, non-blocking copy."""
-    on_host = [(k, v) for k, v in blocks if k.device.type == "cpu"]
-    if not on_host:
+    """Move the host-resident blocks to ``device`` in one pinned, non-blocking copy; others pass through."""
+    host = [n for n, (keys, _) in enumerate(blocks) if keys.device.type == "cpu"]
+    if not host:
         return blocks
-    lengths = [k.shape[2] for k, _ in blocks]
-    layers, heads, _, dim = blocks[0][0].shape
-    staging = torch.empty(2, layers, heads, sum(lengths), dim, dtype=blocks[0][0].dtype, pin_memory=True)
+    lengths = [blocks[n][0].shape[2] for n in host]
+    layers, heads, _, dim = blocks[host[0]][0].shape
+    staging = torch.empty(2, layers, heads, sum(lengths), dim, dtype=blocks[host[0]][0].dtype, pin_memory=True)
     start = 0
-    for (keys, values), n in zip(blocks, lengths):
-        staging[0, :, :, start : start + n] = keys
-        staging[1, :, :, start : start + n] = values
-        start += n
+    for n, length in zip(host, lengths):
+        staging[0, :, :, start : start + length] = blocks[n][0]
+        staging[1, :, :, start : start + length] = blocks[n][1]
+        start += length
     moved = staging.to(device, non_blocking=True)
-    out, start = [], 0
-    for n in lengths:
-        out.append((moved[0, :, :, start : start + n], moved[1, :, :, start : start + n]))
-        start += n
+    out, start = list(blocks), 0
+    for n, length in zip(host, lengths):
+        out[n] = (moved[0, :, :, start : start + length], moved[1, :, :, start : start + length])
+        start += length
     return out

@@ -22,6 +22,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
+from . import attention
 from .errors import ContextTooLongError, UnsupportedModelError
 from .rope import RopeSpec, detect_rope, self_test
 
@@ -225,6 +226,8 @@ def wrap_model(model: PreTrainedModel, tokenizer, name: str) -> LoadedModel:
         )
     rope = detect_rope(model)
     self_test(model, rope)
+    if model.config._attn_implementation == "sdpa":
+        model.set_attn_implementation(attention.NAME)  # same math, no repeated KV heads
     model.eval()
     model.requires_grad_(False)
     fingerprint = _sha256_hex(f"{name}|{_config_hash(model.config)}|{weights_hash(model)}".encode())

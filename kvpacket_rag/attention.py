@@ -1,0 +1,44 @@
+"""A grouped-query SDPA that never materialises repeated key/value heads.
+
+With a cached context of N tokens and a short question, transformers' stock SDPA path copies every
+layer's keys and values ``num_key_value_groups`` times (``repeat_kv``) whenever a mask is passed.
+Here the query heads that share a KV head are packed along the query axis instead, so attention
+runs directly on the cached tensors. The result is identical; only the memory traffic changes.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "kvpacket_sdpa"
+
+
+def packed_gqa_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                    is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """SDPA over ``query [B, H, q, D]`` and ``key/value [B, H_kv, N, D]`` (H = groups * H_kv).
+
+    Falls back to transformers' SDPA when there is nothing to save (no GQA, a GPU, or a maskless
+    causal prefill that SDPA handles with ``is_causal``).
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    unsupported = kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
+    if groups == 1 or query.device.type != "cpu" or attention_mask is None or unsupported:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    batch, heads, q_len, dim = query.shape
+    packed = query.reshape(batch, heads // groups, groups * q_len, dim)
+    mask = attention_mask
+    if mask.shape[1] != 1:
+        mask = mask[:, :1]
+    mask = mask.expand(batch, 1, q_len, key.shape[2]).repeat(1, 1, groups, 1) if groups > 1 else mask
+    out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, dropout_p=dropout,
+                                                           scale=scaling)
+    return out.reshape(batch, heads, q_len, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, packed_gqa_sdpa)
+AttentionMaskInterface.register(NAME, sdpa_mask)

@@ -1,0 +1,145 @@
+"""LangChain apps answering through KV packets: real SmolLM2 + MiniLM + FAISS over a small inline corpus."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from langchain_core.documents import Document
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.vectorstores import InMemoryVectorStore
+
+from kvpacket_rag import GenerationConfig, PacketAdapter, PacketEngine
+from kvpacket_rag.errors import IncompatiblePacketError, PacketNotFoundError
+from kvpacket_rag.index import Document as KVDocument
+from kvpacket_rag.index import MissingPacketKeyError, PacketIndex
+from kvpacket_rag.prompt import ChatTurn
+from langchain_kvpacket import (PACKET_KEY, ChatKVPacket, KVPacketDocumentTransformer, KVPacketEmbeddings,
+                                KVPacketRetriever, PacketIndexRetriever, create_kvpacket_rag_chain)
+
+CORPUS = {
+    "quill": "Quill Press is an independent publisher in Edinburgh, Scotland. It was founded in 1988 by the poet "
+             "Fiona Baird. Quill Press publishes about forty books a year.",
+    "nimbus": "Nimbus Air is a regional airline headquartered in Cebu, the Philippines. It flies turboprop planes to "
+              "31 islands. Nimbus Air was founded in 2004 by Daniel Reyes.",
+    "lumen": "Lumen Labs is a battery company founded in 2011 in Tromso, Norway. Its chief executive is Ingrid "
+             "Solberg. Lumen Labs makes sodium-ion batteries for ferries.",
+    "orchard": "Orchard Robotics builds fruit-picking robots. The company was founded in 2016 in Valencia, Spain, "
+               "by Mateo Ruiz. Its best-selling robot is called Picker Nine.",
+}
+TOKENS = 16
+GEN = GenerationConfig(max_new_tokens=TOKENS)
+Q1, Q2 = "Who founded Quill Press?", "Which company makes sodium-ion batteries?"
+
+
+def packet_index(engine, embedder) -> PacketIndex:
+    index = PacketIndex(engine, embedder)
+    index.add_documents([KVDocument(text, doc_id, {"source": doc_id}) for doc_id, text in CORPUS.items()])
+    return index
+
+
+def lc_documents():
+    return [Document(page_content=text, metadata={"source": doc_id}) for doc_id, text in CORPUS.items()]
+
+
+def test_faiss_chain_equals_packet_index_and_builds_each_packet_once(engine, embedder):
+    index = packet_index(engine, embedder)
+    llm = ChatKVPacket(engine=engine, max_tokens=TOKENS)
+    chain = create_kvpacket_rag_chain(PacketIndexRetriever(index=index, k=2), llm)
+    for question in (Q1, Q2):
+        message = chain.invoke(question)
+        direct = index.answer(question, k=2, generation=GEN)
+        assert isinstance(message, AIMessage) and message.content == direct.text
+        info = message.response_metadata["kvpacket"]
+        assert info["packet_keys"] == direct.packet_keys and info["closed_book"] is False
+        assert [s["doc_id"] for s in info["sources"]] == [h.chunk.doc_id for h in direct.sources]
+        assert info["forwarded_tokens"] == direct.answer.question_tokens
+        assert message.usage_metadata["output_tokens"] == len(direct.answer.token_ids)
+    assert engine.counters["packets_built"] == len(CORPUS) == engine.store.stats()["puts"]
+    chunks = list(chain.stream(Q1))
+    assert len(chunks) > 2 and "".join(c.content for c in chunks) == index.answer(Q1, k=2, generation=GEN).text
+    assert chunks[-1].response_metadata["kvpacket"]["timings"]["ttft_s"] > 0
+    assert asyncio.run(chain.ainvoke(Q1)).content == chain.invoke(Q1).content  # async via the defaults
+    assert engine.counters["packets_built"] == len(CORPUS)
+
+
+def test_any_vector_store_with_the_ingestion_transformer(engine, embedder):
+    llm = ChatKVPacket(engine=engine, max_tokens=TOKENS)
+    documents = KVPacketDocumentTransformer(llm, chunk_tokens=24).transform_documents(lc_documents())
+    assert len(documents) > len(CORPUS) and all(engine.store.contains(d.metadata[PACKET_KEY]) for d in documents)
+    assert all(d.metadata["source"] in CORPUS for d in documents)
+    built = engine.counters["packets_built"]
+    assert built == len({d.page_content for d in documents})
+    store = InMemoryVectorStore(KVPacketEmbeddings(embedder))
+    store.add_documents(documents)
+    chain = create_kvpacket_rag_chain(store.as_retriever(search_kwargs={"k": 3}), llm)
+    message = chain.invoke(Q1)
+    texts = [d.page_content for d in store.similarity_search(Q1, k=3)]
+    assert message.content == engine.answer(Q1, texts, generation=GEN).text
+    # the chat model alone, with retrieved documents as a keyword argument
+    retrieved = store.similarity_search(Q1, k=3)
+    assert llm.invoke(Q1, documents=retrieved).content == message.content
+    assert engine.counters["packets_built"] == built
+
+
+def test_documents_without_keys_or_packets(engine, embedder):
+    llm = ChatKVPacket(engine=engine, max_tokens=TOKENS)
+    raw = InMemoryVectorStore(KVPacketEmbeddings(embedder))
+    raw.add_documents(lc_documents())  # ingested without the packet step
+    retriever = KVPacketRetriever(retriever=raw.as_retriever(search_kwargs={"k": 2}), llm=llm)
+    documents = retriever.invoke(Q1)
+    assert all(engine.store.contains(d.metadata[PACKET_KEY]) for d in documents)
+    assert engine.counters["packets_built"] == 2
+    strict = ChatKVPacket(engine=PacketEngine(engine.model, adapter=engine.adapter), missing_packets="error")
+    with pytest.raises(MissingPacketKeyError, match="ingestion"):
+        create_kvpacket_rag_chain(raw.as_retriever(), strict).invoke(Q1)
+    with pytest.raises(MissingPacketKeyError):
+        strict.invoke(Q1, documents=lc_documents()[:1])
+    # a recorded key whose packet is gone from the store
+    engine.store.delete(documents[0].metadata[PACKET_KEY])
+    strict_same_store = ChatKVPacket(engine=engine, missing_packets="error", max_tokens=TOKENS)
+    with pytest.raises(PacketNotFoundError, match="not in the store"):
+        strict_same_store.invoke(Q1, documents=documents)
+    assert llm.invoke(Q1, documents=documents).content  # build policy: rebuilt on demand
+    assert engine.counters["packets_built"] == 3
+    # keys recorded under another adapter
+    other = ChatKVPacket(engine=PacketEngine(engine.model, adapter=PacketAdapter.initialize(engine.model, seed=11)))
+    with pytest.raises(IncompatiblePacketError, match="re-run the packet ingestion"):
+        other.invoke(Q1, documents=documents)
+
+
+def test_empty_retrieval_answers_closed_book(engine, embedder):
+    index = packet_index(engine, embedder)
+    llm = ChatKVPacket(engine=engine, max_tokens=TOKENS)
+    chain = create_kvpacket_rag_chain(PacketIndexRetriever(index=index, k=2, min_score=1.01), llm)
+    message = chain.invoke(Q1)
+    assert message.response_metadata["kvpacket"]["closed_book"] is True
+    assert message.content == engine.answer(Q1, [], method="closed_book", generation=GEN).text
+    assert llm.invoke(Q1, documents=[]).response_metadata["kvpacket"]["closed_book"] is True
+
+
+def test_plain_chat_works_like_any_chat_model(engine):
+    llm = ChatKVPacket(engine=engine, max_tokens=TOKENS)
+    message = llm.invoke("What is the capital of France?")
+    assert "Paris" in message.content and message.response_metadata["kvpacket"]["method"] == "plain"
+    assert message.usage_metadata["input_tokens"] > 5
+    assert "".join(c.content for c in llm.stream("What is the capital of France?")) == message.content
+    with_system = llm.invoke([SystemMessage("Answer in one word."), HumanMessage("What is the capital of France?")])
+    assert with_system.content
+    with pytest.raises(ValueError, match="tool calling"):
+        llm.invoke([HumanMessage("hi"), ToolMessage("42", tool_call_id="1")])
+    assert engine.counters["packets_built"] == 0
+
+
+def test_multi_turn_chain_reuses_packets(engine, embedder):
+    index = packet_index(engine, embedder)
+    llm = ChatKVPacket(engine=engine, max_tokens=TOKENS)
+    chain = create_kvpacket_rag_chain(PacketIndexRetriever(index=index, k=2), llm)
+    first = chain.invoke("Who founded Nimbus Air?").content
+    built = engine.counters["packets_built"]
+    follow = chain.invoke({"question": "Where is Nimbus Air headquartered?",
+                           "chat_history": [("human", "Who founded Nimbus Air?"), ("ai", first)]})
+    expected = index.answer("Where is Nimbus Air headquartered?", k=2, generation=GEN,
+                            history=[ChatTurn("Who founded Nimbus Air?", first)])
+    assert follow.content == expected.text
+    assert engine.counters["packets_built"] == built

@@ -1,0 +1,149 @@
+"""LlamaIndex apps answering through KV packets: real SmolLM2 + MiniLM + FAISS over a small inline corpus."""
+
+from __future__ import annotations
+
+import faiss
+import pytest
+from llama_index.core import Document, StorageContext, VectorStoreIndex
+from llama_index.core.base.llms.types import ChatMessage, MessageRole
+from llama_index.core.ingestion import IngestionPipeline
+from llama_index.core.node_parser import SentenceSplitter
+from llama_index.core.postprocessor import SimilarityPostprocessor
+from llama_index.vector_stores.faiss import FaissVectorStore
+
+from kvpacket_rag import GenerationConfig, PacketAdapter, PacketEngine
+from kvpacket_rag.errors import IncompatiblePacketError, PacketNotFoundError
+from kvpacket_rag.index import Document as KVDocument
+from kvpacket_rag.index import MissingPacketKeyError, PacketIndex
+from kvpacket_rag.prompt import ChatTurn
+from llama_index.llms.kvpacket import (PACKET_KEY, KVPacketChatEngine, KVPacketEmbedding, KVPacketLLM,
+                                       KVPacketTransform, as_kvpacket_query_engine)
+
+CORPUS = {
+    "quill": "Quill Press is an independent publisher in Edinburgh, Scotland. It was founded in 1988 by the poet "
+             "Fiona Baird. Quill Press publishes about forty books a year.",
+    "nimbus": "Nimbus Air is a regional airline headquartered in Cebu, the Philippines. It flies turboprop planes to "
+              "31 islands. Nimbus Air was founded in 2004 by Daniel Reyes.",
+    "lumen": "Lumen Labs is a battery company founded in 2011 in Tromso, Norway. Its chief executive is Ingrid "
+             "Solberg. Lumen Labs makes sodium-ion batteries for ferries.",
+    "orchard": "Orchard Robotics builds fruit-picking robots. The company was founded in 2016 in Valencia, Spain, "
+               "by Mateo Ruiz. Its best-selling robot is called Picker Nine.",
+}
+TOKENS = 16
+GEN = GenerationConfig(max_new_tokens=TOKENS)
+Q1, Q2 = "Who founded Quill Press?", "Which company makes sodium-ion batteries?"
+
+
+def documents():
+    return [Document(text=text, doc_id=doc_id) for doc_id, text in CORPUS.items()]
+
+
+def faiss_index(llm, embed_model):
+    """The standard ingestion pipeline + FAISS vector store, with the packet step added."""
+    pipeline = IngestionPipeline(transformations=[SentenceSplitter(chunk_size=256, chunk_overlap=0),
+                                                  KVPacketTransform(llm), embed_model])
+    nodes = pipeline.run(documents=documents())
+    store = FaissVectorStore(faiss_index=faiss.IndexFlatIP(embed_model.embedder.dim))
+    index = VectorStoreIndex(nodes, storage_context=StorageContext.from_defaults(vector_store=store),
+                             embed_model=embed_model)
+    return index, nodes
+
+
+def test_faiss_query_engine_equals_packet_index_and_builds_each_packet_once(engine, embedder):
+    llm, embed_model = KVPacketLLM(engine, max_new_tokens=TOKENS), KVPacketEmbedding(embedder)
+    index, nodes = faiss_index(llm, embed_model)
+    assert all(engine.store.contains(node.metadata[PACKET_KEY]) for node in nodes)
+    assert PACKET_KEY not in nodes[0].get_content(metadata_mode="llm")  # hidden from prompts and embeddings
+    packet_index = PacketIndex(engine, embedder)
+    packet_index.add_documents([KVDocument(text, doc_id) for doc_id, text in CORPUS.items()])
+    assert engine.counters["packets_built"] == len(CORPUS) == engine.store.stats()["puts"]
+
+    query_engine = as_kvpacket_query_engine(index, llm, similarity_top_k=2)
+    for question in (Q1, Q2):
+        response = query_engine.query(question)
+        direct = packet_index.answer(question, k=2, generation=GEN)
+        assert [n.node.get_content() for n in response.source_nodes] == [h.text for h in direct.sources]
+        assert response.response == direct.text
+        info = response.metadata["kvpacket"]
+        assert info["packet_keys"] == direct.packet_keys and info["closed_book"] is False
+        assert info["forwarded_tokens"] == direct.answer.question_tokens  # only the question ran through the model
+    assert engine.counters["packets_built"] == len(CORPUS) == engine.store.stats()["puts"]
+
+    streaming = as_kvpacket_query_engine(index, llm, streaming=True, similarity_top_k=2)
+    response = streaming.query(Q1)
+    pieces = list(response.response_gen)
+    assert len(pieces) > 1 and "".join(pieces) == packet_index.answer(Q1, k=2, generation=GEN).text
+    assert response.metadata["kvpacket"]["timings"]["ttft_s"] > 0
+    assert engine.counters["packets_built"] == len(CORPUS)
+
+
+def test_default_vector_store_builds_missing_packets_on_demand_or_refuses(engine, embedder):
+    llm, embed_model = KVPacketLLM(engine, max_new_tokens=TOKENS), KVPacketEmbedding(embedder)
+    index = VectorStoreIndex.from_documents(documents(), embed_model=embed_model)  # no packet ingestion step
+    response = as_kvpacket_query_engine(index, llm, similarity_top_k=2).query(Q1)
+    assert engine.counters["packets_built"] == 2
+    texts = [n.node.get_content() for n in response.source_nodes]
+    assert response.response == engine.answer(Q1, texts, generation=GEN).text
+    strict = KVPacketLLM(PacketEngine(engine.model, adapter=engine.adapter), max_new_tokens=TOKENS,
+                         missing_packets="error")
+    fresh = VectorStoreIndex.from_documents(documents(), embed_model=embed_model)
+    with pytest.raises(MissingPacketKeyError, match="ingestion"):
+        as_kvpacket_query_engine(fresh, strict, similarity_top_k=2).query(Q1)
+
+
+def test_packet_missing_from_store_and_stale_keys(engine, embedder):
+    llm, embed_model = KVPacketLLM(engine, max_new_tokens=TOKENS), KVPacketEmbedding(embedder)
+    index, nodes = faiss_index(llm, embed_model)
+    quill = next(n for n in nodes if "Quill" in n.get_content())
+    engine.store.delete(quill.metadata[PACKET_KEY])
+    strict = KVPacketLLM(engine, max_new_tokens=TOKENS, missing_packets="error")
+    with pytest.raises(PacketNotFoundError, match="missing_packets='build'|not in the store"):
+        as_kvpacket_query_engine(index, strict, similarity_top_k=1).query(Q1)
+    built = engine.counters["packets_built"]
+    assert as_kvpacket_query_engine(index, llm, similarity_top_k=1).query(Q1).response
+    assert engine.counters["packets_built"] == built + 1 and engine.store.contains(quill.metadata[PACKET_KEY])
+    other = KVPacketLLM(PacketEngine(engine.model, adapter=PacketAdapter.initialize(engine.model, seed=11)))
+    with pytest.raises(IncompatiblePacketError, match="re-run the packet ingestion"):
+        as_kvpacket_query_engine(index, other, similarity_top_k=1).query(Q1)
+
+
+def test_empty_retrieval_answers_closed_book(engine, embedder):
+    llm, embed_model = KVPacketLLM(engine, max_new_tokens=TOKENS), KVPacketEmbedding(embedder)
+    index, _ = faiss_index(llm, embed_model)
+    cut = [SimilarityPostprocessor(similarity_cutoff=1.01)]
+    response = as_kvpacket_query_engine(index, llm, node_postprocessors=cut).query(Q1)
+    assert response.source_nodes == [] and response.metadata["kvpacket"]["closed_book"] is True
+    assert response.response == engine.answer(Q1, [], method="closed_book", generation=GEN).text
+    streamed = as_kvpacket_query_engine(index, llm, streaming=True, node_postprocessors=cut).query(Q1)
+    assert streamed.metadata["kvpacket"]["closed_book"] is True and "".join(streamed.response_gen) == response.response
+
+
+def test_plain_prompts_work_like_any_llm(engine):
+    llm = KVPacketLLM(engine, max_new_tokens=TOKENS)
+    assert llm.metadata.is_chat_model and llm.metadata.context_window == engine.model.max_positions
+    completion = llm.complete("What is the capital of France?")
+    assert "Paris" in completion.text and completion.additional_kwargs["kvpacket"]["method"] == "plain"
+    assert "".join(r.delta for r in llm.stream_complete("What is the capital of France?")) == completion.text
+    reply = llm.chat([ChatMessage(role=MessageRole.USER, content="What is the capital of France?")])
+    assert reply.message.content == completion.text and reply.message.role == MessageRole.ASSISTANT
+    assert engine.counters["packets_built"] == 0
+
+
+def test_chat_engine_multi_turn_reuses_packets(engine, embedder):
+    llm, embed_model = KVPacketLLM(engine, max_new_tokens=TOKENS), KVPacketEmbedding(embedder)
+    index, _ = faiss_index(llm, embed_model)
+    packet_index = PacketIndex(engine, embedder)
+    packet_index.add_documents([KVDocument(text, doc_id) for doc_id, text in CORPUS.items()])
+    built = engine.counters["packets_built"]
+    chat = KVPacketChatEngine.from_index(index, llm, similarity_top_k=2)
+    first = chat.chat("Who founded Nimbus Air?")
+    assert first.response == packet_index.answer("Who founded Nimbus Air?", k=2, generation=GEN).text
+    follow = chat.stream_chat("Where is Nimbus Air headquartered?")
+    text = "".join(follow.response_gen)
+    expected = packet_index.answer("Where is Nimbus Air headquartered?", k=2, generation=GEN,
+                                   history=[ChatTurn("Who founded Nimbus Air?", first.response)])
+    assert text.strip() == expected.text.strip()
+    assert [m.role for m in chat.chat_history] == [MessageRole.USER, MessageRole.ASSISTANT] * 2
+    assert engine.counters["packets_built"] == built  # every turn reused the stored packets
+    chat.reset()
+    assert chat.chat_history == []

@@ -1,0 +1,700 @@
+"""`PacketIndex`: documents in, chunks with packets and a FAISS index out; questions answered through packets.
+
+Ingestion (offline): documents -> token-aware chunks -> MiniLM vectors in a FAISS inner-product index
+(vectors are unit length, so scores are cosine similarities) + one KV packet per chunk in the engine's
+store. Packets are content addressed: a chunk already in the store (same text, model, adapter) is
+never built again, whichever document it came from.
+
+Questions: embed -> top-k chunks -> their packets -> `PacketEngine` -> answer, sources and timings.
+With nothing retrieved the question is answered closed-book and the answer says so.
+
+Persistence: ``save(dir)`` writes ``manifest.json`` (fingerprints of model, tokenizer, adapter and
+embedder), ``index.faiss`` and ``chunks.jsonl`` / ``documents.jsonl`` (no pickle). Packets stay in the
+engine's store: use a persistent store (a local directory or Redis) so that ``PacketIndex.open`` needs
+no rebuild.
+
+Example:
+    >>> engine = PacketEngine(store=open_store("packets/"))
+    >>> index = PacketIndex(engine)                           # default MiniLM embedder, 200-token chunks
+    >>> index.add_documents([Document(text, doc_id="handbook.md")])
+    >>> result = index.answer("Who founded Quill Press?", k=3)
+    >>> result.text, [hit.chunk.doc_id for hit in result.sources], result.timings["ttft_s"]
+    >>> index.save("my-index/")
+    >>> index = PacketIndex.open("my-index/", engine)         # no rebuild; other model/embedder -> clear error
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Sequence
+
+import numpy as np
+
+from .chunker import Chunker, ChunkerConfig
+from .errors import EmptyInputError, IncompatiblePacketError, KVPacketError, PacketNotFoundError
+from .generation import GenerationConfig
+from .prompt import ChatTurn
+
+if TYPE_CHECKING:
+    from .embedder import Embedder
+    from .engine import Answer, PacketEngine
+
+INDEX_FORMAT = "kvpacket-index/1"
+MissingPackets = Literal["build", "error"]
+
+
+class IndexMismatchError(IncompatiblePacketError):
+    """A saved index was built with another model, tokenizer, adapter or embedder than the one given."""
+
+
+class DuplicateDocumentError(KVPacketError, ValueError):
+    """A document id is already indexed with a different text."""
+
+
+class MissingPacketKeyError(KVPacketError, KeyError):
+    """A retrieved chunk carries no packet key and building on demand is off."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "missing packet key"
+
+
+@dataclass(frozen=True)
+class Document:
+    """A document to ingest.
+
+    Attributes:
+        text: the full text (non-empty).
+        doc_id: stable id (default: ``sha256:`` + the first 16 hex digits of the text's hash).
+        metadata: JSON-serialisable fields copied onto each of its chunks.
+    """
+
+    text: str
+    doc_id: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    """One indexed chunk.
+
+    Attributes:
+        chunk_id: its id in the FAISS index (int64, unique within the index).
+        doc_id: the document it came from; position: its rank within that document (0-based).
+        text: the chunk text (what the packet encodes); start, end: character offsets in the document.
+        n_tokens: tokens of the text under the model's tokenizer.
+        packet_key: content address of its packet in the engine's store.
+        metadata: the document's metadata.
+    """
+
+    chunk_id: int
+    doc_id: str
+    position: int
+    text: str
+    start: int
+    end: int
+    n_tokens: int
+    packet_key: str
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """A retrieved chunk and its cosine similarity to the question (higher is closer)."""
+
+    chunk: ChunkRecord
+    score: float
+
+    @property
+    def text(self) -> str:
+        return self.chunk.text
+
+    @property
+    def packet_key(self) -> str:
+        return self.chunk.packet_key
+
+
+@dataclass
+class IngestReport:
+    """What `PacketIndex.add_documents` did.
+
+    Attributes:
+        documents: documents added; skipped: ids of documents already indexed with the same text.
+        chunks: chunk records added; packets_built: packets newly built; packets_reused: chunks whose packet
+            was already stored; seconds: wall time.
+    """
+
+    documents: int = 0
+    chunks: list[ChunkRecord] = field(default_factory=list)
+    packets_built: int = 0
+    packets_reused: int = 0
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class RAGAnswer:
+    """An answer with the chunks it was given.
+
+    Attributes:
+        text: the answer text.
+        sources: the retrieved chunks in context order (empty when closed-book).
+        closed_book: True when nothing was retrieved and the model answered without documents.
+        answer: the engine's `Answer` (method, token ids, FLOPs, packet keys).
+        timings: the engine's timings plus ``retrieval_s``; ``ttft_s`` and ``total_s`` here run from the start of
+            the call (retrieval included), ``engine_ttft_s`` from the engine call.
+    """
+
+    text: str
+    sources: list[SearchHit]
+    closed_book: bool
+    answer: "Answer"
+    timings: dict[str, float]
+
+    @property
+    def packet_keys(self) -> list[str]:
+        return list(self.answer.packet_keys)
+
+    def metadata(self) -> dict:
+        """JSON-friendly summary for framework response metadata."""
+        return {"closed_book": self.closed_book, "method": self.answer.method, "packet_keys": self.packet_keys,
+                "timings": dict(self.timings), "context_tokens": self.answer.context_tokens,
+                "forwarded_tokens": self.answer.forwarded_tokens}
+
+
+class RAGAnswerStream:
+    """Iterate for the answer text piece by piece; ``result`` holds the `RAGAnswer` once iteration ends.
+
+    ``sources`` and ``closed_book`` are known before the first piece.
+    """
+
+    def __init__(self, stream, sources: list[SearchHit], closed_book: bool, started: float, retrieval_s: float):
+        self.sources = sources
+        self.closed_book = closed_book
+        self.result: RAGAnswer | None = None
+        self._stream = stream
+        self._started = started
+        self._retrieval_s = retrieval_s
+        self._pieces = self._run()
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def _run(self) -> Iterator[str]:
+        pieces: list[str] = []
+        for piece in self._stream:
+            pieces.append(piece)
+            yield piece
+        answer = self._stream.answer
+        timings = dict(answer.timings)
+        offset = answer.timings["total_s"]
+        elapsed = time.perf_counter() - self._started
+        timings.update(engine_ttft_s=answer.timings["ttft_s"], retrieval_s=self._retrieval_s,
+                       ttft_s=answer.timings["ttft_s"] + (elapsed - offset), total_s=elapsed)
+        self.result = RAGAnswer("".join(pieces), self.sources, self.closed_book, answer, timings)
+
+    def collect(self) -> RAGAnswer:
+        """Consume the stream and return the `RAGAnswer`."""
+        for _ in self._pieces:
+            pass
+        assert self.result is not None
+        return self.result
+
+
+# ---- answering over given chunks (shared by PacketIndex and the framework integrations) ---------------------------
+
+
+def packet_key_for(engine: "PacketEngine", text: str) -> str:
+    """The key the packet of chunk ``text`` has (or will have) under ``engine``'s model and adapter."""
+    return engine.builder.key_for(engine.chunk_ids(text))
+
+
+def ensure_packets(engine: "PacketEngine", texts: Sequence[str], recorded_keys: Sequence[str | None] | None = None,
+                   missing: MissingPackets = "build") -> list[str]:
+    """Check retrieved chunks against their recorded packet keys and make sure their packets are stored.
+
+    Args:
+        engine: the engine that will answer.
+        texts: chunk texts in context order.
+        recorded_keys: the key recorded for each chunk at ingestion (None where none was recorded).
+        missing: ``build`` builds absent packets (and keys) on demand; ``error`` raises instead.
+
+    Returns:
+        the packet keys, in order of ``texts``.
+
+    Raises:
+        IncompatiblePacketError: a recorded key is not this chunk's key under ``engine`` (stale metadata from
+            another model/adapter, or edited text).
+        MissingPacketKeyError: a chunk has no recorded key and ``missing == "error"``.
+        PacketNotFoundError: a packet is not in the store and ``missing == "error"``.
+    """
+    if missing not in ("build", "error"):
+        raise ValueError(f"missing must be 'build' or 'error', got {missing!r}")
+    recorded = list(recorded_keys) if recorded_keys is not None else [None] * len(texts)
+    if len(recorded) != len(texts):
+        raise ValueError("recorded_keys must have one entry per text")
+    keys = []
+    for n, (text, key) in enumerate(zip(texts, recorded)):
+        actual = packet_key_for(engine, text)
+        if key is None and missing == "error":
+            raise MissingPacketKeyError(
+                f"retrieved chunk {n} has no packet key; run the packet ingestion step over the corpus "
+                "(or allow building on demand with missing='build')")
+        if key is not None and key != actual:
+            raise IncompatiblePacketError(
+                f"retrieved chunk {n} records packet {key[:12]}… but under this model/adapter its packet is "
+                f"{actual[:12]}…; the corpus was ingested with another model or adapter (or the text was edited): "
+                "re-run the packet ingestion step with this engine")
+        keys.append(actual)
+    absent = [n for n, key in enumerate(keys) if not engine.store.contains(key)]
+    if absent and missing == "error":
+        raise PacketNotFoundError(
+            f"{len(absent)} of {len(keys)} retrieved packets are not in the store (first: {keys[absent[0]][:12]}…); "
+            "rebuild them with engine.build_packets(texts) or allow building on demand with missing='build'")
+    if absent:
+        engine.build_packets(list(dict.fromkeys(texts[n] for n in absent)))
+    return keys
+
+
+def stream_answer(engine: "PacketEngine", question: str, texts: Sequence[str], *,
+                  recorded_keys: Sequence[str | None] | None = None, missing: MissingPackets = "build",
+                  history: Sequence[ChatTurn] = (), generation: GenerationConfig | None = None,
+                  method: str = "kv_packet", sources: Sequence[SearchHit] | None = None,
+                  started: float | None = None, retrieval_s: float = 0.0) -> RAGAnswerStream:
+    """Stream the answer to ``question`` over retrieved chunk ``texts`` (context order) through their packets.
+
+    With no texts the question is answered closed-book (``closed_book`` is True). Packets are checked with
+    `ensure_packets` first. Every integration answers through this function, so the same question, chunks,
+    history and generation settings give the same answer everywhere.
+
+    Raises:
+        EmptyInputError, IncompatiblePacketError, MissingPacketKeyError, PacketNotFoundError (before any token).
+    """
+    started = time.perf_counter() if started is None else started
+    if not question or not question.strip():
+        raise EmptyInputError("the question is empty; pass the text to answer")
+    texts = list(texts)
+    closed_book = not texts
+    if texts and method == "kv_packet":
+        ensure_packets(engine, texts, recorded_keys, missing)
+    stream = engine.stream(question, texts, method="closed_book" if closed_book else method, history=tuple(history),
+                           generation=generation)
+    return RAGAnswerStream(stream, list(sources or []), closed_book, started, retrieval_s)
+
+
+class PlainStream:
+    """Iterate for the text of a plain (no packets) generation; ``text``, ``token_ids``, ``prompt_tokens`` and
+    ``timings`` (``prefill_s``, ``ttft_s``, ``total_s``) are set once iteration ends."""
+
+    def __init__(self, pieces: Iterator[str]):
+        self._pieces = pieces
+        self.text: str | None = None
+        self.token_ids: list[int] = []
+        self.prompt_tokens = 0
+        self.timings: dict[str, float] = {}
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def collect(self) -> "PlainStream":
+        """Consume the stream; return self with ``text`` set."""
+        for _ in self._pieces:
+            pass
+        return self
+
+
+def chat_prompt_ids(engine: "PacketEngine", messages: Sequence[tuple[str, str]]) -> list[int]:
+    """Token ids of ``(role, content)`` messages rendered with the model's chat template (assistant header last).
+
+    Roles are ``system``, ``user`` and ``assistant``. Without a chat template a plain ``role: content`` transcript
+    is used.
+
+    Raises:
+        EmptyInputError: no message, or an empty last message.
+    """
+    if not messages or not str(messages[-1][1]).strip():
+        raise EmptyInputError("the prompt is empty; pass at least one non-empty message")
+    tokenizer = engine.model.tokenizer
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = (tokenizer.bos_token or "") + "".join(f"{r}: {c}\n" for r, c in messages) + "assistant:"
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def stream_plain(engine: "PacketEngine", messages: Sequence[tuple[str, str]],
+                 generation: GenerationConfig | None = None) -> PlainStream:
+    """Stream a normal LLM generation: the whole chat prompt runs through the model (no packets, no RAG preamble).
+
+    Args:
+        engine: supplies the model and tokenizer.
+        messages: ``(role, content)`` pairs, see `chat_prompt_ids`.
+        generation: decoding settings (default: greedy, 64 tokens).
+
+    Raises:
+        EmptyInputError, ContextTooLongError (before any token).
+    """
+    generation = generation or GenerationConfig()
+    ids = chat_prompt_ids(engine, messages)
+    engine.model.check_context(len(ids) + generation.max_new_tokens, "prompt plus answer")
+    stream = PlainStream(iter(()))
+    stream._pieces = _plain_pieces(engine, ids, generation, stream)
+    return stream
+
+
+def _plain_pieces(engine: "PacketEngine", ids: list[int], generation: GenerationConfig,
+                  stream: PlainStream) -> Iterator[str]:
+    import torch
+    from transformers import DynamicCache
+
+    from .generation import TextStreamer, decode_tokens, eos_ids
+
+    model = engine.model
+    start = time.perf_counter()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        logits = model.model(input_ids=torch.tensor([ids], device=model.device), cache=cache, use_cache=True,
+                             logits_to_keep=1).logits[0, -1]
+    prefill_s = time.perf_counter() - start
+    streamer = TextStreamer(model.tokenizer, generation.stop)
+    ttft = None
+    for token in decode_tokens(model.model, cache, logits, len(ids), generation, eos_ids(model.tokenizer, model.config)):
+        ttft = ttft if ttft is not None else time.perf_counter() - start
+        piece = streamer.push(token)
+        if piece:
+            yield piece
+        if streamer.stopped:
+            break
+    tail = streamer.flush()
+    if tail:
+        yield tail
+    total = time.perf_counter() - start
+    stream.text, stream.token_ids, stream.prompt_tokens = streamer.text, list(streamer.ids), len(ids)
+    stream.timings = {"prefill_s": prefill_s, "ttft_s": ttft if ttft is not None else total, "total_s": total}
+
+
+# ---- the index -----------------------------------------------------------------------------------------------------
+
+
+class PacketIndex:
+    """A FAISS-backed retrieval index whose chunks carry KV packets.
+
+    Args:
+        engine: answers questions and builds packets into ``engine.store``.
+        embedder: text embedder (default: the offline MiniLM `Embedder`).
+        chunker: a `Chunker`, a `ChunkerConfig`, or None for 200-token chunks without overlap
+            (sizes in tokens of the engine's model).
+        missing_packets: what `answer`/`stream` do when a chunk's packet is not in the store:
+            ``build`` (default) builds it, ``error`` raises `PacketNotFoundError`.
+
+    Writes (``add_documents``/``delete_document``) must not run concurrently with anything else; ``search`` may run
+    from several threads; answering follows the engine's rules (one engine per thread).
+    """
+
+    def __init__(self, engine: "PacketEngine", embedder: "Embedder | None" = None,
+                 chunker: Chunker | ChunkerConfig | None = None, missing_packets: MissingPackets = "build"):
+        import faiss
+
+        from .embedder import Embedder
+
+        self.engine = engine
+        self.embedder = embedder if embedder is not None else Embedder()
+        if not isinstance(chunker, Chunker):
+            chunker = Chunker(engine.model.tokenizer, config=chunker or ChunkerConfig())
+        self.chunker = chunker
+        if missing_packets not in ("build", "error"):
+            raise ValueError(f"missing_packets must be 'build' or 'error', got {missing_packets!r}")
+        self.missing_packets = missing_packets
+        self.faiss = faiss.IndexIDMap2(faiss.IndexFlatIP(self.embedder.dim))
+        self.records: dict[int, ChunkRecord] = {}
+        self.documents: dict[str, dict] = {}  # doc_id -> {"sha256", "chunk_ids", "metadata"}
+        self._next_id = 0
+
+    # ---- ingestion -----------------------------------------------------------------------------------------------
+
+    def add_documents(self, documents: Iterable[str | Document], progress: bool = False) -> IngestReport:
+        """Chunk, embed and index ``documents``; build the packets not yet in the store.
+
+        A document whose id is already indexed with the same text is skipped. Chunks whose packet is stored
+        (same text under this model and adapter, e.g. from another document) reuse it.
+
+        Raises:
+            EmptyInputError: a document is empty. DuplicateDocumentError: an id is indexed with another text
+            (call `delete_document` first). ContextTooLongError: a chunk exceeds the model (smaller chunks).
+        """
+        start = time.perf_counter()
+        report = IngestReport()
+        pending: list[tuple[Document, str, list]] = []
+        seen: dict[str, str] = {}
+        for item in documents:
+            doc = item if isinstance(item, Document) else Document(item)
+            if not isinstance(doc.text, str) or not doc.text.strip():
+                raise EmptyInputError(f"document {doc.doc_id or len(pending)} is empty; drop empty documents first")
+            digest = hashlib.sha256(doc.text.encode()).hexdigest()
+            doc_id = doc.doc_id or f"sha256:{digest[:16]}"
+            known = seen.get(doc_id) or self.documents.get(doc_id, {}).get("sha256")
+            if known is not None:
+                if known != digest:
+                    raise DuplicateDocumentError(
+                        f"document id {doc_id!r} is already indexed with a different text; call "
+                        "index.delete_document(doc_id) first, or give the new text another id")
+                report.skipped.append(doc_id)
+                continue
+            seen[doc_id] = digest
+            pending.append((Document(doc.text, doc_id, dict(doc.metadata)), digest, self.chunker.split(doc.text)))
+        texts = [chunk.text for _, _, chunks in pending for chunk in chunks]
+        if texts:
+            built_before = self.engine.counters["packets_built"]
+            unique = list(dict.fromkeys(texts))  # a chunk repeated in this batch is built once
+            key_of = dict(zip(unique, self.engine.build_packets(unique, progress=progress)))
+            keys = [key_of[text] for text in texts]
+            report.packets_built = self.engine.counters["packets_built"] - built_before
+            report.packets_reused = len(keys) - report.packets_built
+            vectors = self.embedder.embed(texts)
+            report.chunks = self._add_records(pending, keys, vectors)
+        report.documents = len(pending)
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def _add_records(self, pending, keys: list[str], vectors: np.ndarray) -> list[ChunkRecord]:
+        records: list[ChunkRecord] = []
+        for doc, digest, chunks in pending:
+            ids = []
+            for position, chunk in enumerate(chunks):
+                record = ChunkRecord(self._next_id, doc.doc_id, position, chunk.text, chunk.start, chunk.end,
+                                     chunk.n_tokens, keys[len(records)], dict(doc.metadata))
+                self._next_id += 1
+                records.append(record)
+                ids.append(record.chunk_id)
+            self.documents[doc.doc_id] = {"sha256": digest, "chunk_ids": ids, "metadata": dict(doc.metadata)}
+        self.faiss.add_with_ids(vectors, np.array([r.chunk_id for r in records], dtype=np.int64))
+        self.records.update((r.chunk_id, r) for r in records)
+        return records
+
+    def delete_document(self, doc_id: str) -> int:
+        """Remove a document's chunks from the index (packets stay in the store); return how many were removed."""
+        entry = self.documents.pop(doc_id, None)
+        if entry is None:
+            return 0
+        ids = np.array(entry["chunk_ids"], dtype=np.int64)
+        self.faiss.remove_ids(ids)
+        for chunk_id in entry["chunk_ids"]:
+            self.records.pop(chunk_id, None)
+        return len(ids)
+
+    # ---- retrieval and answers -----------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def search(self, question: str, k: int = 4, min_score: float | None = None) -> list[SearchHit]:
+        """The ``k`` chunks closest to ``question``, best first, one per distinct packet.
+
+        Args:
+            question: the question (non-empty).
+            k: how many chunks (>= 1).
+            min_score: drop chunks whose cosine similarity is below this.
+
+        Returns:
+            up to ``k`` hits (fewer when the index is small, empty when nothing passes ``min_score``).
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        query = self.embedder.embed_query(question)[None, :]
+        total = self.faiss.ntotal
+        want = min(total, 2 * k)
+        while True:
+            hits = self._unique_hits(query, want, min_score)
+            if len(hits) >= k or want >= total:
+                return hits[:k]
+            want = min(total, want * 4)
+
+    def _unique_hits(self, query: np.ndarray, want: int, min_score: float | None) -> list[SearchHit]:
+        if want == 0:
+            return []
+        scores, ids = self.faiss.search(query, want)
+        hits: list[SearchHit] = []
+        keys: set[str] = set()
+        for score, chunk_id in zip(scores[0], ids[0]):
+            if chunk_id < 0 or (min_score is not None and score < min_score):
+                continue
+            record = self.records[int(chunk_id)]
+            if record.packet_key not in keys:
+                keys.add(record.packet_key)
+                hits.append(SearchHit(record, float(score)))
+        return hits
+
+    def answer(self, question: str, k: int = 4, *, history: Sequence[ChatTurn] = (),
+               generation: GenerationConfig | None = None, method: str = "kv_packet",
+               min_score: float | None = None) -> RAGAnswer:
+        """Retrieve the top-``k`` chunks and answer through their packets. See `stream`."""
+        return self.stream(question, k, history=history, generation=generation, method=method,
+                           min_score=min_score).collect()
+
+    def stream(self, question: str, k: int = 4, *, history: Sequence[ChatTurn] = (),
+               generation: GenerationConfig | None = None, method: str = "kv_packet",
+               min_score: float | None = None) -> RAGAnswerStream:
+        """Retrieve the top-``k`` chunks and stream the answer through their packets.
+
+        Args:
+            question: the user's question (non-empty).
+            k: chunks to retrieve; they enter the context best first.
+            history: earlier turns of the conversation; they follow the packets in the prompt, so the packets
+                of a follow-up question are reused from the store.
+            generation: decoding settings (default: greedy, 64 tokens).
+            method: ``kv_packet`` (default) or a baseline (``full_recompute``, ``no_recompute``, ...).
+            min_score: drop chunks below this cosine similarity; with none left the answer is closed-book.
+
+        Raises:
+            EmptyInputError, PacketNotFoundError (``missing_packets='error'``), ContextTooLongError.
+        """
+        started = time.perf_counter()
+        hits = self.search(question, k, min_score)
+        retrieval_s = time.perf_counter() - started
+        return stream_answer(self.engine, question, [h.text for h in hits],
+                             recorded_keys=[h.packet_key for h in hits], missing=self.missing_packets,
+                             history=history, generation=generation, method=method, sources=hits,
+                             started=started, retrieval_s=retrieval_s)
+
+    # ---- persistence ---------------------------------------------------------------------------------------------
+
+    def fingerprints(self) -> dict[str, str]:
+        """What the index's packets and vectors depend on (recorded in the manifest)."""
+        model = self.engine.model
+        return {"model": model.fingerprint, "model_name": model.name, "tokenizer": model.tokenizer_fingerprint,
+                "adapter": self.engine.adapter.fingerprint, "dtype": str(model.dtype).removeprefix("torch."),
+                "embedder": self.embedder.fingerprint, "embedder_name": self.embedder.name}
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the index to ``directory`` (created if needed): manifest, FAISS file and chunk records.
+
+        Files are written to temporary names and renamed, the manifest last. Packets are not copied: they
+        live in the engine's store.
+        """
+        import faiss
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        records = "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in self.records.values())
+        documents = "".join(json.dumps({"doc_id": d, **entry}, ensure_ascii=False) + "\n"
+                            for d, entry in self.documents.items())
+        _atomic_write(directory / "chunks.jsonl", records.encode())
+        _atomic_write(directory / "documents.jsonl", documents.encode())
+        tmp = directory / "index.faiss.tmp"
+        faiss.write_index(self.faiss, str(tmp))
+        os.replace(tmp, directory / "index.faiss")
+        manifest = {"format": INDEX_FORMAT, "fingerprints": self.fingerprints(), "dim": self.embedder.dim,
+                    "chunker": asdict(self.chunker.config), "next_id": self._next_id, "chunks": len(self.records),
+                    "sha256": {name: _file_sha256(directory / name)
+                               for name in ("chunks.jsonl", "documents.jsonl", "index.faiss")}}
+        _atomic_write(directory / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+        return directory
+
+    @classmethod
+    def open(cls, directory: str | Path, engine: "PacketEngine", embedder: "Embedder | None" = None, *,
+             missing_packets: MissingPackets = "build", rebuild_packets: bool = False) -> "PacketIndex":
+        """Load an index written by `save`; nothing is re-embedded and no stored packet is rebuilt.
+
+        Args:
+            directory: the saved index.
+            engine: must use the model, tokenizer, adapter and dtype the index was built with.
+            embedder: must be the embedder the index was built with (default: the offline MiniLM).
+            missing_packets: packets absent from ``engine.store``: ``build`` them now (default) or raise.
+            rebuild_packets: accept an engine with another model/adapter and re-key/re-build every packet
+                for it (vectors are kept: they do not depend on the language model).
+
+        Raises:
+            FileNotFoundError, KVPacketError (not an index / damaged files), IndexMismatchError,
+            PacketNotFoundError (``missing_packets='error'``).
+        """
+        import faiss
+
+        directory = Path(directory)
+        manifest_path = directory / "manifest.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{directory} holds no saved PacketIndex (no manifest.json); create one with "
+                                    "PacketIndex(...).add_documents(...).save(directory)")
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != INDEX_FORMAT:
+            raise KVPacketError(f"{manifest_path} has format {manifest.get('format')!r}, expected {INDEX_FORMAT!r}")
+        for name, digest in manifest["sha256"].items():
+            if _file_sha256(directory / name) != digest:
+                raise KVPacketError(f"{directory / name} does not match its checksum in the manifest (damaged or "
+                                    "partially written); save the index again")
+        index = cls(engine, embedder, ChunkerConfig(**manifest["chunker"]), missing_packets)
+        index._check_fingerprints(manifest["fingerprints"], rebuild_packets)
+        index.faiss = faiss.read_index(str(directory / "index.faiss"))
+        for line in (directory / "chunks.jsonl").read_text(encoding="utf-8").splitlines():
+            record = ChunkRecord(**json.loads(line))
+            index.records[record.chunk_id] = record
+        for line in (directory / "documents.jsonl").read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line)
+            index.documents[entry.pop("doc_id")] = entry
+        index._next_id = manifest["next_id"]
+        if index.faiss.ntotal != len(index.records) or index.faiss.d != index.embedder.dim:
+            raise KVPacketError(f"{directory}: the FAISS index and the chunk records disagree; save the index again")
+        if rebuild_packets:
+            index._rekey()
+        index._check_packets(missing_packets)
+        return index
+
+    def _check_fingerprints(self, saved: dict, rebuild_packets: bool) -> None:
+        current = self.fingerprints()
+        if saved["embedder"] != current["embedder"]:
+            raise IndexMismatchError(
+                f"the index was built with embedder {saved['embedder_name']!r} ({saved['embedder'][:12]}) but "
+                f"{current['embedder_name']!r} ({current['embedder'][:12]}) was given; open it with the same "
+                "embedder, or rebuild the index with add_documents")
+        different = [name for name in ("model", "tokenizer", "adapter", "dtype") if saved[name] != current[name]]
+        if different and not rebuild_packets:
+            raise IndexMismatchError(
+                f"the index's packets were built with another {', '.join(different)} (model {saved['model_name']}, "
+                f"adapter {saved['adapter'][:12]}, {saved['dtype']}) than this engine (model {current['model_name']}, "
+                f"adapter {current['adapter'][:12]}, {current['dtype']}); open it with that engine, or pass "
+                "rebuild_packets=True to build packets for this one")
+
+    def _rekey(self) -> None:
+        for chunk_id, record in list(self.records.items()):
+            self.records[chunk_id] = ChunkRecord(**{**asdict(record),
+                                                    "packet_key": packet_key_for(self.engine, record.text)})
+
+    def _check_packets(self, missing: MissingPackets) -> None:
+        texts = {r.packet_key: r.text for r in self.records.values()}
+        absent = [key for key in texts if not self.engine.store.contains(key)]
+        if absent and missing == "error":
+            raise PacketNotFoundError(
+                f"{len(absent)} of {len(texts)} packets of this index are not in the engine's store; open it with "
+                "the store it was built into, or pass missing_packets='build' to rebuild them")
+        if absent:
+            self.engine.build_packets([texts[key] for key in absent])
+
+    def packet_keys(self) -> list[str]:
+        """Distinct packet keys of the indexed chunks."""
+        return sorted({r.packet_key for r in self.records.values()})
+
+    def stats(self) -> dict:
+        """Counts: documents, chunks, distinct packets, and the store's stats."""
+        return {"documents": len(self.documents), "chunks": len(self.records), "packets": len(self.packet_keys()),
+                "store": self.engine.store.stats()}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

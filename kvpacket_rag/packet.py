@@ -143,7 +143,9 @@ class KVPacket:
     def from_bytes(cls, buffer: bytes | bytearray | memoryview, verify: bool = True) -> "KVPacket":
         """Decode ``kvpacket/1`` bytes without copying tensor data.
 
-        The returned tensors view ``buffer`` (keep it alive; treat them as read-only).
+        The returned tensors view ``buffer`` (keep it alive; treat them as read-only). Quantized
+        files (``quantization`` int8/int4, see `kvpacket_rag.quantize`) are dequantized into new
+        tensors and returned as a plain packet with the original key.
 
         Raises:
             CorruptPacketError: truncated, altered or foreign bytes.
@@ -165,6 +167,10 @@ class KVPacket:
             tensors[name] = _tensor_from(chunk, _DTYPES[info["dtype"]], info["shape"])
         if verify and checksum.hexdigest() != meta.get("checksum"):
             raise CorruptPacketError("packet checksum mismatch: the file was altered or truncated; delete and rebuild it")
+        if meta.get("quantization", "none") != "none":  # int8/int4 codes + scales: decoded (copied) there
+            from .quantize import dequantize_packet
+
+            return dequantize_packet(tensors, meta)
         try:
             return cls(tensors["keys"], tensors["values"], tensors["token_ids"], int(meta["n_header"]),
                        int(meta["n_trailer"]), meta["model_fingerprint"], meta["tokenizer_fingerprint"],

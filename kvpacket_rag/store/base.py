@@ -7,10 +7,18 @@ import threading
 from abc import ABC, abstractmethod
 from typing import Iterable, Iterator, Sequence
 
-from ..errors import PacketNotFoundError
+from ..errors import KVPacketError, PacketNotFoundError
 from ..packet import KVPacket
 
 _KEY = re.compile(r"^[0-9a-f]{64}$")
+
+
+class StoreError(KVPacketError):
+    """A store cannot do what was asked (read-only directory, disk full, not a store, bad credentials)."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store's server cannot be reached or did not answer in time."""
 
 
 def validate_key(key: str) -> str:

@@ -1,0 +1,542 @@
+"""LocalStore: packets as files in one directory, indexed by SQLite, shared by many processes.
+
+Layout of a store directory::
+
+    kvpacket-store.json        marker: {"format": "kvpacket-store/1"}
+    index.sqlite               key, quantization -> size, checksum, fingerprints, dtype, tokens,
+                               positions, created, last_used (WAL mode: many readers, one writer)
+    packets/ab/<key>[.int8|.int4].kvp   kvpacket/1 files, fanned out by the key's first two hex digits
+    tmp/                       files being written (renamed into packets/ when complete)
+    quarantine/                damaged files moved aside by reads, `verify` or `gc`
+
+Writes go to ``tmp/``, are fsynced and renamed into place (then the directory is fsynced), so a
+reader never sees a partial file and a killed writer leaves at most a stale temp file. Reads map
+the file (no copy for plain packets), verify its checksum and content address, and move damaged
+entries to ``quarantine/`` without touching any other entry.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import mmap
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CorruptPacketError, PacketNotFoundError
+from ..packet import KVPacket
+from ..quantize import check_quantization, encode_packet
+from .base import PacketStore, StoreError, validate_key
+from .entries import EntryInfo, decode_entry, entry_name, header_info, parse_entry_name, summarize
+
+log = logging.getLogger(__name__)
+
+STORE_FORMAT = "kvpacket-store/1"
+MARKER = "kvpacket-store.json"
+TOUCH_AFTER_S = 60.0  # last_used is refreshed at most this often per entry (reads stay write-free)
+STALE_TEMP_S = 3600.0  # gc removes temp files this old even when their writer's pid looks alive
+
+_COLUMNS = ("key", "quantization", "size", "checksum", "model_fingerprint", "tokenizer_fingerprint",
+            "adapter_fingerprint", "dtype", "tokens", "positions", "created", "last_used")
+_SCHEMA = """CREATE TABLE IF NOT EXISTS packets (
+    key TEXT NOT NULL, quantization TEXT NOT NULL, size INTEGER NOT NULL, checksum TEXT NOT NULL,
+    model_fingerprint TEXT NOT NULL, tokenizer_fingerprint TEXT NOT NULL, adapter_fingerprint TEXT NOT NULL,
+    dtype TEXT NOT NULL, tokens INTEGER NOT NULL, positions INTEGER NOT NULL,
+    created REAL NOT NULL, last_used REAL NOT NULL,
+    PRIMARY KEY (key, quantization)) WITHOUT ROWID"""
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+@dataclass(frozen=True)
+class BadEntry:
+    """An entry `verify` found wrong: ``reason`` says what, ``action`` what was done about it."""
+
+    key: str
+    quantization: str
+    reason: str
+    action: str = "reported"
+
+
+class _Damaged(CorruptPacketError):
+    """A damaged file, with the inode that was read (so only that file is quarantined)."""
+
+    def __init__(self, message: str, inode: int | None):
+        super().__init__(message)
+        self.inode = inode
+
+
+class LocalStore(PacketStore):
+    """Packets in a local directory: atomic writes, checksummed zero-copy reads, safe for many processes.
+
+    Args:
+        path: the store directory (created if missing; an existing non-empty directory must
+            already be a store).
+        quantization: the form `put` writes and `get` reads when a call does not say
+            (``none``, ``int8`` or ``int4``). Each form is its own entry under the same packet key:
+            an int8 store quantizes on `put`, dequantizes on `get` and returns packets whose ``key``
+            is the unquantized packet's key, so the engine's lookups need no change.
+        on_corrupt: ``raise`` (default): a damaged entry raises `CorruptPacketError` after it is
+            quarantined; ``miss``: it is quarantined and reported as missing, so the engine rebuilds it.
+        busy_timeout_s: how long to wait for another process's index write.
+
+    Raises:
+        StoreError: ``path`` is a file or a non-store directory, or cannot be created.
+
+    Example:
+        >>> store = LocalStore("~/.cache/kvpacket/packets", quantization="int8")
+        >>> engine = PacketEngine(store=store)
+    """
+
+    def __init__(self, path: str | os.PathLike, quantization: str = "none", on_corrupt: str = "raise",
+                 busy_timeout_s: float = 30.0):
+        if on_corrupt not in ("raise", "miss"):
+            raise ValueError(f"on_corrupt must be 'raise' or 'miss', got {on_corrupt!r}")
+        self.root = Path(path).expanduser()
+        self.quantization = check_quantization(quantization)
+        self.on_corrupt = on_corrupt
+        self.counters = {"puts": 0, "hits": 0, "misses": 0, "corrupt": 0}
+        self._lock = threading.RLock()
+        self.read_only = not self._prepare()
+        self._db = self._connect(busy_timeout_s)
+
+    # ---- opening ---------------------------------------------------------------------------
+
+    def _prepare(self) -> bool:
+        """Create or check the directory layout; return whether it is writable."""
+        root = self.root
+        if root.exists() and not root.is_dir():
+            raise StoreError(f"packet store path {root} is a file; pass a directory")
+        if root.is_dir() and not _is_store_dir(root):
+            raise StoreError(f"{root} is not a packet store (no {MARKER}); pass a new or empty directory")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StoreError(f"cannot create packet store {root}: {error.strerror}; pass a writable path") from None
+        if not os.access(root, os.W_OK | os.X_OK):
+            if not (root / MARKER).is_file():
+                raise StoreError(f"cannot create packet store in read-only directory {root}")
+            return False
+        for sub in ("packets", "tmp", "quarantine"):
+            (root / sub).mkdir(exist_ok=True)
+        if not (root / MARKER).is_file():
+            self._write_atomic(root / MARKER, json.dumps({"format": STORE_FORMAT}).encode(), "the store marker")
+        return True
+
+    def _connect(self, busy_timeout_s: float) -> sqlite3.Connection:
+        index = self.root / "index.sqlite"
+        try:
+            if not self.read_only:
+                db = sqlite3.connect(index, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")
+                db.execute(_SCHEMA)
+                return db
+            if not index.is_file():
+                raise StoreError(f"read-only packet store {self.root} has no index")
+            # A read-only directory cannot hold WAL's shared-memory file: read the index as immutable.
+            uri = f"{index.resolve().as_uri()}?mode=ro&immutable=1"
+            db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            db.execute("SELECT count(*) FROM packets").fetchone()
+            return db
+        except sqlite3.DatabaseError as error:
+            raise StoreError(f"cannot open the index of packet store {self.root}: {error}") from None
+
+    def close(self) -> None:
+        """Close the index connection (packets already returned stay valid)."""
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> LocalStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r}, quantization={self.quantization!r})"
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    def path_of(self, key: str, quantization: str | None = None) -> Path:
+        """Where the entry's file lives (whether or not it exists)."""
+        return self.root / "packets" / key[:2] / f"{entry_name(key, self._form(quantization))}.kvp"
+
+    def get(self, key: str, *, quantization: str | None = None) -> KVPacket:
+        """The packet stored under ``key`` in the given form (default: the store's).
+
+        Raises:
+            PacketNotFoundError: not stored (or damaged, with ``on_corrupt="miss"``).
+            CorruptPacketError: damaged (truncated, altered, foreign or missing file); it was quarantined.
+        """
+        packet = self.get_many([key], quantization=quantization)[0]
+        if packet is None:
+            raise PacketNotFoundError(f"packet {key[:12]}… is not in {self.root}; build it first")
+        return packet
+
+    def get_many(self, keys: Sequence[str], *, quantization: str | None = None) -> list[KVPacket | None]:
+        """Packets for ``keys`` in order, None where missing: one index query, one file map per packet."""
+        form = self._form(quantization)
+        for key in keys:
+            validate_key(key)
+        rows = self._rows(keys, form)
+        out: list[KVPacket | None] = []
+        stale: list[str] = []
+        now = time.time()
+        for key in keys:
+            row = rows.get(key)
+            try:
+                packet = self._read(key, form, row[0]) if row else self._adopt(key, form)
+            except _Damaged as damage:
+                self._quarantine(key, form, str(damage), damage.inode, indexed=row is not None)
+                if self.on_corrupt == "raise":
+                    raise CorruptPacketError(
+                        f"packet {key[:12]}… in {self.root} is damaged ({damage}); it was moved to quarantine/, "
+                        "so the next lookup misses and rebuilds it"
+                    ) from None
+                packet = None
+            out.append(packet)
+            if row and packet is not None and now - row[1] > TOUCH_AFTER_S:
+                stale.append(key)
+        hits = sum(p is not None for p in out)
+        with self._lock:
+            self.counters["hits"] += hits
+            self.counters["misses"] += len(out) - hits
+        self._touch(stale, form, now)
+        return out
+
+    def _read(self, key: str, form: str, size: int | None) -> KVPacket:
+        path = self.path_of(key, form)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise _Damaged("its file is missing", None) from None
+        except OSError as error:
+            raise StoreError(f"cannot read {path}: {error.strerror}") from None
+        try:
+            stat = os.fstat(fd)
+            if size is not None and stat.st_size != size:
+                raise _Damaged(f"file has {stat.st_size} bytes, the index recorded {size}", stat.st_ino)
+            if stat.st_size == 0:
+                raise _Damaged("file is empty", stat.st_ino)
+            mapped = mmap.mmap(fd, stat.st_size, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        try:
+            return decode_entry(memoryview(mapped), key, form)
+        except CorruptPacketError as error:
+            raise _Damaged(str(error), stat.st_ino) from None
+
+    def _adopt(self, key: str, form: str) -> KVPacket | None:
+        """Index a complete file that has no index entry (its writer died between rename and index)."""
+        path = self.path_of(key, form)
+        if not path.is_file():
+            return None
+        packet = self._read(key, form, None)
+        if not self.read_only:
+            with suppress(StoreError):
+                self._insert(header_info(key, form, memoryview(_map(path))))
+        return packet
+
+    def _rows(self, keys: Sequence[str], form: str) -> dict[str, tuple[int, float]]:
+        rows: dict[str, tuple[int, float]] = {}
+        unique = list(dict.fromkeys(keys))
+        for start in range(0, len(unique), 500):
+            batch = unique[start : start + 500]
+            marks = ",".join("?" * len(batch))
+            query = f"SELECT key, size, last_used FROM packets WHERE quantization = ? AND key IN ({marks})"
+            for key, size, last_used in self._query(query, (form, *batch)):
+                rows[key] = (size, last_used)
+        return rows
+
+    def _touch(self, keys: list[str], form: str, now: float) -> None:
+        if not keys or self.read_only:
+            return
+        with suppress(sqlite3.OperationalError), self._lock:  # a busy or read-only index only loses recency
+            self._db.executemany("UPDATE packets SET last_used = ? WHERE key = ? AND quantization = ?",
+                                 [(now, key, form) for key in keys])
+
+    # ---- writing ---------------------------------------------------------------------------
+
+    def put(self, packet: KVPacket, *, quantization: str | None = None) -> str:
+        """Store ``packet`` in the given form (default: the store's); a no-op if that entry exists.
+
+        Raises:
+            StoreError: read-only directory, disk full or index unwritable; nothing visible changed.
+            ValueError: unknown quantization or an already quantized packet.
+        """
+        form = self._form(quantization)
+        key = packet.key
+        path = self.path_of(key, form)
+        if self._rows([key], form) and path.is_file():
+            return key
+        if self.read_only:
+            raise StoreError(f"packet store {self.root} is read-only; open a writable directory to add packets")
+        data = encode_packet(packet, form)
+        info = header_info(key, form, data)
+        self._write_atomic(path, data, f"packet {key[:12]}")
+        self._insert(info)
+        with self._lock:
+            self.counters["puts"] += 1
+        return key
+
+    def _write_atomic(self, path: Path, data: bytes, what: str) -> None:
+        tmp = self.root / "tmp" / f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        if not tmp.parent.is_dir():
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        except OSError as error:
+            with suppress(OSError):
+                tmp.unlink()
+            raise self._write_error(what, len(data), error) from None
+
+    def _write_error(self, what: str, size: int, error: OSError) -> StoreError:
+        if error.errno in _NO_SPACE:
+            return StoreError(f"no space to write {what} ({size} bytes) in {self.root}: {error.strerror}; nothing was "
+                              f"changed. Free disk space or run `kvpacket store gc --store {self.root} --max-bytes ...`")
+        if error.errno in _READ_ONLY:
+            return StoreError(f"cannot write {what} to {self.root}: {error.strerror} (read-only directory?); "
+                              "nothing was changed. Open a writable directory or fix its permissions")
+        return StoreError(f"cannot write {what} to {self.root}: {error}")
+
+    def _insert(self, info: EntryInfo) -> None:
+        now = time.time()
+        values = (info.key, info.quantization, info.size, info.checksum, info.model_fingerprint,
+                  info.tokenizer_fingerprint, info.adapter_fingerprint, info.dtype, info.tokens, info.positions,
+                  now, now)
+        try:
+            with self._lock:
+                self._db.execute(f"INSERT OR REPLACE INTO packets ({', '.join(_COLUMNS)}) "
+                                 f"VALUES ({', '.join('?' * len(_COLUMNS))})", values)
+        except sqlite3.OperationalError as error:
+            raise StoreError(f"cannot update the index of {self.root}: {error}; the packet file is complete and "
+                             "will be indexed on its next read") from None
+
+    def delete(self, key: str, *, quantization: str | None = None) -> bool:
+        """Remove the entry; True if it was there."""
+        form = self._form(quantization)
+        validate_key(key)
+        if self.read_only:
+            raise StoreError(f"packet store {self.root} is read-only; cannot delete")
+        existed = self._delete_row(key, form)
+        try:
+            self.path_of(key, form).unlink()
+            existed = True
+        except FileNotFoundError:
+            pass
+        return existed
+
+    def _delete_row(self, key: str, form: str) -> bool:
+        with self._lock:
+            cursor = self._db.execute("DELETE FROM packets WHERE key = ? AND quantization = ?", (key, form))
+        return cursor.rowcount > 0
+
+    def _quarantine(self, key: str, form: str, reason: str, inode: int | None, indexed: bool) -> None:
+        """Move the damaged file (if it is still the one read) aside and drop its index entry."""
+        with self._lock:
+            self.counters["corrupt"] += 1
+        log.warning("packet %s (%s) in %s is damaged: %s; quarantined", key[:12], form, self.root, reason)
+        if self.read_only:
+            return
+        path = self.path_of(key, form)
+        with suppress(OSError):
+            if inode is not None and os.stat(path).st_ino == inode:
+                target = self.root / "quarantine" / f"{path.stem}.{time.time_ns()}.kvp"
+                os.replace(path, target)
+                target.with_suffix(".reason").write_text(reason + "\n")
+        if indexed:
+            with suppress(sqlite3.OperationalError):
+                self._delete_row(key, form)
+
+    # ---- listing, stats, maintenance ------------------------------------------------------
+
+    def contains(self, key: str, *, quantization: str | None = None) -> bool:
+        form = self._form(quantization)
+        return bool(self._rows([validate_key(key)], form))
+
+    def keys(self, *, quantization: str | None = None) -> Iterator[str]:
+        """Keys stored in the given form (default: the store's), sorted."""
+        form = self._form(quantization)
+        return iter([row[0] for row in self._query("SELECT key FROM packets WHERE quantization = ? ORDER BY key", (form,))])
+
+    def entries(self) -> list[dict]:
+        """Every index entry of every form, as dicts of the index columns."""
+        return [dict(zip(_COLUMNS, row)) for row in self._query(f"SELECT {', '.join(_COLUMNS)} FROM packets ORDER BY key")]
+
+    def stats(self) -> dict:
+        """Packets, bytes, positions and bytes per token (total and per quantization), counters, state."""
+        rows = self._query("SELECT quantization, size, positions FROM packets")
+        models = self._query("SELECT count(DISTINCT model_fingerprint || adapter_fingerprint) FROM packets")[0][0]
+        quarantined = len(list((self.root / "quarantine").glob("*.kvp")))
+        temp = len(list((self.root / "tmp").glob("*.tmp")))
+        with self._lock:
+            counters = dict(self.counters)
+        return {"backend": "local", "location": str(self.root), "quantization": self.quantization,
+                **summarize(rows), "model_adapter_pairs": models, "quarantined_files": quarantined,
+                "temp_files": temp, "read_only": self.read_only, **counters}
+
+    def verify(self, quarantine: bool = False) -> list[BadEntry]:
+        """Re-check every entry's checksum, header and fingerprints against the index, and look for
+        files without an entry. With ``quarantine``, damaged entries are moved aside and valid
+        unindexed files are indexed; otherwise nothing changes."""
+        bad: list[BadEntry] = []
+        indexed = set()
+        for entry in self.entries():
+            key, form = entry["key"], entry["quantization"]
+            indexed.add(self.path_of(key, form).name)
+            problem, inode = self._check(entry)
+            if problem:
+                action = "reported"
+                if quarantine and not self.read_only:
+                    self._quarantine(key, form, problem, inode, indexed=True)
+                    action = "quarantined"
+                bad.append(BadEntry(key, form, problem, action))
+        for path in sorted((self.root / "packets").glob("*/*.kvp")):
+            parsed = parse_entry_name(path.stem)
+            if path.name in indexed or parsed is None:
+                continue
+            key, form = parsed
+            action = "reported"
+            if quarantine and not self.read_only:
+                try:
+                    self._adopt(key, form)
+                    action = "indexed"
+                except _Damaged as damage:
+                    self._quarantine(key, form, str(damage), damage.inode, indexed=False)
+                    action = "quarantined"
+            bad.append(BadEntry(key, form, "file without an index entry", action))
+        return bad
+
+    def _check(self, entry: dict) -> tuple[str | None, int | None]:
+        key, form = entry["key"], entry["quantization"]
+        try:
+            path = self.path_of(key, form)
+            self._read(key, form, entry["size"])
+            info = header_info(key, form, memoryview(_map(path)))
+        except _Damaged as damage:
+            return str(damage), damage.inode
+        except (OSError, CorruptPacketError) as error:
+            return str(error), None
+        for field in ("checksum", "model_fingerprint", "tokenizer_fingerprint", "adapter_fingerprint", "dtype"):
+            if getattr(info, field) != entry[field]:
+                return f"file {field} differs from the index", None
+        return None, None
+
+    def gc(self, max_age_s: float | None = None, max_bytes: int | None = None,
+           keep_model: str | None = None, keep_adapters: Sequence[str] | None = None,
+           keep_tokenizer: str | None = None, dry_run: bool = False) -> dict:
+        """Remove entries and leftovers.
+
+        Args:
+            max_age_s: remove entries not used for this many seconds.
+            max_bytes: then remove least recently used entries until the store holds at most this.
+            keep_model, keep_tokenizer, keep_adapters: when given, remove entries built by any
+                other model / tokenizer / adapter (fingerprints).
+            dry_run: only report what would go.
+
+        Also removes stale temp files (writer gone or older than an hour) and quarantined files.
+
+        Returns:
+            ``{"removed": n, "bytes": freed, "temp_files": n, "quarantined_files": n, "dry_run": bool}``.
+        """
+        if self.read_only and not dry_run:
+            raise StoreError(f"packet store {self.root} is read-only; cannot gc")
+        now = time.time()
+        doomed: dict[tuple[str, str], int] = {}
+        live = []
+        for entry in sorted(self.entries(), key=lambda e: e["last_used"]):
+            ident = (entry["key"], entry["quantization"])
+            foreign = ((keep_model is not None and entry["model_fingerprint"] != keep_model)
+                       or (keep_tokenizer is not None and entry["tokenizer_fingerprint"] != keep_tokenizer)
+                       or (keep_adapters is not None and entry["adapter_fingerprint"] not in keep_adapters))
+            if foreign or (max_age_s is not None and now - entry["last_used"] > max_age_s):
+                doomed[ident] = entry["size"]
+            else:
+                live.append(entry)
+        if max_bytes is not None:
+            total = sum(entry["size"] for entry in live)
+            for entry in live:  # least recently used first
+                if total <= max_bytes:
+                    break
+                doomed[(entry["key"], entry["quantization"])] = entry["size"]
+                total -= entry["size"]
+        temp = [p for p in (self.root / "tmp").glob("*.tmp") if _stale_temp(p, now)]
+        quarantined = list((self.root / "quarantine").iterdir())
+        if not dry_run:
+            for key, form in doomed:
+                self.delete(key, quantization=form)
+            for path in temp + quarantined:
+                with suppress(FileNotFoundError):
+                    path.unlink()
+        return {"removed": len(doomed), "bytes": sum(doomed.values()), "temp_files": len(temp),
+                "quarantined_files": len([p for p in quarantined if p.suffix == ".kvp"]), "dry_run": dry_run}
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _form(self, quantization: str | None) -> str:
+        return self.quantization if quantization is None else check_quantization(quantization)
+
+    def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        try:
+            with self._lock:
+                return self._db.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as error:
+            raise StoreError(f"cannot read the index of packet store {self.root}: {error}") from None
+
+
+def _is_store_dir(root: Path) -> bool:
+    """A store (marker present), or a directory holding nothing but what a store creates first."""
+    if (root / MARKER).is_file():
+        return True
+    return all(p.name in ("packets", "tmp", "quarantine") or p.name.startswith(("index.sqlite", f"{MARKER}."))
+               for p in root.iterdir())
+
+
+def _map(path: Path) -> mmap.mmap:
+    with open(path, "rb") as handle:
+        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _stale_temp(path: Path, now: float) -> bool:
+    """A temp file whose writer process is gone (same host) or that is older than `STALE_TEMP_S`."""
+    try:
+        if now - path.stat().st_mtime > STALE_TEMP_S:
+            return True
+        pid = int(path.name.rsplit(".", 3)[-3])
+    except (OSError, ValueError, IndexError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

@@ -1,0 +1,324 @@
+"""RedisStore: packets shared by many processes or machines through a Redis server.
+
+Each entry is one Redis string holding the packet's ``kvpacket/1`` bytes under
+``<prefix><key>`` (``<prefix><key>.int8`` / ``.int4`` for quantized forms). A SET is atomic, so
+readers never see a partial packet; every read verifies the checksum and the content address;
+damaged values are renamed to ``<prefix>quarantine:…`` (kept a week) and reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from urllib.parse import urlsplit, urlunsplit
+
+import redis as redis_lib
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from ..errors import CorruptPacketError, PacketNotFoundError
+from ..packet import KVPacket
+from ..quantize import check_quantization, encode_packet
+from .base import PacketStore, StoreError, StoreUnavailableError, validate_key
+from .entries import EntryInfo, decode_entry, entry_name, header_info, parse_entry_name, summarize
+from .local import BadEntry
+
+log = logging.getLogger(__name__)
+
+QUARANTINE_TTL_S = 7 * 24 * 3600
+_HEADER_PROBE = 8
+
+
+def redact(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for messages and stats)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    netloc = f"{user}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class RedisStore(PacketStore):
+    """Packets in Redis, for many serving processes sharing one packet set.
+
+    Args:
+        url: ``redis://[user:password@]host:port/db``, ``rediss://…`` (TLS) or ``unix:///path.sock``.
+        prefix: prepended to every Redis key (several stores can share one database).
+        ttl: seconds an entry lives after it is written (None: until deleted or evicted by Redis).
+        socket_timeout: seconds to wait for the server on each socket read/write.
+        connect_timeout: seconds to wait for a connection.
+        retries: reconnect-and-retry attempts after a connection error (a call fails after at most
+            ``retries + 1`` timeouts).
+        quantization: form `put` writes and `get` reads by default (see `LocalStore`).
+        on_corrupt: ``raise`` or ``miss``, as for `LocalStore`.
+
+    Raises:
+        StoreUnavailableError: the server cannot be reached or does not answer in time.
+        StoreError: the server refused the credentials in ``url``.
+
+    Example:
+        >>> store = RedisStore("redis://:secret@cache.internal:6379/0", ttl=7 * 86400)
+    """
+
+    def __init__(self, url: str = "redis://localhost:6379/0", prefix: str = "kvpacket:", ttl: float | None = None,
+                 socket_timeout: float = 5.0, connect_timeout: float = 2.0, retries: int = 1,
+                 quantization: str = "none", on_corrupt: str = "raise"):
+        if on_corrupt not in ("raise", "miss"):
+            raise ValueError(f"on_corrupt must be 'raise' or 'miss', got {on_corrupt!r}")
+        if ttl is not None and ttl <= 0:
+            raise ValueError(f"ttl must be positive seconds or None, got {ttl}")
+        if socket_timeout <= 0 or connect_timeout <= 0:
+            raise ValueError("socket_timeout and connect_timeout must be positive seconds")
+        self.url = redact(url)
+        self.prefix = prefix
+        self.ttl = ttl
+        self.socket_timeout = socket_timeout
+        self.quantization = check_quantization(quantization)
+        self.on_corrupt = on_corrupt
+        self.counters = {"puts": 0, "hits": 0, "misses": 0, "corrupt": 0}
+        try:
+            self._client = redis_lib.Redis.from_url(
+                url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
+                retry=Retry(NoBackoff(), retries), health_check_interval=30)
+        except ValueError as error:
+            raise StoreError(f"bad Redis URL {self.url}: {error}; use redis://[user:password@]host:port/db") from None
+        with self._calling("connecting"):
+            self._client.ping()
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.url!r}, prefix={self.prefix!r}, quantization={self.quantization!r})"
+
+    # ---- errors ----------------------------------------------------------------------------
+
+    @contextmanager
+    def _calling(self, what: str):
+        try:
+            yield
+        except redis_lib.exceptions.AuthenticationError as error:
+            raise StoreError(f"Redis at {self.url} refused the credentials while {what} ({error}); "
+                             "put them in the URL: redis://user:password@host:port/db") from None
+        except redis_lib.exceptions.TimeoutError:
+            raise StoreUnavailableError(f"Redis at {self.url} did not answer within {self.socket_timeout}s while "
+                                        f"{what}; check the server, or raise socket_timeout") from None
+        except redis_lib.exceptions.ConnectionError as error:
+            raise StoreUnavailableError(f"cannot reach Redis at {self.url} while {what} ({error}); start "
+                                        "redis-server or fix the URL") from None
+        except redis_lib.exceptions.ResponseError as error:
+            if "NOAUTH" in str(error) or "WRONGPASS" in str(error):
+                raise StoreError(f"Redis at {self.url} needs credentials ({error}); "
+                                 "use redis://user:password@host:port/db") from None
+            raise StoreError(f"Redis at {self.url} refused {what}: {error}") from None
+
+    # ---- reading ---------------------------------------------------------------------------
+
+    def _name(self, key: str, form: str) -> str:
+        return self.prefix + entry_name(key, form)
+
+    def get(self, key: str, *, quantization: str | None = None) -> KVPacket:
+        """The packet under ``key`` (see `LocalStore.get` for errors; plus `StoreUnavailableError`)."""
+        packet = self.get_many([key], quantization=quantization)[0]
+        if packet is None:
+            raise PacketNotFoundError(f"packet {key[:12]}… is not in Redis at {self.url}; build it first")
+        return packet
+
+    def get_many(self, keys: Sequence[str], *, quantization: str | None = None) -> list[KVPacket | None]:
+        """Packets for ``keys`` in order, None where missing: one pipelined round trip.
+
+        If the connection fails mid-reply nothing is returned (the call raises), so no partial
+        packet reaches a caller or a cache in front of this store.
+        """
+        form = self._form(quantization)
+        names = [self._name(validate_key(key), form) for key in keys]
+        if not names:
+            return []
+        with self._calling(f"reading {len(names)} packets"):
+            pipe = self._client.pipeline(transaction=False)
+            for name in names:
+                pipe.get(name)
+            values = pipe.execute()
+        out: list[KVPacket | None] = []
+        for key, name, value in zip(keys, names, values):
+            packet = None
+            if value is not None:
+                try:
+                    packet = decode_entry(value, key, form)
+                except CorruptPacketError as damage:
+                    self._quarantine(name, str(damage))
+                    if self.on_corrupt == "raise":
+                        raise CorruptPacketError(
+                            f"packet {key[:12]}… in Redis at {self.url} is damaged ({damage}); it was moved to "
+                            f"{self.prefix}quarantine:, so the next lookup misses and rebuilds it") from None
+            out.append(packet)
+        hits = sum(p is not None for p in out)
+        self.counters["hits"] += hits
+        self.counters["misses"] += len(out) - hits
+        return out
+
+    def _quarantine(self, name: str, reason: str) -> None:
+        self.counters["corrupt"] += 1
+        log.warning("packet entry %s in Redis at %s is damaged: %s; quarantined", name, self.url, reason)
+        target = f"{self.prefix}quarantine:{name[len(self.prefix):]}:{time.time_ns()}"
+        try:
+            with self._calling("quarantining a damaged packet"):
+                pipe = self._client.pipeline(transaction=True)
+                pipe.rename(name, target)
+                pipe.expire(target, QUARANTINE_TTL_S)
+                pipe.execute()
+        except StoreError as error:  # already gone or renamed by another reader
+            log.warning("could not quarantine %s: %s", name, error)
+
+    # ---- writing ---------------------------------------------------------------------------
+
+    def put(self, packet: KVPacket, *, quantization: str | None = None) -> str:
+        """Store ``packet`` (SET NX: an existing entry is left as it is); return its key."""
+        return self.put_many([packet], quantization=quantization)[0]
+
+    def put_many(self, packets, *, quantization: str | None = None, batch: int = 8) -> list[str]:
+        """Store packets, ``batch`` per pipelined round trip; return their keys."""
+        form = self._form(quantization)
+        keys: list[str] = []
+        pending: list[tuple[str, bytes]] = []
+        for packet in packets:
+            keys.append(packet.key)
+            pending.append((self._name(packet.key, form), encode_packet(packet, form)))
+            if len(pending) >= batch:
+                self._set(pending)
+                pending = []
+        if pending:
+            self._set(pending)
+        return keys
+
+    def _set(self, items: list[tuple[str, bytes]]) -> None:
+        ttl_ms = None if self.ttl is None else max(1, int(self.ttl * 1000))
+        with self._calling(f"writing {len(items)} packets"):
+            pipe = self._client.pipeline(transaction=False)
+            for name, data in items:
+                pipe.set(name, data, nx=True, px=ttl_ms)
+            written = pipe.execute()
+        self.counters["puts"] += sum(bool(w) for w in written)
+
+    def delete(self, key: str, *, quantization: str | None = None) -> bool:
+        with self._calling("deleting a packet"):
+            return bool(self._client.delete(self._name(validate_key(key), self._form(quantization))))
+
+    # ---- listing, stats, maintenance ------------------------------------------------------
+
+    def contains(self, key: str, *, quantization: str | None = None) -> bool:
+        with self._calling("looking up a packet"):
+            return bool(self._client.exists(self._name(validate_key(key), self._form(quantization))))
+
+    def _scan(self) -> Iterator[tuple[str, str, str]]:
+        """``(redis name, key, form)`` of every entry under the prefix."""
+        pattern = _glob_escape(self.prefix) + "*"
+        with self._calling("listing packets"):
+            for raw in self._client.scan_iter(match=pattern, count=1000):
+                name = raw.decode() if isinstance(raw, bytes) else raw
+                parsed = parse_entry_name(name[len(self.prefix):])
+                if parsed is not None:
+                    yield name, *parsed
+
+    def keys(self, *, quantization: str | None = None) -> Iterator[str]:
+        """Keys stored in the given form (default: the store's), sorted."""
+        form = self._form(quantization)
+        return iter(sorted(key for _, key, f in self._scan() if f == form))
+
+    def entries(self) -> list[dict]:
+        """Every entry of every form: header fields (see `EntryInfo`) plus ``idle_s``, read in two pipelined passes."""
+        found = list(self._scan())
+        out: list[dict] = []
+        for start in range(0, len(found), 256):
+            batch = found[start : start + 256]
+            with self._calling("reading packet headers"):
+                pipe = self._client.pipeline(transaction=False)
+                for name, _, _ in batch:
+                    pipe.getrange(name, 0, _HEADER_PROBE - 1)
+                    pipe.strlen(name)
+                    pipe.object("idletime", name)
+                probes = pipe.execute(raise_on_error=False)
+                pipe = self._client.pipeline(transaction=False)
+                for n in range(len(batch)):
+                    head = probes[3 * n]
+                    size = int.from_bytes(head, "little") if isinstance(head, bytes) and len(head) == 8 else 0
+                    pipe.getrange(batch[n][0], 0, _HEADER_PROBE + min(size, 1 << 24) - 1)
+                headers = pipe.execute(raise_on_error=False)
+            for n, (name, key, form) in enumerate(batch):
+                idle = probes[3 * n + 2]
+                entry = {"key": key, "quantization": form, "name": name, "size": probes[3 * n + 1],
+                         "idle_s": idle if isinstance(idle, int) else None}
+                try:
+                    info = header_info(key, form, headers[n], size=probes[3 * n + 1])
+                    entry.update({f: getattr(info, f) for f in EntryInfo.__dataclass_fields__ if f != "size"})
+                except (CorruptPacketError, TypeError):
+                    entry["damaged_header"] = True
+                out.append(entry)
+        return out
+
+    def stats(self) -> dict:
+        """Packets, bytes, positions, bytes/token (total and per quantization), counters, server memory."""
+        entries = [e for e in self.entries() if "positions" in e]
+        with self._calling("reading server info"):
+            memory = self._client.info("memory").get("used_memory")
+            quarantined = sum(1 for _ in self._client.scan_iter(match=_glob_escape(self.prefix) + "quarantine:*"))
+        return {"backend": "redis", "location": self.url, "prefix": self.prefix, "quantization": self.quantization,
+                **summarize([(e["quantization"], e["size"], e["positions"]) for e in entries]),
+                "model_adapter_pairs": len({(e["model_fingerprint"], e["adapter_fingerprint"]) for e in entries}),
+                "quarantined_entries": quarantined, "server_used_memory": memory, **self.counters}
+
+    def verify(self, quarantine: bool = False) -> list[BadEntry]:
+        """Re-read every entry and check its checksum and content address; optionally quarantine bad ones."""
+        bad: list[BadEntry] = []
+        for name, key, form in list(self._scan()):
+            with self._calling("reading a packet"):
+                value = self._client.get(name)
+            if value is None:
+                continue  # expired or deleted meanwhile
+            try:
+                decode_entry(value, key, form)
+            except CorruptPacketError as damage:
+                if quarantine:
+                    self._quarantine(name, str(damage))
+                bad.append(BadEntry(key, form, str(damage), "quarantined" if quarantine else "reported"))
+        return bad
+
+    def gc(self, max_age_s: float | None = None, max_bytes: int | None = None,
+           keep_model: str | None = None, keep_adapters: Sequence[str] | None = None,
+           keep_tokenizer: str | None = None, dry_run: bool = False) -> dict:
+        """Remove entries by idle time, byte budget (least recently used first) or foreign
+        fingerprints, as `LocalStore.gc`; also removes quarantined entries and unreadable headers."""
+        doomed: dict[str, int] = {}
+        live = []
+        for entry in sorted(self.entries(), key=lambda e: -(e["idle_s"] or 0)):
+            foreign = entry.get("damaged_header") or (
+                (keep_model is not None and entry["model_fingerprint"] != keep_model)
+                or (keep_tokenizer is not None and entry["tokenizer_fingerprint"] != keep_tokenizer)
+                or (keep_adapters is not None and entry["adapter_fingerprint"] not in keep_adapters))
+            if foreign or (max_age_s is not None and (entry["idle_s"] or 0) > max_age_s):
+                doomed[entry["name"]] = entry["size"]
+            else:
+                live.append(entry)
+        if max_bytes is not None:
+            total = sum(e["size"] for e in live)
+            for entry in live:  # most idle first
+                if total <= max_bytes:
+                    break
+                doomed[entry["name"]] = entry["size"]
+                total -= entry["size"]
+        with self._calling("collecting garbage"):
+            quarantined = list(self._client.scan_iter(match=_glob_escape(self.prefix) + "quarantine:*"))
+            if not dry_run and (doomed or quarantined):
+                self._client.delete(*doomed, *quarantined)
+        return {"removed": len(doomed), "bytes": sum(doomed.values()), "quarantined_files": len(quarantined),
+                "temp_files": 0, "dry_run": dry_run}
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _form(self, quantization: str | None) -> str:
+        return self.quantization if quantization is None else check_quantization(quantization)
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

@@ -8,7 +8,7 @@ import torch
 from kvpacket_rag.adapter import NO_ADAPTER, PacketAdapter
 from kvpacket_rag.errors import CorruptPacketError, IncompatiblePacketError
 
-from conftest import make_tiny_model
+from kvpacket_rag.testing import make_tiny_model
 
 
 def test_initialisation_matches_embedding_statistics(tiny_llama):

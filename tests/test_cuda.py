@@ -14,7 +14,7 @@ from kvpacket_rag.kvcache import KVBuffer
 from kvpacket_rag.methods import get_method
 from kvpacket_rag.reference import block_forward
 
-from conftest import make_tiny_model
+from kvpacket_rag.testing import make_tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CHUNKS = ["Ada Lovelace was born in London.", "Alan Turing studied at Cambridge.", "Grace Hopper served in the navy."]

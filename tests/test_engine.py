@@ -12,7 +12,7 @@ from kvpacket_rag.generation import GenerationConfig
 from kvpacket_rag.prompt import ChatTurn
 from kvpacket_rag.reference import block_forward
 
-from conftest import make_tiny_model
+from kvpacket_rag.testing import make_tiny_model
 
 CHUNKS = ["Ada Lovelace was born in London.", "Alan Turing studied at Cambridge.", "Grace Hopper served in the navy."]
 GREEDY8 = GenerationConfig(max_new_tokens=8)

@@ -7,45 +7,14 @@ import torch
 
 from kvpacket_rag.adapter import PacketAdapter
 from kvpacket_rag.builder import PacketBuilder
-from kvpacket_rag.kvcache import KVBuffer, PacketCache, assemble
-from kvpacket_rag.packet import KVPacket
+from kvpacket_rag.kvcache import KVBuffer, assemble
 from kvpacket_rag.prompt import PromptFormatter
-from kvpacket_rag.reference import block_forward
-from kvpacket_rag.store import InMemoryStore
+from kvpacket_rag.testing import packet_path_logits, reference_logits
 
 CHUNKS = ["Ada Lovelace was born in London in 1815.",
           "The Analytical Engine was designed by Charles Babbage, a mathematician.",
           "Grace Hopper worked on the Harvard Mark I and wrote the first compiler."]
 QUESTION = "Who designed the Analytical Engine?"
-
-
-@torch.no_grad()
-def packet_path_logits(model, adapter, formatter, chunks, question, tmp_path=None) -> torch.Tensor:
-    """build each packet alone -> save/load -> rotate -> assemble -> prefill the question."""
-    builder = PacketBuilder(model, adapter, formatter)
-    packets = [builder.build(chunk) for chunk in chunks]
-    if tmp_path is not None:
-        packets = [KVPacket.load(p.save(tmp_path / f"{i}.kvp")) for i, p in enumerate(packets)]
-    else:
-        store = InMemoryStore()
-        packets = [store.get(store.put(p)) for p in packets]
-    preamble_ids = formatter.preamble_ids()
-    preamble_cache = PacketCache(KVBuffer(model), 0)
-    ids = torch.tensor([preamble_ids])
-    model.model.model(input_ids=ids, position_ids=torch.arange(len(preamble_ids))[None], cache=preamble_cache, use_cache=True)
-    preamble = preamble_cache.to_block()
-    cache = assemble(KVBuffer(model), [preamble] + [(p.keys, p.values) for p in packets], model.rope, reserve=32)
-    suffix = formatter.suffix_ids(question)
-    start = cache.get_seq_length()
-    out = model.model(input_ids=torch.tensor([suffix]), position_ids=torch.arange(start, start + len(suffix))[None],
-                      cache=cache, use_cache=True, logits_to_keep=len(suffix))
-    return out.logits[0]
-
-
-def reference_logits(model, adapter, formatter, chunks, question) -> torch.Tensor:
-    with torch.no_grad():
-        return block_forward(model, adapter, formatter.preamble_ids(), [formatter.chunk_ids(c) for c in chunks],
-                             formatter.suffix_ids(question))
 
 
 def test_packet_path_equals_block_mask_forward(tiny_model, tmp_path):

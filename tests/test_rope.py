@@ -12,8 +12,10 @@ from kvpacket_rag.models import wrap_model
 from kvpacket_rag.prompt import PromptFormatter
 from kvpacket_rag.rope import rotate_keys
 
-from conftest import make_tiny_model
-from test_exactness import CHUNKS, QUESTION, packet_path_logits, reference_logits
+from kvpacket_rag.testing import make_tiny_model, packet_path_logits, reference_logits
+
+CHUNKS = ["Ada Lovelace was born in London in 1815.", "The Analytical Engine was designed by Charles Babbage."]
+QUESTION = "Who designed the Analytical Engine?"
 
 THETA = 10000.0
 VARIANTS = {

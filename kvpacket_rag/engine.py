@@ -22,7 +22,7 @@ from .adapter import PacketAdapter
 from .builder import PacketBuilder
 from .errors import EmptyInputError, IncompatiblePacketError
 from .flops import forward_flops
-from .generation import GenerationConfig, TextStreamer, decode_tokens, eos_ids
+from .generation import GenerationConfig, TextStreamer, decode_tokens, eos_ids, stream_text
 from .kvcache import KVBuffer, PacketCache
 from .methods import ContextMethod, get_method
 from .models import DEFAULT_MODEL, LoadedModel, load_model
@@ -152,8 +152,7 @@ class PacketEngine:
         Returns:
             ``(packets, seconds spent building, keys)``.
         """
-        packets, build_s, keys = self._ensure_packets(chunks, adapted, progress=False)
-        return packets, build_s, keys
+        return self._ensure_packets(chunks, adapted, progress=False)
 
     def _ensure_packets(self, chunks, adapted, progress):
         builder = self.builder if adapted else self.bare_builder
@@ -233,22 +232,13 @@ class PacketEngine:
             streamer = TextStreamer(self.model.tokenizer, generation.stop)
             tokens = decode_tokens(self.model.model, context.cache, logits, context.length + len(suffix),
                                    generation, self._stop_ids)
-            ttft = None
-            for token in tokens:
-                ttft = ttft if ttft is not None else time.perf_counter() - start
-                piece = streamer.push(token)
-                if piece:
-                    yield piece
-                if streamer.stopped:
-                    break
-            tail = streamer.flush()
-            if tail:
-                yield tail
+            clock: dict[str, float] = {}
+            yield from stream_text(tokens, streamer, start, clock)
             total = time.perf_counter() - start
             timings = {"packet_load_s": context.packet_load_s, "packet_build_s": context.packet_build_s,
                        "assembly_s": context.assembly_s, "context_prefill_s": context.context_prefill_s,
                        "question_prefill_s": prefill_s,
-                       "ttft_s": ttft if ttft is not None else total, "total_s": total}
+                       "ttft_s": clock.get("ttft_s", total), "total_s": total}
             question_flops = forward_flops(self.model.config, len(suffix), context.length, logits_tokens=1)
             stream.answer = Answer(streamer.text, list(streamer.ids), method.name, timings, context.context_flops,
                                    context.context_flops + question_flops, context.length, len(suffix),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -130,3 +131,20 @@ def decode_tokens(model, cache, first_logits: torch.Tensor, position: int, confi
         with torch.no_grad():
             logits = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True,
                            logits_to_keep=1).logits[0, -1]
+
+
+def stream_text(tokens: Iterator[int], streamer: TextStreamer, start: float, clock: dict) -> Iterator[str]:
+    """Turn generated token ids into text pieces, stopping at stop strings.
+
+    Records ``clock["ttft_s"]`` (seconds from ``start``, a `time.perf_counter()` value) at the first token.
+    """
+    for token in tokens:
+        clock.setdefault("ttft_s", time.perf_counter() - start)
+        piece = streamer.push(token)
+        if piece:
+            yield piece
+        if streamer.stopped:
+            break
+    tail = streamer.flush()
+    if tail:
+        yield tail

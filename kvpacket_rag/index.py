@@ -352,7 +352,7 @@ def _plain_pieces(engine: "PacketEngine", ids: list[int], generation: Generation
     import torch
     from transformers import DynamicCache
 
-    from .generation import TextStreamer, decode_tokens, eos_ids
+    from .generation import TextStreamer, decode_tokens, eos_ids, stream_text
 
     model = engine.model
     start = time.perf_counter()
@@ -362,20 +362,12 @@ def _plain_pieces(engine: "PacketEngine", ids: list[int], generation: Generation
                              logits_to_keep=1).logits[0, -1]
     prefill_s = time.perf_counter() - start
     streamer = TextStreamer(model.tokenizer, generation.stop)
-    ttft = None
-    for token in decode_tokens(model.model, cache, logits, len(ids), generation, eos_ids(model.tokenizer, model.config)):
-        ttft = ttft if ttft is not None else time.perf_counter() - start
-        piece = streamer.push(token)
-        if piece:
-            yield piece
-        if streamer.stopped:
-            break
-    tail = streamer.flush()
-    if tail:
-        yield tail
+    clock: dict[str, float] = {}
+    tokens = decode_tokens(model.model, cache, logits, len(ids), generation, eos_ids(model.tokenizer, model.config))
+    yield from stream_text(tokens, streamer, start, clock)
     total = time.perf_counter() - start
     stream.text, stream.token_ids, stream.prompt_tokens = streamer.text, list(streamer.ids), len(ids)
-    stream.timings = {"prefill_s": prefill_s, "ttft_s": ttft if ttft is not None else total, "total_s": total}
+    stream.timings = {"prefill_s": prefill_s, "ttft_s": clock.get("ttft_s", total), "total_s": total}
 
 
 # ---- the index -----------------------------------------------------------------------------------------------------

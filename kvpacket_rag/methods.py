@@ -134,6 +134,8 @@ def get_method(spec: str | ContextMethod) -> ContextMethod:
     """
     if isinstance(spec, ContextMethod):
         return spec
+    from . import baselines  # noqa: F401  (registers cacheblend and epic in METHODS)
+
     name, _, arg = spec.partition(":")
     factories = {"kv_packet": lambda: PacketMethod(True), "no_recompute": lambda: PacketMethod(False),
                  "full_recompute": FullRecompute, "closed_book": ClosedBook, **METHODS}

@@ -1,0 +1,83 @@
+"""PNG plots of one evaluation result (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SWEEPS = ("cacheblend", "epic")
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError("plots need matplotlib: pip install matplotlib") from error
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_plots(result: dict, stem: str | Path) -> list[Path]:
+    """Write ``<stem>_f1_ttft.png`` and, when a sweep has a setting, ``<stem>_f1_recompute.png``.
+
+    Returns:
+        The paths written.
+    """
+    stem = Path(stem)
+    written = [f1_vs_ttft(result, stem.with_name(stem.name + "_f1_ttft.png"))]
+    if any(name.partition(":")[0] in SWEEPS for name in result["methods"]):
+        written.append(f1_vs_recompute(result, stem.with_name(stem.name + "_f1_recompute.png")))
+    return written
+
+
+def _title(result: dict) -> str:
+    return f"{result['dataset']} · {result['model']['name']} · n={result['n']}"
+
+
+def f1_vs_ttft(result: dict, path: Path) -> Path:
+    """One point per method/setting: median TTFT (log scale) against F1."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    for name, m in result["methods"].items():
+        if m["f1"] is None:
+            continue
+        ax.scatter(m["ttft_s"] * 1e3, m["f1"], s=30)
+        ax.annotate(name, (m["ttft_s"] * 1e3, m["f1"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("TTFT, median (ms, log scale)")
+    ax.set_ylabel("F1 (micro)")
+    ax.set_title(_title(result), fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def f1_vs_recompute(result: dict, path: Path) -> Path:
+    """F1 against the share of full-recompute context FLOPs, one line per sweep, references as lines."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    methods = result["methods"]
+    for family in SWEEPS:
+        points = sorted((m["flops_vs_full"], m["f1"], name) for name, m in methods.items()
+                        if name.partition(":")[0] == family and m["f1"] is not None)
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=family)
+            for x, y, name in points:
+                ax.annotate(name.partition(":")[2], (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    for name, style in (("full_recompute", "-"), ("kv_packet", "--"), ("no_recompute", ":"), ("closed_book", "-.")):
+        if name in methods and methods[name]["f1"] is not None:
+            ax.axhline(methods[name]["f1"], linestyle=style, color="grey", linewidth=1)
+            ax.annotate(name, (1.0, methods[name]["f1"]), fontsize=7, ha="right", va="bottom", color="grey")
+    ax.set_xlabel("recompute share (context FLOPs / full recompute)")
+    ax.set_ylabel("F1 (micro)")
+    ax.set_xlim(0, 1.02)
+    ax.set_title(_title(result), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

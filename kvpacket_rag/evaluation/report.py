@@ -1,0 +1,154 @@
+"""Build the results page from evaluation JSON files.
+
+Usage:
+    python -m kvpacket_rag.evaluation.report benchmarks/eval/*.json --notes benchmarks/eval/notes.md \\
+        --out benchmarks/RESULTS.md
+
+Each JSON file is one `kvpacket eval` run. The page has a headline table, the issue's acceptance targets
+checked per dataset (met / missed, with the numbers), then every run's header (exact command, model,
+adapter, machine, threads, date), tables and plots. ``--notes`` inserts a hand-written file verbatim.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+from .harness import REFERENCE
+from .table import LEGEND, breakdown_rows, header, quality_rows
+
+HEADLINE = ("no_recompute", "kv_packet", "cacheblend:0.15", "epic:32", "closed_book")
+F1_FLOOR = 0.3
+F1_RATIO = {"biography": 0.95}
+DEFAULT_F1_RATIO = 0.90
+
+
+def load_results(paths: list[str | Path]) -> list[tuple[Path, dict]]:
+    """Read evaluation JSON files (sorted by dataset, then path).
+
+    Raises:
+        ValueError: a file is not a `kvpacket eval` result.
+    """
+    results = []
+    for path in map(Path, paths):
+        data = json.loads(path.read_text())
+        if not str(data.get("format", "")).startswith("kvpacket-eval/"):
+            raise ValueError(f"{path} is not a `kvpacket eval --json` result")
+        results.append((path, data))
+    return sorted(results, key=lambda item: (item[1]["dataset"], str(item[0])))
+
+
+def _fmt(value, spec=".3f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def headline(results: list[tuple[Path, dict]], metric: str = "f1") -> list[str]:
+    """One row per run: ``metric`` per headline method; F1 gets its ratio to full recompute, fidelity its KL."""
+    names = [REFERENCE] + [n for n in HEADLINE if any(n in r["methods"] for _, r in results)]
+    lines = ["| dataset (n) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for _, result in results:
+        cells = []
+        for name in names:
+            m = result["methods"].get(name)
+            if m is None or m[metric] is None:
+                cells.append("–")
+            elif metric == "f1":
+                cells.append(f"{m['f1']:.3f}" + ("" if name == REFERENCE else f" ({_fmt(m['f1_vs_full'], '.2f')}×)"))
+            else:
+                cells.append(f"{m[metric]:.3f}" + (f" (KL {m['kl']:.3f})" if m.get("kl") is not None else ""))
+        lines.append(f"| {result['dataset']} ({result['n']}) | " + " | ".join(cells) + " |")
+    return lines
+
+
+def targets(result: dict) -> list[tuple[str, bool | None, str]]:
+    """The acceptance targets of the issue for one result: (target, met (None: not applicable), numbers)."""
+    m = result["methods"]
+    kv, bare, full = m.get("kv_packet"), m.get("no_recompute"), m.get(REFERENCE)
+    if kv is None or full is None:
+        return []
+    checks = [("kv_packet fidelity ≥ 0.85", kv["fidelity"] >= 0.85, f"{kv['fidelity']:.3f}")]
+    if bare is not None and kv["kl"] is not None and bare["kl"] is not None:
+        checks.append(("kv_packet KL ≤ 0.2 × no_recompute KL", kv["kl"] <= 0.2 * bare["kl"],
+                       f"{kv['kl']:.4f} vs 0.2 × {bare['kl']:.4f} = {0.2 * bare['kl']:.4f}"))
+    ratio = F1_RATIO.get(result["dataset"], DEFAULT_F1_RATIO)
+    if full["f1"] is not None and kv["f1"] is not None:
+        applies = full["f1"] >= F1_FLOOR
+        checks.append((f"kv_packet F1 ≥ {ratio:.2f} × full (when full F1 ≥ {F1_FLOOR})",
+                       kv["f1"] >= ratio * full["f1"] if applies else None,
+                       f"{kv['f1']:.3f} vs {ratio:.2f} × {full['f1']:.3f} = {ratio * full['f1']:.3f}"
+                       + ("" if applies else f" (full F1 < {F1_FLOOR}: not applicable)")))
+    recompute = {n: s for n, s in m.items() if n.partition(":")[0] in ("cacheblend", "epic")}
+    if recompute:  # compared as ratios to the full recompute of each method's own session (same clock)
+        fastest = min(recompute, key=lambda n: recompute[n]["ttft_vs_full"])
+        checks.append(("kv_packet TTFT < every CacheBlend/EPIC setting",
+                       all(kv["ttft_vs_full"] < s["ttft_vs_full"] for s in recompute.values()),
+                       (f"{kv['ttft_vs_full']:.3f} × full ({kv['ttft_s'] * 1e3:.0f} ms) vs fastest {fastest} "
+                        f"{recompute[fastest]['ttft_vs_full']:.3f} × full ({recompute[fastest]['ttft_s'] * 1e3:.0f} ms)")))
+    blend = m.get("cacheblend:0.15")
+    if blend is not None:
+        checks.append(("kv_packet fidelity ≥ cacheblend:0.15 fidelity", kv["fidelity"] >= blend["fidelity"],
+                       f"{kv['fidelity']:.3f} vs {blend['fidelity']:.3f}"))
+    checks.append(("kv_packet context FLOPs ≤ 1e-3 × full", kv["flops"] <= 1e-3 * full["flops"],
+                   f"{kv['flops_vs_full']:.1e} × full"))
+    return checks
+
+
+def target_rows(results: list[tuple[Path, dict]]) -> list[str]:
+    lines = ["| dataset | target | met | numbers |", "|---|---|---|---|"]
+    for _, result in results:
+        for name, met, numbers in targets(result):
+            mark = "n/a" if met is None else ("met" if met else "**missed**")
+            lines.append(f"| {result['dataset']} | {name} | {mark} | {numbers} |")
+    return lines
+
+
+def _links(path: Path, out_dir: Path) -> list[str]:
+    stem = path.with_suffix("")
+    pngs = [stem.with_name(stem.name + suffix) for suffix in ("_f1_ttft.png", "_f1_recompute.png")]
+    return [f"![{png.stem}]({os.path.relpath(png, out_dir)})" for png in pngs if png.is_file()]
+
+
+def render(results: list[tuple[Path, dict]], notes: str = "", out_dir: Path = Path(".")) -> str:
+    """The whole results page as markdown."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    files = " ".join(os.path.relpath(p, Path.cwd()) for p, _ in results)
+    lines = ["# Evaluation results", "",
+             (f"Generated {now} by `python -m kvpacket_rag.evaluation.report {files} ...` from the JSON files of "
+              "`kvpacket eval` runs (one per section below, each with its exact command). Do not edit by hand."), "",
+             "## Headline: F1 (ratio to full recompute)", "", *headline(results), "",
+             "## Headline: fidelity to full recompute (teacher-forced KL, nats/token)", "",
+             *headline(results, "fidelity"), "",
+             "## Acceptance targets (issue 5)", "", *target_rows(results), ""]
+    if notes.strip():
+        lines += ["## Notes", "", notes.strip(), ""]
+    for path, result in results:
+        lines += [f"## {result['dataset']} — `{os.path.relpath(path, out_dir)}`", "", header(result), "",
+                  *quality_rows(result), "", "TTFT breakdown (median ms):", "", *breakdown_rows(result), "",
+                  *_links(path, out_dir), ""]
+    lines += ["## Legend", "", LEGEND]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvpacket_rag.evaluation.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", help="`kvpacket eval --json` files")
+    parser.add_argument("--notes", default=None, help="markdown file inserted verbatim under 'Notes'")
+    parser.add_argument("--out", default=None, help="write the page here (default: stdout); plot links are relative to it")
+    args = parser.parse_args(argv)
+    notes = Path(args.notes).read_text() if args.notes else ""
+    out_dir = Path(args.out).parent if args.out else Path.cwd()
+    page = render(load_results(args.results), notes, out_dir)
+    if args.out:
+        Path(args.out).write_text(page)
+    else:
+        sys.stdout.write(page)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The optimisation loop on a tiny random model: KL goes down, resume is exact, caches and files are right."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kvpacket_rag.adapter import PacketAdapter
+from training import TeacherCache, TrainConfig, Trainer, TrainingConfigError, list_checkpoints, student_logits, train
+
+
+def _jsonl(path, n=6):
+    people = ["Ada", "Bob", "Cyd", "Dee", "Eve", "Fay", "Gus", "Hal"]
+    lines = [json.dumps({"chunks": [f"{p} was born in {city}.", f"{p} works at {firm} as an engineer."],
+                         "question": f"Where was {p} born?"})
+             for p, city, firm in zip(people[:n], ["Oslo", "Lima", "Kyiv", "Pune", "Nice", "Graz"],
+                                      ["Acme", "Initech", "Umbrella", "Hooli", "Globex", "Vandelay"])]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _config(tmp_path, **overrides) -> TrainConfig:
+    settings = dict(out=tmp_path / "out" / "adapter.safetensors", data=f"jsonl:{_jsonl(tmp_path / 'd.jsonl')}",
+                    samples=6, epochs=2, batch_size=2, lr=3e-2, n_header=4, n_trailer=4, answer_cap=4,
+                    teacher_cache=tmp_path / "teacher", checkpoint_every=2, progress=False)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def _mean_kl(trainer: Trainer, adapter: PacketAdapter) -> float:
+    with torch.no_grad():
+        kls = [t.kl(student_logits(trainer.model, adapter, trainer.preamble_ids, s, t.answer_ids))
+               for s, t in zip(trainer.samples, trainer.teacher)]
+    return float(torch.cat(kls).mean())
+
+
+def test_training_reduces_kl(tiny_llama, tmp_path):
+    config = _config(tmp_path, epochs=5, lr=5e-2)
+    trainer = Trainer(config, tiny_llama)
+    trainer.prepare()
+    initial = PacketAdapter.initialize(tiny_llama, 4, 4, seed=config.seed)
+    before = _mean_kl(trainer, initial)
+    result = trainer.run()
+    after = _mean_kl(trainer, result.adapter)
+    assert result.finished and result.steps == config.total_steps == 15
+    assert after < 0.7 * before, (before, after)
+    loaded = PacketAdapter.load(config.out, tiny_llama)
+    assert torch.equal(loaded.header, result.adapter.header.detach())
+    card = json.loads(config.out.with_suffix(".json").read_text())
+    assert card["steps"] == 15 and card["final_loss"] == pytest.approx(result.final_loss)
+    assert card["model_fingerprint"] == tiny_llama.fingerprint and card["data"] == config.data
+    assert {"wall_time_s", "lr", "batch_size", "epochs", "samples", "n_header"} <= card.keys()
+    assert (config.run_dir / "loss.png").stat().st_size > 1000
+    log = json.loads((config.run_dir / "log.json").read_text())
+    assert [e["step"] for e in log["steps"]] == list(range(1, 16))
+    assert log["steps"][-1]["lr"] == pytest.approx(config.lr / 15)  # linear decay towards 0
+
+
+def test_resume_equals_uninterrupted_run(tiny_llama, tmp_path):
+    whole = train(_config(tmp_path / "a"), tiny_llama)
+    first = train(_config(tmp_path / "b", stop_after_steps=3), tiny_llama)
+    assert not first.finished and first.path is None and first.steps == 3
+    assert not (tmp_path / "b" / "out" / "adapter.safetensors").exists()
+    second = train(_config(tmp_path / "b", resume=True), tiny_llama)
+    assert second.finished and second.steps == whole.steps == 6
+    assert torch.equal(second.adapter.header, whole.adapter.header)
+    assert torch.equal(second.adapter.trailer, whole.adapter.trailer)
+    assert [e["loss"] for e in second.log] == [e["loss"] for e in whole.log]
+    files = {p.suffix for p in (tmp_path / "b" / "out" / "adapter.run").iterdir()}
+    assert files <= {".safetensors", ".json", ".png"}  # no pickle anywhere
+
+
+def test_resume_refuses_changed_settings_and_fresh_run_refuses_old_checkpoints(tiny_llama, tmp_path):
+    train(_config(tmp_path, stop_after_steps=2), tiny_llama)
+    assert list_checkpoints(tmp_path / "out" / "adapter.run")
+    with pytest.raises(TrainingConfigError, match="lr"):
+        train(_config(tmp_path, lr=1e-3, resume=True), tiny_llama)
+    with pytest.raises(TrainingConfigError, match="resume"):
+        train(_config(tmp_path), tiny_llama)
+
+
+def test_warm_start_from_an_adapter_file(tiny_llama, tmp_path):
+    start = PacketAdapter.initialize(tiny_llama, 4, 4, seed=11)
+    start.save(tmp_path / "start.safetensors")
+    config = _config(tmp_path, init_adapter=tmp_path / "start.safetensors", stop_after_steps=1)
+    trainer = Trainer(config, tiny_llama)
+    trainer.prepare()
+    assert torch.equal(trainer._initial_adapter().header, start.header.detach())
+    moved = trainer.run().adapter
+    assert not torch.equal(moved.header, start.header)
+    with pytest.raises(TrainingConfigError, match="soft tokens"):
+        Trainer(_config(tmp_path / "b", init_adapter=tmp_path / "start.safetensors", n_header=2), tiny_llama).run()
+
+
+def test_teacher_outputs_are_cached_on_disk(tiny_llama, tmp_path):
+    config = _config(tmp_path, teacher_top_k=16)
+    first = Trainer(config, tiny_llama)
+    first.prepare()
+    files = sorted((tmp_path / "teacher").rglob("*.safetensors"))
+    assert len(files) == 6
+    stamps = [f.stat().st_mtime_ns for f in files]
+    second = Trainer(config, tiny_llama)
+    second.prepare()
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    for a, b in zip(first.teacher, second.teacher):
+        assert torch.equal(a.answer_ids, b.answer_ids) and torch.equal(a.top_logprobs, b.top_logprobs)
+        assert a.logprobs is None and a.top_ids.shape == (a.length, 16)
+    files[0].write_bytes(b"truncated")  # an unreadable entry is recomputed, not fatal
+    assert TeacherCache(tmp_path / "teacher").get(files[0].stem) is None
+    third = Trainer(config, tiny_llama)
+    third.prepare()
+    assert any(torch.equal(t.answer_ids, first.teacher[0].answer_ids) for t in third.teacher)
+
+
+def test_gradient_checkpointing_gives_the_same_steps(tiny_llama, tmp_path, monkeypatch):
+    mlp, calls = tiny_llama.model.model.layers[0].mlp, []
+    forward = mlp.forward
+    monkeypatch.setattr(mlp, "forward", lambda x: calls.append(1) or forward(x))  # hooks skip the recompute
+    trainers = [Trainer(_config(tmp_path / name, epochs=1, gradient_checkpointing=on), tiny_llama)
+                for name, on in (("a", False), ("b", True))]
+    counts = []
+    for trainer in trainers:
+        trainer.prepare()
+        calls.clear()
+        counts.append((trainer.run(), len(calls)))
+    (plain, plain_calls), (checkpointed, checkpointed_calls) = counts
+    assert checkpointed_calls == 2 * plain_calls == 12  # the layer runs again in the backward pass
+    torch.testing.assert_close(checkpointed.adapter.header, plain.adapter.header, atol=1e-5, rtol=1e-4)
+    assert not tiny_llama.model.training
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in tiny_llama.model.modules())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_training_reduces_loss(tokenizer, tmp_path):
+    from kvpacket_rag.testing import make_tiny_model
+
+    model = make_tiny_model("llama", tokenizer, dtype=torch.bfloat16)
+    model.model.to("cuda")
+    result = train(_config(tmp_path, epochs=5, lr=5e-2, device="cuda"), model)
+    assert result.adapter.header.dtype == torch.float32 and result.adapter.header.device.type == "cuda"
+    losses = [e["loss"] for e in result.log]
+    assert sum(losses[-3:]) < sum(losses[:3])

@@ -1,0 +1,96 @@
+"""The training student equals the packet inference path, and only the adapter learns."""
+
+from __future__ import annotations
+
+import torch
+
+from kvpacket_rag.adapter import PacketAdapter
+from kvpacket_rag.builder import PacketBuilder
+from kvpacket_rag.generation import eos_ids
+from kvpacket_rag.kvcache import KVBuffer, PacketCache, assemble
+from kvpacket_rag.packet import KVPacket
+from kvpacket_rag.datasets import Sample
+from kvpacket_rag.prompt import PromptFormatter
+from training import TeacherOutput, student_logits, teacher_answer, tokenize_sample
+
+CHUNKS = ("Ada Lovelace was born in London in 1815.",
+          "The Analytical Engine was designed by Charles Babbage, a mathematician.",
+          "Grace Hopper worked on the Harvard Mark I and wrote the first compiler.")
+QUESTION = "Who designed the Analytical Engine?"
+
+
+@torch.no_grad()
+def packet_path_tail_logits(model, adapter, formatter, chunks, tail_ids, tmp_path, keep) -> torch.Tensor:
+    """Engine path: build each packet alone -> save/load -> rotate/assemble after the preamble -> prefill the tail."""
+    builder = PacketBuilder(model, adapter, formatter)
+    packets = [KVPacket.load(builder.build(c).save(tmp_path / f"{i}.kvp")) for i, c in enumerate(chunks)]
+    preamble_ids = formatter.preamble_ids()
+    preamble_cache = PacketCache(KVBuffer(model), 0)
+    model.model.model(input_ids=torch.tensor([preamble_ids]), position_ids=torch.arange(len(preamble_ids))[None],
+                      cache=preamble_cache, use_cache=True)
+    blocks = [preamble_cache.to_block()] + [(p.keys, p.values) for p in packets]
+    cache = assemble(KVBuffer(model), blocks, model.rope, reserve=len(tail_ids))
+    start = cache.get_seq_length()
+    return model.model(input_ids=torch.tensor([tail_ids]), position_ids=torch.arange(start, start + len(tail_ids))[None],
+                       cache=cache, use_cache=True, logits_to_keep=keep).logits[0]
+
+
+def _sample(model, formatter):
+    return tokenize_sample(Sample("t/0", CHUNKS, QUESTION), formatter, model, n_adapter_tokens=16, answer_cap=6)
+
+
+def test_student_logits_equal_packet_path_on_answer_positions(tiny_model, tmp_path):
+    formatter = PromptFormatter(tiny_model.tokenizer)
+    adapter = PacketAdapter.initialize(tiny_model, 8, 8, seed=3)
+    sample = _sample(tiny_model, formatter)
+    teacher = teacher_answer(tiny_model, sample.prompt_ids(formatter.preamble_ids()), 6,
+                             eos_ids(tiny_model.tokenizer, tiny_model.config))
+    answer = teacher.answer_ids
+    with torch.no_grad():
+        got = student_logits(tiny_model, adapter, formatter.preamble_ids(), sample, answer)
+    tail = list(sample.suffix_ids) + answer[:-1].tolist()
+    want = packet_path_tail_logits(tiny_model, adapter, formatter, CHUNKS, tail, tmp_path, keep=answer.numel())
+    assert got.shape == (answer.numel(), tiny_model.config.vocab_size)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_teacher_equals_full_attention_forward(tiny_llama):
+    """The teacher's step distributions are those of one causal forward over prompt + answer[:-1]."""
+    formatter = PromptFormatter(tiny_llama.tokenizer)
+    sample = _sample(tiny_llama, formatter)
+    prompt = sample.prompt_ids(formatter.preamble_ids())
+    teacher = teacher_answer(tiny_llama, prompt, 5, set())
+    assert teacher.length == 5  # no stop ids: runs to the cap
+    ids = prompt + teacher.answer_ids[:-1].tolist()
+    with torch.no_grad():
+        logits = tiny_llama.model(input_ids=torch.tensor([ids]), logits_to_keep=5).logits[0]
+    torch.testing.assert_close(teacher.logprobs, torch.log_softmax(logits, -1), atol=1e-4, rtol=1e-4)
+    assert torch.equal(teacher.answer_ids, logits.argmax(-1))
+
+
+def test_gradients_reach_only_the_adapter(tiny_llama):
+    formatter = PromptFormatter(tiny_llama.tokenizer)
+    adapter = PacketAdapter.initialize(tiny_llama, 4, 4, seed=0)
+    sample = _sample(tiny_llama, formatter)
+    teacher = teacher_answer(tiny_llama, sample.prompt_ids(formatter.preamble_ids()), 4, set())
+    teacher.kl(student_logits(tiny_llama, adapter, formatter.preamble_ids(), sample, teacher.answer_ids)).sum().backward()
+    assert adapter.header.grad is not None and adapter.header.grad.abs().sum() > 0
+    assert adapter.trailer.grad is not None and adapter.trailer.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in tiny_llama.model.parameters())
+
+
+def test_kl_is_zero_for_the_teacher_and_top_k_lower_bounds_full():
+    torch.manual_seed(0)
+    teacher_logits, student = torch.randn(3, 50) * 3, torch.randn(3, 50) * 3
+    logprobs = torch.log_softmax(teacher_logits, -1)
+    answer = logprobs.argmax(-1)
+    full = TeacherOutput(answer, logprobs=logprobs)
+    assert full.kl(teacher_logits).abs().max() < 1e-5
+    exact = torch.nn.functional.kl_div(torch.log_softmax(student, -1), logprobs, log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(full.kl(student), exact, atol=1e-5, rtol=1e-5)
+    from training.teacher import _coarsen
+
+    everything = TeacherOutput(answer, **_coarsen(logprobs, 50))
+    torch.testing.assert_close(everything.kl(student), exact, atol=1e-4, rtol=1e-4)
+    top5 = TeacherOutput(answer, **_coarsen(logprobs, 5))
+    assert (top5.kl(student) <= exact + 1e-5).all() and (top5.kl(student) > 0).all()  # coarsening never adds KL

@@ -1,0 +1,144 @@
+"""`TrainConfig`: every setting of one adapter-training run, validated at construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvpacket_rag.errors import KVPacketError
+from kvpacket_rag.prompt import DEFAULT_SYSTEM_PROMPT
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+DEFAULT_DATA_OPTIONS: dict[str, dict[str, Any]] = {"biography": {"docs_per_sample": [2, 3, 5, 7]}}
+"""Loader options used unless ``data_options`` names the dataset (biographies of 2, 3, 5 and 7 documents)."""
+
+# Settings whose change makes a checkpoint of an earlier run invalid (the rest may change on --resume).
+RESUME_KEYS = ("model", "data", "data_options", "max_chunks", "samples", "split", "epochs", "batch_size", "lr",
+               "n_header", "n_trailer", "seed", "answer_cap", "teacher_top_k", "system_prompt", "dtype", "init_adapter")
+
+
+class TrainingConfigError(KVPacketError, ValueError):
+    """A training setting is out of range; the message names the setting and its valid values."""
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one distillation run (DESIGN.md section 2, "Training").
+
+    Attributes:
+        out: path of the adapter file to write (``.safetensors``; its card goes next to it as ``.json``).
+        model: Hugging Face id or directory; None for the embedded default SmolLM2-135M-Instruct.
+        data: mixture spec ``NAME[:WEIGHT],...`` over ``biography``, ``hotpotqa``, ``niah``, ``squad`` and
+            ``.jsonl`` files (``jsonl:PATH``), e.g. ``"biography:0.5,hotpotqa:0.5"``.
+        data_options: loader options per dataset name, e.g. ``{"niah": {"n_chunks": 3}}``; datasets not named
+            here use `DEFAULT_DATA_OPTIONS`.
+        max_chunks: keep only the first this-many chunks of every sample (None: all). Distillation needs no
+            gold answer, so truncated contexts remain valid training samples; they are cheaper.
+        samples: number of training samples drawn from ``data`` (the teacher answers each once).
+        split: dataset split to draw from (``train``; never train on the evaluation split).
+        epochs: passes over the samples.
+        batch_size: effective batch (samples per optimizer step, by gradient accumulation).
+        lr: peak AdamW learning rate (weight decay 0), decayed linearly to 0 over all steps, no warm-up.
+        n_header, n_trailer: adapter soft tokens before and after every chunk.
+        init_adapter: start from this adapter file (same model and sizes) instead of a random initialisation,
+            e.g. to continue training with more data or a new schedule (None: draw from the embedding statistics).
+        seed: adapter initialisation, sample draw and per-epoch shuffling.
+        answer_cap: maximum tokens of the teacher's greedy answer.
+        teacher_top_k: keep the teacher's top-k log-probabilities plus the rest mass (None: full vocabulary).
+        system_prompt: system message of the preamble (the engine's default unless you serve another).
+        gradient_checkpointing: recompute activations in the backward pass (less memory, ~30 % slower).
+        device: ``cpu`` or ``cuda[:i]``.
+        dtype: model dtype; None means float32 on CPU, bfloat16 on CUDA. The adapter stays float32.
+        threads: torch CPU threads (None: torch's choice).
+        checkpoint_every: optimizer steps between checkpoints (0: only at the end).
+        run_dir: checkpoints, JSON log and loss-curve PNG (default: ``<out without suffix>.run``).
+        teacher_cache: directory of cached teacher outputs (default: ``<kvpacket cache>/teacher``).
+        stop_after_steps: end the session after this many optimizer steps in total (a checkpoint is written;
+            continue later with ``resume``). The schedule still spans all epochs. None: run to the end.
+        resume: continue from the latest checkpoint in ``run_dir`` (an error if the settings differ).
+        progress: show tqdm progress bars.
+    """
+
+    out: Path
+    model: str | None = None
+    data: str = "biography:0.5,hotpotqa:0.5"
+    data_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    max_chunks: int | None = None
+    samples: int = 256
+    split: str = "train"
+    epochs: int = 10
+    batch_size: int = 16
+    lr: float = 5e-3
+    n_header: int = 8
+    n_trailer: int = 8
+    init_adapter: Path | None = None
+    seed: int = 0
+    answer_cap: int = 64
+    teacher_top_k: int | None = None
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    gradient_checkpointing: bool = False
+    device: str = "cpu"
+    dtype: str | None = None
+    threads: int | None = None
+    checkpoint_every: int = 50
+    run_dir: Path | None = None
+    teacher_cache: Path | None = None
+    stop_after_steps: int | None = None
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+        if self.out.suffix != ".safetensors":
+            raise TrainingConfigError(f"out must end in .safetensors, got {self.out}")
+        self.run_dir = Path(self.run_dir) if self.run_dir is not None else self.out.with_suffix(".run")
+        self.teacher_cache = Path(self.teacher_cache) if self.teacher_cache is not None else None
+        self.init_adapter = Path(self.init_adapter) if self.init_adapter is not None else None
+        for name in ("samples", "epochs", "batch_size", "answer_cap"):
+            _require(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
+        for name in ("n_header", "n_trailer", "checkpoint_every"):
+            _require(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
+        _require(self.n_header + self.n_trailer > 0, "n_header + n_trailer", "at least 1 (there is nothing to train)")
+        for name in ("max_chunks", "teacher_top_k", "threads", "stop_after_steps"):
+            value = getattr(self, name)
+            _require(value is None or (isinstance(value, int) and value >= 1), name, "None or an integer >= 1")
+        _require(isinstance(self.lr, (int, float)) and 0 < self.lr < 1, "lr", "a float in (0, 1)")
+        _require(self.split in ("train", "test"), "split", "'train' or 'test'")
+        _require(self.dtype is None or self.dtype in DTYPES, "dtype", f"None or one of {', '.join(DTYPES)}")
+        _require(self.device == "cpu" or self.device.startswith("cuda"), "device", "'cpu' or 'cuda[:i]'")
+        _require(isinstance(self.data, str) and self.data.strip() != "", "data", "a mixture spec such as "
+                 "'biography:0.5,hotpotqa:0.5'")
+        _require(isinstance(self.data_options, dict) and all(isinstance(v, dict) for v in self.data_options.values()),
+                 "data_options", "a dict of dataset name -> dict of loader options")
+        _require(bool(self.system_prompt.strip()), "system_prompt", "a non-empty string")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch (the last batch of an epoch may be smaller)."""
+        return -(-self.samples // self.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    def loader_options(self, name: str) -> dict[str, Any]:
+        """Options passed to the loader of dataset ``name``."""
+        return dict(self.data_options.get(name, DEFAULT_DATA_OPTIONS.get(name, {})))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable settings (paths as strings)."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    def resume_signature(self) -> dict[str, Any]:
+        """The settings a checkpoint must share with this run to be resumed."""
+        data = self.to_dict()
+        return {key: data[key] for key in RESUME_KEYS}
+
+
+def _require(ok: bool, name: str, valid: str) -> None:
+    if not ok:
+        raise TrainingConfigError(f"training setting {name} must be {valid}")

@@ -1,0 +1,319 @@
+"""The distillation trainer: teach header/trailer soft tokens to make packets behave like full attention.
+
+Teacher: the frozen model over the plain prompt (`training.teacher`). Student: the same model over
+``preamble | [H, chunk_1, T] | ... | [H, chunk_n, T] | question | answer[:-1]`` under the block-diagonal mask
+(`kvpacket_rag.reference.block_forward`, equal to the packet inference path). Loss: KL(teacher ‖ student) per
+answer token, averaged over the answer tokens of an effective batch. Only the adapter gets gradients.
+
+Example:
+    >>> from training import TrainConfig, train
+    >>> result = train(TrainConfig(out="adapter.safetensors", data="biography", samples=64, epochs=2))
+    >>> result.final_loss, result.path
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+from kvpacket_rag.adapter import PacketAdapter
+from kvpacket_rag.generation import eos_ids
+from kvpacket_rag.models import LoadedModel, cache_dir, load_model
+from kvpacket_rag.prompt import PromptFormatter
+from kvpacket_rag.reference import block_forward
+
+from .checkpoint import list_checkpoints, load_checkpoint, restore, save_checkpoint
+from .config import TrainConfig, TrainingConfigError
+from .data import TokenizedSample, load_training_samples, parse_data_spec, tokenize_sample
+from .teacher import TeacherCache, TeacherOutput
+
+
+@dataclass
+class TrainResult:
+    """What a training session produced.
+
+    Attributes:
+        adapter: the trained (or, when ``finished`` is False, partly trained) adapter.
+        path: the adapter file written (None when the session stopped early at ``stop_after_steps``).
+        steps: optimizer steps done in total (all sessions).
+        finished: whether all epochs are done.
+        final_loss: mean per-token KL over the last epoch's steps (or the steps done, if fewer).
+        wall_time_s: seconds over all sessions (teacher pass included).
+        log: one dict per optimizer step (``step``, ``epoch``, ``loss``, ``lr``, ``grad_norm``, ``tokens``, ``elapsed_s``).
+    """
+
+    adapter: PacketAdapter
+    path: Path | None
+    steps: int
+    finished: bool
+    final_loss: float
+    wall_time_s: float
+    log: list[dict] = field(default_factory=list)
+
+
+def student_logits(model: LoadedModel, adapter: PacketAdapter, preamble_ids: list[int], sample: TokenizedSample,
+                   answer_ids: torch.Tensor) -> torch.Tensor:
+    """Student logits ``[A, vocab]`` predicting each of the ``A`` answer tokens (differentiable in ``adapter``).
+
+    The tail is ``question suffix | answer[:-1]``; its last ``A`` positions predict ``answer[0..A-1]``.
+    """
+    tail = list(sample.suffix_ids) + answer_ids[:-1].tolist()
+    return block_forward(model, adapter, preamble_ids, [list(c) for c in sample.chunk_ids], tail,
+                         logits_tokens=answer_ids.numel())
+
+
+def linear_lr(peak: float, step: int, total: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear decay from ``peak`` to 0, no warm-up."""
+    return peak * (1 - step / total)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The sample order of ``epoch``: a permutation that depends only on ``(n, seed, epoch)``."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+class Trainer:
+    """One training run: data, teacher pass, optimisation, checkpoints, logs and the adapter file.
+
+    Args:
+        config: the run's settings.
+        model: an already loaded model (default: load ``config.model`` on ``config.device``/``config.dtype``).
+    """
+
+    def __init__(self, config: TrainConfig, model: LoadedModel | None = None):
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        options = {name: config.loader_options(name) for name, _ in parse_data_spec(config.data)}
+        self.raw_samples = load_training_samples(config.data, config.split, config.samples, config.seed, options,
+                                                 config.max_chunks)  # before the model: bad data fails fast
+        self.model = model if model is not None else load_model(config.model, config.device, config.dtype)
+        self.formatter = PromptFormatter(self.model.tokenizer, config.system_prompt)
+        self.preamble_ids = self.formatter.preamble_ids()
+        self.samples: list[TokenizedSample] = []
+        self.teacher: list[TeacherOutput] = []
+        self.teacher_time_s = 0.0
+        self.init_fingerprint: str | None = None
+
+    # ---- data and teacher ------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Load and tokenize the samples, then run (or read from cache) the teacher on each."""
+        c = self.config
+        adapter_tokens = c.n_header + c.n_trailer
+        self.samples = [tokenize_sample(s, self.formatter, self.model, adapter_tokens, c.answer_cap)
+                        for s in self.raw_samples]
+        start = time.perf_counter()
+        cache = TeacherCache(c.teacher_cache or cache_dir() / "teacher")
+        stop = eos_ids(self.model.tokenizer, self.model.config)
+        bar = tqdm(total=len(self.samples), desc="teacher", unit="sample", disable=not c.progress)
+        hits = 0
+        self.teacher = []
+        for sample in self.samples:
+            output, cached = cache.get_or_compute(self.model, sample.prompt_ids(self.preamble_ids), c.answer_cap,
+                                                  stop, c.teacher_top_k, sample.id)
+            hits += cached
+            self.teacher.append(output)
+            bar.set_postfix(cached=hits, refresh=False)
+            bar.update(1)
+        bar.close()
+        self.teacher_time_s = time.perf_counter() - start
+
+    # ---- optimisation ----------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        """Train (resuming when configured) and write the adapter; see `TrainResult`."""
+        c = self.config
+        session_start = time.perf_counter()
+        checkpoints = list_checkpoints(c.run_dir)
+        if checkpoints and not c.resume:
+            raise TrainingConfigError(f"{c.run_dir} already holds checkpoints; pass resume=True (--resume) to continue "
+                                      "that run, or choose another run directory")
+        if not self.samples:
+            self.prepare()
+        adapter = self._initial_adapter().to(self.model.device)
+        optimizer = torch.optim.AdamW(adapter.parameters(), lr=c.lr, weight_decay=0.0)
+        step, log, previous_s = 0, [], 0.0
+        if checkpoints:
+            step, log, previous_s = self._resume(load_checkpoint(checkpoints[-1]), adapter, optimizer)
+        else:
+            previous_s = self.teacher_time_s
+        end = c.total_steps if c.stop_after_steps is None else min(c.total_steps, c.stop_after_steps)
+        elapsed = lambda: previous_s + time.perf_counter() - session_start  # noqa: E731
+        bar = tqdm(total=c.total_steps, initial=step, desc="train", unit="step", disable=not c.progress)
+        with _gradient_checkpointing(self.model, c.gradient_checkpointing):
+            for step, batch in self._batches(step, end):
+                optimizer.param_groups[0]["lr"] = lr = linear_lr(c.lr, step, c.total_steps)
+                loss, tokens = self._accumulate(adapter, batch)
+                grad_norm = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in adapter.parameters()))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                log.append({"step": step + 1, "epoch": step // c.steps_per_epoch, "loss": loss, "lr": lr,
+                            "grad_norm": grad_norm, "tokens": tokens, "elapsed_s": round(elapsed(), 2)})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if c.checkpoint_every and (step + 1) % c.checkpoint_every == 0 and step + 1 < end:
+                    self._checkpoint(step + 1, adapter, optimizer, log, elapsed())
+        bar.close()
+        steps_done = log[-1]["step"] if log else 0
+        finished = steps_done >= c.total_steps
+        self._checkpoint(steps_done, adapter, optimizer, log, elapsed())
+        final = _final_loss(log, c.steps_per_epoch)
+        path = None
+        if finished:
+            adapter.card = self._card(steps_done, final, log, elapsed())
+            path = adapter.save(c.out)
+        write_log(c.run_dir, c, log, {"teacher_time_s": self.teacher_time_s, "finished": finished})
+        return TrainResult(adapter, path, steps_done, finished, final, elapsed(), log)
+
+    def _initial_adapter(self) -> PacketAdapter:
+        c = self.config
+        if c.init_adapter is None:
+            return PacketAdapter.initialize(self.model, c.n_header, c.n_trailer, seed=c.seed)
+        adapter = PacketAdapter.load(c.init_adapter, self.model)
+        if (adapter.n_header, adapter.n_trailer) != (c.n_header, c.n_trailer):
+            raise TrainingConfigError(f"init_adapter {c.init_adapter} has {adapter.n_header}+{adapter.n_trailer} soft "
+                                      f"tokens but the run asks for {c.n_header}+{c.n_trailer}; pass matching "
+                                      "--n-header/--n-trailer")
+        self.init_fingerprint = adapter.fingerprint
+        return PacketAdapter(adapter.header, adapter.trailer, adapter.model_fingerprint)
+
+    def _batches(self, start_step: int, end_step: int) -> Iterator[tuple[int, list[int]]]:
+        c = self.config
+        for step in range(start_step, end_step):
+            epoch, index = divmod(step, c.steps_per_epoch)
+            order = epoch_order(len(self.samples), c.seed, epoch)
+            yield step, order[index * c.batch_size:(index + 1) * c.batch_size]
+
+    def _accumulate(self, adapter: PacketAdapter, batch: list[int]) -> tuple[float, int]:
+        """Backward of the token-mean KL over ``batch`` (one sample at a time); returns (loss, answer tokens)."""
+        tokens = sum(self.teacher[i].length for i in batch)
+        total = 0.0
+        for i in batch:
+            teacher = self.teacher[i]
+            logits = student_logits(self.model, adapter, self.preamble_ids, self.samples[i],
+                                    teacher.answer_ids.to(self.model.device))
+            loss = teacher.kl(logits).sum() / tokens
+            loss.backward()
+            total += float(loss.detach())
+        return total, tokens
+
+    def _resume(self, checkpoint, adapter, optimizer) -> tuple[int, list[dict], float]:
+        c = self.config
+        mismatch = {k: (v, checkpoint.info["signature"].get(k)) for k, v in c.resume_signature().items()
+                    if checkpoint.info["signature"].get(k) != v}
+        if checkpoint.info.get("model_fingerprint") != self.model.fingerprint:
+            mismatch["model_fingerprint"] = (self.model.fingerprint[:12], str(checkpoint.info.get("model_fingerprint"))[:12])
+        if mismatch:
+            detail = "; ".join(f"{k}: now {now!r}, checkpoint {then!r}" for k, (now, then) in mismatch.items())
+            raise TrainingConfigError(f"cannot resume from {c.run_dir}: settings differ ({detail}); use the original "
+                                      "settings or another run directory")
+        restore(checkpoint, adapter, optimizer)
+        return checkpoint.step, list(checkpoint.info["log"]), float(checkpoint.info["elapsed_s"])
+
+    def _checkpoint(self, step, adapter, optimizer, log, elapsed_s) -> None:
+        info = {"signature": self.config.resume_signature(), "model_fingerprint": self.model.fingerprint,
+                "elapsed_s": elapsed_s, "log": log}
+        save_checkpoint(self.config.run_dir, step, adapter, optimizer, info)
+        write_log(self.config.run_dir, self.config, log, {"teacher_time_s": self.teacher_time_s, "finished": False})
+
+    def _card(self, steps: int, final_loss: float, log: list[dict], wall_s: float) -> dict:
+        c = self.config
+        settings = c.to_dict()
+        keys = ("init_adapter", "data", "max_chunks", "samples", "split", "epochs", "batch_size", "lr", "seed",
+                "answer_cap", "teacher_top_k", "system_prompt", "gradient_checkpointing", "device", "threads")
+        answers = [t.length for t in self.teacher]
+        return {
+            "model": self.model.name, "dtype": str(self.model.dtype).removeprefix("torch."),
+            "data_options": {name: c.loader_options(name) for name, _ in parse_data_spec(c.data)},
+            **{k: settings[k] for k in keys},
+            "optimizer": "AdamW(weight_decay=0), linear decay to 0, no warm-up",
+            "loss": "KL(teacher || student) per answer token, full causal teacher, block-diagonal student",
+            "init_adapter_fingerprint": self.init_fingerprint,
+            "steps": steps, "wall_time_s": round(wall_s, 1), "teacher_time_s": round(self.teacher_time_s, 1),
+            "initial_loss": log[0]["loss"] if log else None, "final_loss": final_loss,
+            "teacher_answer_tokens_mean": sum(answers) / max(1, len(answers)),
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": " ".join(sys.argv) if sys.argv else "",
+        }
+
+
+def train(config: TrainConfig, model: LoadedModel | None = None) -> TrainResult:
+    """Run `Trainer` for ``config``: teacher pass, optimisation, adapter file (see `TrainResult`)."""
+    trainer = Trainer(config, model)
+    trainer.prepare()
+    return trainer.run()
+
+
+def _final_loss(log: list[dict], window: int) -> float:
+    recent = [entry["loss"] for entry in log[-window:]]
+    return sum(recent) / len(recent) if recent else float("nan")
+
+
+@contextlib.contextmanager
+def _gradient_checkpointing(model: LoadedModel, enabled: bool):
+    """Recompute each decoder layer's activations in the backward pass while inside (model restored after)."""
+    if not enabled:
+        yield
+        return
+    hf = model.model
+    modern = hasattr(hf, "activation_checkpointing_enable")  # transformers >= 5.x renamed the API
+    kwargs = {"use_reentrant": False}
+    if modern:
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    hf.train()  # transformers only checkpoints in training mode; these models have no dropout at inference
+    try:
+        yield
+    finally:
+        hf.activation_checkpointing_disable() if modern else hf.gradient_checkpointing_disable()
+        hf.eval()
+
+
+def write_log(run_dir: Path, config: TrainConfig, log: list[dict], extra: dict) -> None:
+    """``log.json`` (settings and per-step records) and ``loss.png`` (loss curve) in ``run_dir``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "log.json").write_text(json.dumps({"config": config.to_dict(), **extra, "steps": log}, indent=1) + "\n")
+    if log:
+        plot_loss(log, run_dir / "loss.png")
+
+
+def plot_loss(log: list[dict], path: Path) -> Path:
+    """Per-step loss and its moving average (a window of about a tenth of the steps) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [entry["step"] for entry in log]
+    losses = [entry["loss"] for entry in log]
+    window = max(1, len(losses) // 10)
+    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+              for i in range(len(losses))]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot(steps, losses, alpha=0.35, label="step loss")
+    axis.plot(steps, smooth, label=f"moving average ({window})")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("KL(teacher ‖ student) per answer token")
+    axis.set_yscale("log")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

@@ -1,0 +1,35 @@
+"""The recipe of the shipped adapter is valid, and the shipped adapter is the one it describes."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvpacket_rag.adapter import PacketAdapter
+from kvpacket_rag.cli import build_parser
+from kvpacket_rag.cli.train import config_from_args
+from kvpacket_rag.engine import SHIPPED_ADAPTERS
+from kvpacket_rag.models import DEFAULT_MODEL
+from training.recipes import smollm2_default
+
+
+def _configs():
+    return [config_from_args(build_parser().parse_args(["train", *stage])) for stage in smollm2_default.STAGES]
+
+
+def test_recipe_stages_are_valid_and_chained():
+    configs = _configs()
+    assert configs[0].init_adapter is None and configs[0].model is None  # the embedded default model
+    for before, after in zip(configs, configs[1:]):
+        assert after.init_adapter == before.out and after.teacher_cache == before.teacher_cache
+    assert configs[-1].out == SHIPPED_ADAPTERS[DEFAULT_MODEL]
+    assert all(config.resume for config in configs)
+
+
+@pytest.mark.skipif(not SHIPPED_ADAPTERS[DEFAULT_MODEL].is_file(), reason="the shipped adapter is not built yet")
+def test_shipped_adapter_matches_its_recipe(default_model):
+    adapter = PacketAdapter.load(SHIPPED_ADAPTERS[DEFAULT_MODEL], default_model)
+    final = _configs()[-1]
+    assert (adapter.n_header, adapter.n_trailer) == (final.n_header, final.n_trailer)
+    card = adapter.card
+    assert card["data"] == final.data and card["samples"] == final.samples and card["lr"] == final.lr
+    assert card["steps"] == final.total_steps and card["final_loss"] > 0

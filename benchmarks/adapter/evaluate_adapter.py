@@ -164,6 +164,31 @@ def summarize(spec: str, records: list[dict], methods: list[str]) -> dict:
             "kl_ratio_kv_packet_to_no_recompute": ratio, "samples": per_sample}
 
 
+@torch.no_grad()
+def kl_only(model, adapter_paths: list[str], specs: list[str], n: int, seed: int, max_new_tokens: int) -> str:
+    """A cheap comparison of adapters (e.g. checkpoints): teacher-forced KL per token only, no answers generated."""
+    from kvpacket_rag.generation import eos_ids
+    from kvpacket_rag.prompt import PromptFormatter
+    from training import teacher_answer
+
+    formatter = PromptFormatter(model.tokenizer)
+    adapters = {"no_recompute": PacketAdapter.empty(model),
+                **{path: PacketAdapter.load(path, model) for path in adapter_paths}}
+    lines = ["| set | n | " + " | ".join(adapters) + " |", "|---|---|" + "---|" * len(adapters)]
+    for spec in specs:
+        totals, tokens = dict.fromkeys(adapters, 0.0), 0
+        for sample in tqdm(load_set(spec, n, seed), desc=spec, unit="q"):
+            tokenized = tokenize_sample(sample, formatter, model, 16, max_new_tokens)
+            prompt = tokenized.prompt_ids(formatter.preamble_ids())
+            teacher = teacher_answer(model, prompt, max_new_tokens, eos_ids(model.tokenizer, model.config))
+            tokens += teacher.length
+            for name, adapter in adapters.items():
+                logits = student_logits(model, adapter, formatter.preamble_ids(), tokenized, teacher.answer_ids)
+                totals[name] += float(teacher.kl(logits).sum())
+        lines.append(f"| {spec} | {n} | " + " | ".join(f"{totals[a] / tokens:.4f}" for a in adapters) + " |")
+    return "\n".join(lines)
+
+
 def table(result: dict) -> str:
     machine = result["machine"]
     lines = [f"Adapter quality on held-out data: {result['model']} (float32, cpu), adapter {result['adapter']} "

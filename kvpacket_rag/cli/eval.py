@@ -24,7 +24,9 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--no-kl", action="store_true", help="skip the teacher-forced KL pass (faster)")
-    parser.add_argument("--json", default=None, help="write the result here (and the markdown table beside it)")
+    parser.add_argument("--json", default=None,
+                        help="write the result here (and the markdown table beside it); per-question records go to "
+                             "JSON.partial.jsonl as they come, so an interrupted run resumes where it stopped")
     parser.add_argument("--plot", action="store_true", help="also write PNGs next to --json")
     parser.add_argument("--append", action="store_true",
                         help="add these methods to the result already in --json (same questions and settings; "
@@ -50,7 +52,7 @@ def command_line(args: argparse.Namespace) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..evaluation import EvalConfig, run_evaluation, write_result
     from ..evaluation.merge import check_settings, merge_results
-    from ..evaluation.run import prepare_process
+    from ..evaluation.run import checkpoint_path, prepare_process
     from ..evaluation.table import markdown_table
     from .common import make_engine
 
@@ -64,12 +66,17 @@ def run(args: argparse.Namespace) -> int:
     config = EvalConfig(tuple(s.strip() for s in args.methods.split(",") if s.strip()),
                         max_new_tokens=args.max_new_tokens, kl=not args.no_kl)
     engine = make_engine(args)
+    checkpoint = checkpoint_path(args.json) if args.json else None
+    if checkpoint is not None and args.append:
+        checkpoint = checkpoint.with_name(checkpoint.name.replace(".partial", ".append.partial"))
     result = run_evaluation(engine, args.dataset, args.n, config, split=args.split, seed=args.seed,
-                            adapter_spec=args.adapter)
+                            adapter_spec=args.adapter, checkpoint=checkpoint)
     result["machine"]["command"] = command_line(args)
     if existing is not None:
         result = merge_results(existing, result)
     print(markdown_table(result))
     for path in write_result(result, args.json, args.plot):
         print(f"wrote {path}")
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     return 0

@@ -17,9 +17,11 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -71,35 +73,58 @@ class EvalConfig:
         return [REFERENCE] + [n for n in names if n != REFERENCE]
 
 
-def evaluate(engine: PacketEngine, samples: Sequence[Sample], config: EvalConfig) -> dict:
+def evaluate(engine: PacketEngine, samples: Sequence[Sample], config: EvalConfig,
+             checkpoint: str | Path | None = None) -> dict:
     """Answer every sample with every method and score them.
 
     Args:
         engine: the engine (model, adapter, store); its store receives and then loses each sample's packets.
         samples: questions with chunks and gold answers (samples without answers score F1 0).
         config: methods and settings.
+        checkpoint: a JSON Lines file that receives each sample's records as soon as they exist; when it
+            already holds records of these samples and methods (an interrupted run), those samples are not
+            run again. The caller deletes it once the result is safely written.
 
     Returns:
-        ``{"methods": {name: summary}}`` where each summary is `summarize`'s dict with its per-sample
-        ``records`` (prediction, scores, timings, FLOPs), in the order of ``config.names``.
+        ``{"methods": {name: summary}, "resumed": k}`` where each summary is `summarize`'s dict with its
+        per-sample ``records`` (prediction, scores, timings, FLOPs), in the order of ``config.names``, and
+        ``k`` samples came from the checkpoint.
 
     Raises:
-        ValueError: no samples.
+        ValueError: no samples, or a checkpoint of other samples or methods.
     """
     if not samples:
         raise ValueError("no samples to evaluate; pass n >= 1")
     generation = GenerationConfig(max_new_tokens=config.max_new_tokens)
     methods = {get_method(spec).name: spec for spec in config.methods}
     order = config.names
-    if config.warmup:
-        _run_sample(engine, samples[0], order, methods, generation, config.kl)
-    records: dict[str, list[dict]] = {name: [] for name in order}
-    for sample in tqdm(samples, desc="evaluating", unit="question", disable=not config.progress):
-        for name, record in _run_sample(engine, sample, order, methods, generation, config.kl).items():
-            records[name].append(record)
-    summaries = {name: summarize(records[name], engine) for name in order}
+    done = _read_checkpoint(checkpoint, samples, order) if checkpoint is not None else []
+    todo = samples[len(done):]
+    if config.warmup and todo:
+        _run_sample(engine, todo[0], order, methods, generation, config.kl)
+    for sample in tqdm(todo, desc="evaluating", unit="question", disable=not config.progress,
+                       initial=len(done), total=len(samples)):
+        done.append(_run_sample(engine, sample, order, methods, generation, config.kl))
+        if checkpoint is not None:
+            with open(checkpoint, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(done[-1], ensure_ascii=False) + "\n")
+    summaries = {name: summarize([sample[name] for sample in done], engine) for name in order}
     add_relative(summaries)
-    return {"methods": summaries}
+    return {"methods": summaries, "resumed": len(samples) - len(todo)}
+
+
+def _read_checkpoint(path: str | Path, samples: Sequence[Sample], order: list[str]) -> list[dict[str, dict]]:
+    """Per-sample records already in ``path`` (one JSON object ``{method: record}`` per line)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    done = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for sample, records in zip(samples, done):
+        if list(records) != order or any(r["id"] != sample.id for r in records.values()):
+            raise ValueError(f"{path} holds records of other questions or methods; delete it to start afresh")
+    if len(done) > len(samples):
+        raise ValueError(f"{path} holds more questions than asked for; delete it to start afresh")
+    return done
 
 
 def add_relative(summaries: dict[str, dict]) -> None:

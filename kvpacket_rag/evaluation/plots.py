@@ -19,7 +19,8 @@ def _pyplot():
 
 
 def write_plots(result: dict, stem: str | Path) -> list[Path]:
-    """Write ``<stem>_f1_ttft.png`` and, when a sweep has a setting, ``<stem>_f1_recompute.png``.
+    """Write ``<stem>_f1_ttft.png`` and, when a sweep has a setting, ``<stem>_f1_recompute.png``
+    (each with F1 on the left and fidelity to full recompute on the right).
 
     Returns:
         The paths written.
@@ -35,20 +36,24 @@ def _title(result: dict) -> str:
     return f"{result['dataset']} · {result['model']['name']} · n={result['n']}"
 
 
+METRICS = (("f1", "F1 (micro)"), ("fidelity", "fidelity (F1 vs full-recompute answer)"))
+
+
 def f1_vs_ttft(result: dict, path: Path) -> Path:
-    """One point per method/setting: median TTFT (log scale) against F1."""
+    """One point per method/setting: median TTFT (log scale) against F1 (left) and fidelity (right)."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for name, m in result["methods"].items():
-        if m["f1"] is None:
-            continue
-        ax.scatter(m["ttft_s"] * 1e3, m["f1"], s=30)
-        ax.annotate(name, (m["ttft_s"] * 1e3, m["f1"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
-    ax.set_xscale("log")
-    ax.set_xlabel("TTFT, median (ms, log scale)")
-    ax.set_ylabel("F1 (micro)")
-    ax.set_title(_title(result), fontsize=9)
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=110)
+    for ax, (metric, label) in zip(axes, METRICS):
+        for name, m in result["methods"].items():
+            if m[metric] is None:
+                continue
+            ax.scatter(m["ttft_s"] * 1e3, m[metric], s=30)
+            ax.annotate(name, (m["ttft_s"] * 1e3, m[metric]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("TTFT, median (ms, log scale)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(_title(result), fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -56,27 +61,28 @@ def f1_vs_ttft(result: dict, path: Path) -> Path:
 
 
 def f1_vs_recompute(result: dict, path: Path) -> Path:
-    """F1 against the share of full-recompute context FLOPs, one line per sweep, references as lines."""
+    """F1 (left) and fidelity (right) against the share of full-recompute context FLOPs, one line per sweep."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=110)
     methods = result["methods"]
-    for family in SWEEPS:
-        points = sorted((m["flops_vs_full"], m["f1"], name) for name, m in methods.items()
-                        if name.partition(":")[0] == family and m["f1"] is not None)
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=family)
-            for x, y, name in points:
-                ax.annotate(name.partition(":")[2], (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
-    for name, style in (("full_recompute", "-"), ("kv_packet", "--"), ("no_recompute", ":"), ("closed_book", "-.")):
-        if name in methods and methods[name]["f1"] is not None:
-            ax.axhline(methods[name]["f1"], linestyle=style, color="grey", linewidth=1)
-            ax.annotate(name, (1.0, methods[name]["f1"]), fontsize=7, ha="right", va="bottom", color="grey")
-    ax.set_xlabel("recompute share (context FLOPs / full recompute)")
-    ax.set_ylabel("F1 (micro)")
-    ax.set_xlim(0, 1.02)
-    ax.set_title(_title(result), fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax, (metric, label) in zip(axes, METRICS):
+        for family in SWEEPS:
+            points = sorted((m["flops_vs_full"], m[metric], name) for name, m in methods.items()
+                            if name.partition(":")[0] == family and m[metric] is not None)
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=family)
+                for x, y, name in points:
+                    ax.annotate(name.partition(":")[2], (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        for name, style in (("full_recompute", "-"), ("kv_packet", "--"), ("no_recompute", ":"), ("closed_book", "-.")):
+            if name in methods and methods[name][metric] is not None:
+                ax.axhline(methods[name][metric], linestyle=style, color="grey", linewidth=1)
+                ax.annotate(name, (1.0, methods[name][metric]), fontsize=7, ha="right", va="bottom", color="grey")
+        ax.set_xlabel("recompute share (context FLOPs / full recompute)")
+        ax.set_ylabel(label)
+        ax.set_xlim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(_title(result), fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

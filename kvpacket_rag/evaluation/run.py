@@ -20,21 +20,24 @@ TEXT_FIELDS = ("prediction", "answers")
 
 
 def run_evaluation(engine: PacketEngine, dataset: str, n: int, config: EvalConfig, split: str = "test",
-                   seed: int = 0, adapter_spec: str | None = None, keep_text: bool | None = None) -> dict:
+                   seed: int = 0, adapter_spec: str | None = None, keep_text: bool | None = None,
+                   checkpoint: str | Path | None = None) -> dict:
     """Evaluate ``config.methods`` on ``n`` samples of ``dataset`` and describe the run.
 
     Args:
         keep_text: keep predictions and gold answers in the per-sample records (default: yes, except for
             the `THIRD_PARTY` datasets, whose text must not be copied into result files).
+        checkpoint: see `evaluate` (resumes an interrupted run).
 
     Returns:
         The `evaluate` result plus ``format``, ``dataset``, ``split``, ``seed``, ``n``, ``max_new_tokens``,
         ``model``, ``adapter``, ``store``, ``machine`` (CPU, threads, date, command), ``wall_s``,
-        ``process_peak_rss_mb`` and ``records_text``.
+        ``process_peak_rss_mb``, ``records_text`` and ``resumed`` (samples taken from the checkpoint;
+        ``wall_s`` covers only this process).
     """
     samples = load_samples(dataset, split, n, seed)
     started = time.perf_counter()
-    result = evaluate(engine, samples, config)
+    result = evaluate(engine, samples, config, checkpoint)
     keep_text = dataset not in THIRD_PARTY if keep_text is None else keep_text
     if not keep_text:
         for summary in result["methods"].values():
@@ -53,6 +56,12 @@ def run_evaluation(engine: PacketEngine, dataset: str, n: int, config: EvalConfi
         "wall_s": time.perf_counter() - started, "process_peak_rss_mb": peak_rss_mb(), "records_text": keep_text,
         **result,
     }
+
+
+def checkpoint_path(json_path: str | Path) -> Path:
+    """Where a run writing ``json_path`` keeps its per-sample checkpoint (``<json>.partial.jsonl``)."""
+    path = Path(json_path)
+    return path.with_name(path.name + ".partial.jsonl")
 
 
 def write_result(result: dict, json_path: str | Path | None, plot: bool = False) -> list[Path]:

@@ -237,3 +237,19 @@ def test_merge_files(result, tmp_path):
     merged = json.loads(out.read_text())
     assert len(merged["sessions"]) == 2 and merged["methods"]["epic:2"]["session"] == 1
     assert "Measured in sessions" in out.with_suffix(".md").read_text()
+
+
+def test_checkpoint_resumes_an_interrupted_run(tiny_llama, jsonl, tmp_path):
+    engine = PacketEngine(tiny_llama, adapter=None)
+    samples = load_samples(str(jsonl), "test", 2)
+    config = EvalConfig(("epic:2",), max_new_tokens=3, warmup=False, progress=False)
+    checkpoint = tmp_path / "run.json.partial.jsonl"
+    first = evaluate(engine, samples[:1], config, checkpoint)  # "interrupted" after one question
+    assert first["resumed"] == 0 and len(checkpoint.read_text().splitlines()) == 1
+    resumed = evaluate(engine, samples, config, checkpoint)
+    assert resumed["resumed"] == 1 and len(checkpoint.read_text().splitlines()) == 2
+    records = resumed["methods"]["epic:2"]["records"]
+    assert [r["id"] for r in records] == ["two/1", "two/2"]
+    assert records[0] == first["methods"]["epic:2"]["records"][0]
+    with pytest.raises(ValueError, match="other questions or methods"):
+        evaluate(engine, samples, EvalConfig(("kv_packet",), max_new_tokens=3, progress=False), checkpoint)

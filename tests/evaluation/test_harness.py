@@ -175,6 +175,7 @@ def test_cli_end_to_end(model_dir, jsonl, tmp_path, capsys):
     data = json.loads(out.read_text())
     assert list(data["methods"]) == ["full_recompute", "kv_packet", "epic:2"] and data["n"] == 2
     assert data["machine"]["threads"] == 1 and data["adapter"]["n_header"] == 0
+    assert not (tmp_path / "out.json.partial.jsonl").exists()  # the checkpoint goes once the result is written
     assert data["machine"]["command"].startswith(f"kvpacket eval --dataset {jsonl} --methods kv_packet,epic:2 --n 2")
     assert "| epic:2 |" in capsys.readouterr().out
     assert cli_main(["eval", "--dataset", str(jsonl), "--methods", "nope", "--model", str(model_dir)]) == 2

@@ -206,6 +206,10 @@ def table(result: dict) -> str:
     ratios = [f"{run['set']} {run['kl_ratio_kv_packet_to_no_recompute']:.3f}" for run in result["sets"]
               if run["kl_ratio_kv_packet_to_no_recompute"] is not None]
     lines += ["", "KL ratio kv_packet / no_recompute: " + ", ".join(ratios)] if ratios else []
+    lines += ["", "Greedy decoding, at most " + str(result["max_new_tokens"]) + " new tokens, test splits (biography: "
+              "test people, DOCS documents per question; HotpotQA: held-out half, 10 paragraphs). Per-question "
+              "results are cached under --cache-dir and reused across runs (full and no recompute do not depend on "
+              "the adapter)."]
     lines += ["", "Targets: kv_packet fidelity >= 0.85 and KL <= 0.2 x no_recompute's. Fidelity is token F1 of the "
               "answer against the full-recompute answer; KL is teacher-forced on the full-recompute answer."]
     return "\n".join(lines)

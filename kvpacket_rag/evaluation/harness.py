@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..baselines import SelectiveRecompute
 from ..datasets import Sample
 from ..engine import Answer, PacketEngine
 from ..generation import GenerationConfig
-from ..methods import ContextMethod, get_method
+from ..methods import ClosedBook, ContextMethod, FullRecompute, PacketMethod, get_method
 from ..metrics import answer_recall, best_f1, exact_match, macro_f1, micro_f1
 from .teacher import forced_logprobs, kl_per_token
 
@@ -82,8 +83,9 @@ def evaluate(engine: PacketEngine, samples: Sequence[Sample], config: EvalConfig
         samples: questions with chunks and gold answers (samples without answers score F1 0).
         config: methods and settings.
         checkpoint: a JSON Lines file that receives each sample's records as soon as they exist; when it
-            already holds records of these samples and methods (an interrupted run), those samples are not
-            run again. The caller deletes it once the result is safely written.
+            already holds records of these samples and methods (an interrupted run, or a longer run of which
+            ``samples`` are the first), those samples are not run again. The caller deletes it once the result
+            is safely written.
 
     Returns:
         ``{"methods": {name: summary}, "resumed": k}`` where each summary is `summarize`'s dict with its
@@ -119,11 +121,10 @@ def _read_checkpoint(path: str | Path, samples: Sequence[Sample], order: list[st
     if not path.is_file():
         return []
     done = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    done = done[: len(samples)]  # a longer run of the same questions: its first ones
     for sample, records in zip(samples, done):
         if list(records) != order or any(r["id"] != sample.id for r in records.values()):
             raise ValueError(f"{path} holds records of other questions or methods; delete it to start afresh")
-    if len(done) > len(samples):
-        raise ValueError(f"{path} holds more questions than asked for; delete it to start afresh")
     return done
 
 
@@ -151,7 +152,8 @@ class _Retaining(ContextMethod):
 def _run_sample(engine: PacketEngine, sample: Sample, order: list[str], methods: dict[str, str],
                 generation: GenerationConfig, with_kl: bool) -> dict[str, dict]:
     """Answer with every method (the reference first); score each answer's own cache along the reference answer."""
-    added = _build_packets(engine, sample.chunks)
+    kinds = set().union(*(_packet_kinds(get_method(methods[name])) for name in order))
+    added = _build_packets(engine, sample.chunks, kinds)
     suffix = engine.formatter.suffix_ids(sample.question)
     answers, kls, reference_logprobs = {}, {}, None
     try:
@@ -171,15 +173,26 @@ def _run_sample(engine: PacketEngine, sample: Sample, order: list[str], methods:
     return {name: _record(sample, answer, peak, reference, kls.get(name)) for name, (answer, peak) in answers.items()}
 
 
-def _build_packets(engine: PacketEngine, chunks: Sequence[str]) -> list[str]:
-    """Build the adapted and bare packets of ``chunks``; return the keys that were not stored before."""
+def _packet_kinds(method: ContextMethod) -> set[bool]:
+    """Which packets a method reads: adapted (True) and/or bare (False); both when unknown."""
+    if isinstance(method, PacketMethod):
+        return {method.use_adapter}
+    if isinstance(method, SelectiveRecompute):
+        return {False}
+    if isinstance(method, (FullRecompute, ClosedBook)):
+        return set()
+    return {True, False}
+
+
+def _build_packets(engine: PacketEngine, chunks: Sequence[str], kinds: set[bool]) -> list[str]:
+    """Build the packets of ``chunks`` of each kind (adapted/bare); return the keys not stored before."""
     keys = []
-    for adapted in (True, False):
+    for adapted in kinds:
         builder = engine.builder if adapted else engine.bare_builder
         keys += [builder.key_for(builder.chunk_ids(c)) for c in chunks]
     new = [k for k in dict.fromkeys(keys) if not engine.store.contains(k)]
-    engine.build_packets(chunks, adapted=True)
-    engine.build_packets(chunks, adapted=False)
+    for adapted in kinds:
+        engine.build_packets(chunks, adapted=adapted)
     return new
 
 

@@ -252,5 +252,7 @@ def test_checkpoint_resumes_an_interrupted_run(tiny_llama, jsonl, tmp_path):
     records = resumed["methods"]["epic:2"]["records"]
     assert [r["id"] for r in records] == ["two/1", "two/2"]
     assert records[0] == first["methods"]["epic:2"]["records"][0]
+    shorter = evaluate(engine, samples[:1], config, checkpoint)  # the first questions of a longer run
+    assert shorter["resumed"] == 1 and shorter["methods"]["epic:2"]["records"] == records[:1]
     with pytest.raises(ValueError, match="other questions or methods"):
         evaluate(engine, samples, EvalConfig(("kv_packet",), max_new_tokens=3, progress=False), checkpoint)

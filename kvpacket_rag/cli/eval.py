@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import tempfile
 from pathlib import Path
 
 DEFAULT_METHODS = "full_recompute,no_recompute,closed_book,kv_packet,cacheblend:0.15,epic:32"
@@ -28,6 +29,9 @@ def register(subparsers) -> None:
                         help="write the result here (and the markdown table beside it); per-question records go to "
                              "JSON.partial.jsonl as they come, so an interrupted run resumes where it stopped")
     parser.add_argument("--plot", action="store_true", help="also write PNGs next to --json")
+    parser.add_argument("--quantization", default="none", choices=("none", "int8", "int4"),
+                        help="store the packets at this precision, in a LocalStore in a temporary directory "
+                             "(measures what int8/int4 packets cost in quality); default: full precision in memory")
     parser.add_argument("--append", action="store_true",
                         help="add these methods to the result already in --json (same questions and settings; "
                              "full_recompute is rerun as the reference and must give the same answers)")
@@ -41,6 +45,8 @@ def command_line(args: argparse.Namespace) -> str:
     """The `kvpacket eval` command that reproduces this run, every setting spelled out."""
     parts = ["kvpacket", "eval", "--dataset", args.dataset, "--methods", args.methods, "--n", str(args.n),
              "--split", args.split, "--seed", str(args.seed), "--max-new-tokens", str(args.max_new_tokens)]
+    if args.quantization != "none":
+        parts += ["--quantization", args.quantization]
     for flag in ("model", "adapter", "device", "dtype", "threads", "json"):
         value = getattr(args, flag)
         if value is not None:
@@ -50,10 +56,10 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import EvalConfig, run_evaluation, write_result
-    from ..evaluation.merge import check_settings, merge_results
-    from ..evaluation.run import checkpoint_path, prepare_process
-    from ..evaluation.table import markdown_table
+    from ..evaluation import EvalConfig
+    from ..evaluation.merge import check_settings
+    from ..evaluation.run import prepare_process
+    from ..store import LocalStore
     from .common import make_engine
 
     if (args.plot or args.append) and not args.json:
@@ -61,11 +67,21 @@ def run(args: argparse.Namespace) -> int:
     existing = json.loads(Path(args.json).read_text()) if args.append and Path(args.json).is_file() else None
     if existing is not None:
         check_settings(existing, {"dataset": args.dataset, "split": args.split, "seed": args.seed, "n": args.n,
-                                  "max_new_tokens": args.max_new_tokens})
+                                  "max_new_tokens": args.max_new_tokens, "quantization": args.quantization})
     prepare_process(args.threads)
     config = EvalConfig(tuple(s.strip() for s in args.methods.split(",") if s.strip()),
                         max_new_tokens=args.max_new_tokens, kl=not args.no_kl)
-    engine = make_engine(args)
+    with tempfile.TemporaryDirectory(prefix="kvpacket-eval-") as packet_dir:
+        store = None if args.quantization == "none" else LocalStore(packet_dir, quantization=args.quantization)
+        return _evaluate_and_write(args, config, make_engine(args, store), existing)
+
+
+def _evaluate_and_write(args: argparse.Namespace, config, engine, existing: dict | None) -> int:
+    from ..evaluation import run_evaluation, write_result
+    from ..evaluation.merge import merge_results
+    from ..evaluation.run import checkpoint_path
+    from ..evaluation.table import markdown_table
+
     checkpoint = checkpoint_path(args.json) if args.json else None
     if checkpoint is not None and args.append:
         checkpoint = checkpoint.with_name(checkpoint.name.replace(".partial", ".append.partial"))

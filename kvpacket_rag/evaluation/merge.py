@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .harness import REFERENCE
 
-SAME_SETTINGS = ("dataset", "split", "seed", "n", "max_new_tokens")
+SAME_SETTINGS = ("dataset", "split", "seed", "n", "max_new_tokens", "quantization")
 
 
 def session_of(result: dict) -> dict:
@@ -29,9 +29,10 @@ def sessions(result: dict) -> list[dict]:
 def check_settings(base: dict, settings: dict) -> None:
     """Raise ValueError unless ``settings`` (a result or a dict of `SAME_SETTINGS`) match ``base``'s."""
     for key in SAME_SETTINGS:
-        if base[key] != settings[key]:
-            raise ValueError(f"cannot append: {key} is {settings[key]!r} here but {base[key]!r} in the existing "
-                             "result; rerun with the same --dataset/--split/--seed/--n/--max-new-tokens or write a "
+        here, there = settings.get(key, "none"), base.get(key, "none")  # results before packet quantization: none
+        if here != there:
+            raise ValueError(f"cannot append: {key} is {here!r} here but {there!r} in the existing result; rerun "
+                             "with the same --dataset/--split/--seed/--n/--max-new-tokens/--quantization or write a "
                              "new file")
 
 

@@ -31,7 +31,7 @@ def run_evaluation(engine: PacketEngine, dataset: str, n: int, config: EvalConfi
 
     Returns:
         The `evaluate` result plus ``format``, ``dataset``, ``split``, ``seed``, ``n``, ``max_new_tokens``,
-        ``model``, ``adapter``, ``store``, ``machine`` (CPU, threads, date, command), ``wall_s``,
+        ``model``, ``adapter``, ``store``, ``quantization`` (of the stored packets), ``machine`` (CPU, threads, date, command), ``wall_s``,
         ``process_peak_rss_mb``, ``records_text`` and ``resumed`` (samples taken from the checkpoint;
         ``wall_s`` covers only this process).
     """
@@ -52,7 +52,8 @@ def run_evaluation(engine: PacketEngine, dataset: str, n: int, config: EvalConfi
                   "layers": engine.model.num_layers},
         "adapter": {"spec": adapter_spec, "fingerprint": adapter.fingerprint[:16], "n_header": adapter.n_header,
                     "n_trailer": adapter.n_trailer, "card": _json_safe(adapter.card)},
-        "store": type(engine.store).__name__, "machine": machine_info(threads),
+        "store": type(engine.store).__name__, "quantization": getattr(engine.store, "quantization", "none"),
+        "machine": machine_info(threads),
         "wall_s": time.perf_counter() - started, "process_peak_rss_mb": peak_rss_mb(), "records_text": keep_text,
         **result,
     }

@@ -21,12 +21,17 @@ def _machine_text(machine: dict) -> str:
     return f"{machine['cpu']}, {machine['threads']} threads{gpu} · {machine['date']}"
 
 
+def _packets_text(result: dict) -> str:
+    quantization = result.get("quantization", "none")
+    return "" if quantization == "none" else f" · {quantization} packets ({result['store']})"
+
+
 def header(result: dict) -> str:
     """One paragraph: dataset, model, adapter, machine, threads, date and the exact command(s)."""
     model = result["model"]
     first = (f"**{result['dataset']}** ({result['split']} split, {result['n']} questions, seed {result['seed']}, "
              f"greedy, ≤ {result['max_new_tokens']} new tokens) · model {model['name']} ({model['dtype']}, "
-             f"{model['device']}) · kv_packet adapter {_adapter_text(result['adapter'])} · "
+             f"{model['device']}) · kv_packet adapter {_adapter_text(result['adapter'])}{_packets_text(result)} · "
              f"wall {result['wall_s'] / 60:.1f} min")
     sessions = result.get("sessions")
     if not sessions:

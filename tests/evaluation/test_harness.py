@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,3 +257,33 @@ def test_checkpoint_resumes_an_interrupted_run(tiny_llama, jsonl, tmp_path):
     assert shorter["resumed"] == 1 and shorter["methods"]["epic:2"]["records"] == records[:1]
     with pytest.raises(ValueError, match="other questions or methods"):
         evaluate(engine, samples, EvalConfig(("kv_packet",), max_new_tokens=3, progress=False), checkpoint)
+
+
+def test_quantized_packets_run_from_a_local_store(model_dir, jsonl, tmp_path, capsys):
+    """--quantization int8 answers from int8 packets in a LocalStore and says so in the result."""
+    out = tmp_path / "int8.json"
+    common = ["eval", "--dataset", str(jsonl), "--n", "2", "--model", str(model_dir), "--adapter", "none",
+              "--max-new-tokens", "3", "--threads", "1", "--json", str(out)]
+    assert cli_main([*common, "--methods", "no_recompute", "--quantization", "int8"]) == 0
+    data = json.loads(out.read_text())
+    assert data["store"] == "LocalStore" and data["quantization"] == "int8"
+    assert "--quantization int8" in data["machine"]["command"]
+    assert data["methods"]["no_recompute"]["kl"] > 0  # int8 keys/values move the logits, a little
+    assert "int8 packets (LocalStore)" in out.with_suffix(".md").read_text()
+    capsys.readouterr()
+    assert cli_main([*common, "--methods", "kv_packet", "--append"]) == 2
+    assert "quantization is 'none' here but 'int8'" in capsys.readouterr().err
+
+
+def test_report_counts_sweeps_of_the_same_dataset(result):
+    """A sweep run at fewer questions joins the TTFT target of its dataset and stays out of the headline."""
+    sweep = json.loads(json.dumps(result))
+    sweep["methods"] = {n: m for n, m in sweep["methods"].items() if n in ("full_recompute", "epic:0")}
+    sweep["methods"]["epic:0"]["ttft_vs_full"] = 1e-9  # faster than anything kv_packet can do
+    quantized = {**json.loads(json.dumps(result)), "quantization": "int4"}
+    page = render([(Path("a.json"), result), (Path("b.json"), sweep), (Path("c.json"), quantized)])
+    headline_rows = [line for line in page.split("## Acceptance")[0].splitlines() if "two.jsonl (2" in line]
+    assert len(headline_rows) == 4  # (full, int4) x (F1, fidelity); the sweep has no kv_packet
+    assert sum("two.jsonl (2, int4 packets) |" in line for line in headline_rows) == 2
+    checks = {name: met for name, met, _ in targets(result, [sweep])}
+    assert checks["kv_packet TTFT < every CacheBlend/EPIC setting"] is False

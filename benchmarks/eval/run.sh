@@ -1,28 +1,46 @@
 #!/usr/bin/env bash
-# Reproduce benchmarks/RESULTS.md: every method and sweep on biography, HotpotQA and NIAH, then the page.
+# Reproduce benchmarks/RESULTS.md: the methods of issue 5 on biography, HotpotQA and NIAH, the CacheBlend/EPIC
+# sweeps, kv_packet from int8/int4 packets, then the page.
 #
-#   benchmarks/eval/run.sh                  # 100 questions per dataset, 1 torch thread (CPU, several hours)
-#   N=20 THREADS=2 benchmarks/eval/run.sh   # quicker, noisier
+#   benchmarks/eval/run.sh                      # 100 questions per dataset, 1 torch thread (CPU, several hours)
+#   N=20 SWEEP_N=10 THREADS=2 benchmarks/eval/run.sh   # quicker, noisier
 #   DATASETS="biography" benchmarks/eval/run.sh
 #
-# Each run writes benchmarks/eval/<dataset>.json (+ .md table, PNG plots). Runs already present are kept;
-# delete a JSON file to redo it. The page is rebuilt from whatever JSON files exist.
+# Per dataset it writes benchmarks/eval/<dataset>.json (main methods, N questions), <dataset>_sweeps.json (the
+# other CacheBlend/EPIC settings, SWEEP_N questions: on a CPU a NIAH question costs about a minute per recompute
+# setting), each with a .md table and PNG plots; biography also gets _int8/_int4 runs of kv_packet. Runs already
+# present are kept; delete a JSON file to redo it; an interrupted run resumes from its .partial.jsonl. The page
+# is rebuilt from whatever JSON files exist.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 N=${N:-100}
+SWEEP_N=${SWEEP_N:-30}
 THREADS=${THREADS:-1}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-24}
 ADAPTER=${ADAPTER:-default}
 DATASETS=${DATASETS:-biography hotpotqa niah}
-METHODS=full_recompute,no_recompute,closed_book,kv_packet,cacheblend:0.1,cacheblend:0.15,cacheblend:0.3,cacheblend:0.5,epic:16,epic:32,epic:64
+METHODS=full_recompute,no_recompute,closed_book,kv_packet,cacheblend:0.15,epic:32
+SWEEPS=cacheblend:0.1,cacheblend:0.3,cacheblend:0.5,epic:16,epic:64
+
+evaluate() {  # OUT N METHODS [extra args]
+  local out=benchmarks/eval/$1.json n=$2 methods=$3; shift 3
+  [ -f "$out" ] && { echo "keeping $out"; return; }
+  kvpacket eval --dataset "$dataset" --methods "$methods" --n "$n" --max-new-tokens "$MAX_NEW_TOKENS" \
+    --threads "$THREADS" --adapter "$ADAPTER" --json "$out" --plot "$@"
+}
 
 for dataset in $DATASETS; do
-  out=benchmarks/eval/$dataset.json
-  [ -f "$out" ] && { echo "keeping $out"; continue; }
-  kvpacket eval --dataset "$dataset" --methods "$METHODS" --n "$N" --max-new-tokens "$MAX_NEW_TOKENS" \
-    --threads "$THREADS" --adapter "$ADAPTER" --json "$out" --plot
+  evaluate "$dataset" "$N" "$METHODS"
+  # the committed biography.json already holds the sweeps (at 100 questions)
+  grep -q '"epic:64"' "benchmarks/eval/$dataset.json" || evaluate "${dataset}_sweeps" "$SWEEP_N" "$SWEEPS"
 done
+if [[ " $DATASETS " == *" biography "* ]]; then
+  dataset=biography
+  for quantization in int8 int4; do
+    evaluate "biography_$quantization" "$N" kv_packet --quantization "$quantization"
+  done
+fi
 
 notes=()
 [ -f benchmarks/eval/NOTES.md ] && notes=(--notes benchmarks/eval/NOTES.md)

@@ -283,7 +283,8 @@ def test_report_counts_sweeps_of_the_same_dataset(result):
     quantized = {**json.loads(json.dumps(result)), "quantization": "int4"}
     page = render([(Path("a.json"), result), (Path("b.json"), sweep), (Path("c.json"), quantized)])
     headline_rows = [line for line in page.split("## Acceptance")[0].splitlines() if "two.jsonl (2" in line]
-    assert len(headline_rows) == 4  # (full, int4) x (F1, fidelity); the sweep has no kv_packet
-    assert sum("two.jsonl (2, int4 packets) |" in line for line in headline_rows) == 2
+    assert len(headline_rows) == 6  # (full, int4) x (F1, fidelity, recall); the sweep has no kv_packet
+    assert sum("two.jsonl (2, int4 packets) |" in line for line in headline_rows) == 3
+    assert "int4 packets" not in page.split("## Acceptance")[1].split("## ")[0]  # a precision study: no targets
     checks = {name: met for name, met, _ in targets(result, [sweep])}
     assert checks["kv_packet TTFT < every CacheBlend/EPIC setting"] is False

@@ -103,6 +103,7 @@ class PacketAdapter(torch.nn.Module):
                    "trailer": self.trailer.detach().to("cpu", torch.float32).contiguous()}
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=metadata)
+        tmp.chmod(0o644)  # safetensors creates owner-only files; an adapter is shared like a model file
         tmp.replace(path)
         card = {**self.card, "model_fingerprint": self.model_fingerprint, "fingerprint": self.fingerprint,
                 "n_header": self.n_header, "n_trailer": self.n_trailer}

@@ -25,6 +25,7 @@ def test_save_load_round_trip(tiny_llama, tmp_path):
     adapter.card["note"] = "hello"
     path = adapter.save(tmp_path / "a.safetensors")
     assert path.with_suffix(".json").is_file()
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by the serving user, like a model file
     loaded = PacketAdapter.load(path, tiny_llama)
     assert loaded.fingerprint == adapter.fingerprint and loaded.card["note"] == "hello"
     assert torch.equal(loaded.header, adapter.header)

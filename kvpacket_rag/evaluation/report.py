@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from .harness import REFERENCE
@@ -75,7 +76,7 @@ def label(result: dict) -> str:
     return f"{result['dataset']} ({result['n']}" + ("" if quantization == "none" else f", {quantization} packets") + ")"
 
 
-def targets(result: dict, others: list[dict] = ()) -> list[tuple[str, bool | None, str]]:
+def targets(result: dict, others: Sequence[dict] = ()) -> list[tuple[str, bool | None, str]]:
     """The acceptance targets of the issue for one result: (target, met (None: not applicable), numbers).
 
     ``others``: further runs on the same dataset (sweeps at fewer questions) whose CacheBlend/EPIC settings

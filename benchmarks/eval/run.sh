@@ -3,19 +3,19 @@
 # sweeps, kv_packet from int8/int4 packets, then the page.
 #
 #   benchmarks/eval/run.sh                      # 100 questions per dataset, 1 torch thread (CPU, several hours)
-#   N=20 SWEEP_N=10 THREADS=2 benchmarks/eval/run.sh   # quicker, noisier
+#   N=20 SWEEP_N=10 SWEEP_N_NIAH=10 THREADS=2 benchmarks/eval/run.sh   # quicker, noisier
 #   DATASETS="biography" benchmarks/eval/run.sh
 #
 # Per dataset it writes benchmarks/eval/<dataset>.json (main methods, N questions), <dataset>_sweeps.json (the
-# other CacheBlend/EPIC settings, SWEEP_N questions: on a CPU a NIAH question costs about a minute per recompute
-# setting), each with a .md table and PNG plots; biography also gets _int8/_int4 runs of kv_packet. Runs already
+# other CacheBlend/EPIC settings, SWEEP_N questions, SWEEP_N_NIAH for NIAH), each with a .md table and PNG plots; biography also gets _int8/_int4 runs of kv_packet. Runs already
 # present are kept; delete a JSON file to redo it; an interrupted run resumes from its .partial.jsonl. The page
 # is rebuilt from whatever JSON files exist.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 N=${N:-100}
-SWEEP_N=${SWEEP_N:-30}
+SWEEP_N=${SWEEP_N:-100}
+SWEEP_N_NIAH=${SWEEP_N_NIAH:-20}  # NIAH: ~45 s per question for the 5 settings on 1 CPU thread
 THREADS=${THREADS:-1}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-24}
 ADAPTER=${ADAPTER:-default}
@@ -33,7 +33,8 @@ evaluate() {  # OUT N METHODS [extra args]
 for dataset in $DATASETS; do
   evaluate "$dataset" "$N" "$METHODS"
   # the committed biography.json already holds the sweeps (at 100 questions)
-  grep -q '"epic:64"' "benchmarks/eval/$dataset.json" || evaluate "${dataset}_sweeps" "$SWEEP_N" "$SWEEPS"
+  sweep_n=$SWEEP_N; [ "$dataset" = niah ] && sweep_n=$SWEEP_N_NIAH
+  grep -q '"epic:64"' "benchmarks/eval/$dataset.json" || evaluate "${dataset}_sweeps" "$sweep_n" "$SWEEPS"
 done
 if [[ " $DATASETS " == *" biography "* ]]; then
   dataset=biography

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
-from kvpacket_rag.datasets import DatasetError, Sample, load_samples
+from kvpacket_rag.datasets import DatasetError, Sample, load_samples, parse_mixture
 from kvpacket_rag.errors import ContextTooLongError, EmptyInputError, KVPacketError
 from kvpacket_rag.models import LoadedModel
 from kvpacket_rag.prompt import PromptFormatter
@@ -44,18 +43,10 @@ def parse_data_spec(spec: str) -> list[tuple[str, float]]:
     Raises:
         TrainingDataError: an empty part, a repeated name or a weight that is not a positive number.
     """
-    parts: list[tuple[str, float]] = []
-    for part in (p.strip() for p in spec.split(",")):
-        name, _, weight_text = part.rpartition(":")
-        try:
-            weight = float(weight_text)
-        except ValueError:
-            name, weight = part, 1.0
-        if not name or not 0 < weight < math.inf or name in (p[0] for p in parts):
-            raise TrainingDataError(f"bad data part {part!r} in {spec!r}: write NAME[:WEIGHT] parts with distinct "
-                                    "names and positive weights, e.g. 'biography:0.5,hotpotqa:0.5'")
-        parts.append((name, weight))
-    return parts
+    try:
+        return parse_mixture(spec)
+    except DatasetError as error:
+        raise TrainingDataError(str(error)) from error
 
 
 def apportion(weights: list[float], n: int) -> list[int]:

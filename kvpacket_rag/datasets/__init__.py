@@ -27,7 +27,7 @@ from .jsonl import jsonl_samples
 from .niah import niah_samples
 from .squad import squad_samples
 
-__all__ = ["DATASETS", "DatasetError", "Sample", "load_samples", "mixture_samples"]
+__all__ = ["DATASETS", "DatasetError", "Sample", "load_samples", "mixture_samples", "parse_mixture"]
 
 DATASETS: dict[str, Callable[..., Iterable[Sample]]] = {
     "biography": biography_samples,
@@ -88,7 +88,7 @@ def mixture_samples(spec: str, split: str, n: int, seed: int = 0) -> list[Sample
             or any error of :func:`load_samples`.
     """
     validate_count(n)
-    parts = _parse_mixture(spec)
+    parts = parse_mixture(spec)
     counts = _apportion([w for _, w in parts], n)
     keyed = [
         ((j + 0.5) / count, k, sample)
@@ -98,7 +98,12 @@ def mixture_samples(spec: str, split: str, n: int, seed: int = 0) -> list[Sample
     return [sample for *_, sample in sorted(keyed, key=lambda t: t[:2])]
 
 
-def _parse_mixture(spec: str) -> list[tuple[str, float]]:
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+    """``"biography:0.5,hotpotqa:0.5"`` -> ``[("biography", 0.5), ("hotpotqa", 0.5)]`` (weight defaults to 1).
+
+    Raises:
+        DatasetError: an empty part, a repeated name or a weight that is not a positive finite number.
+    """
     parts: list[tuple[str, float]] = []
     for part in (p.strip() for p in spec.split(",")):
         name, _, weight_text = part.rpartition(":")

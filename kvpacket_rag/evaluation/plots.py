@@ -53,11 +53,7 @@ def f1_vs_ttft(result: dict, path: Path) -> Path:
         ax.set_xlabel("TTFT, median (ms, log scale)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    fig.suptitle(_title(result), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, result, path)
 
 
 def f1_vs_recompute(result: dict, path: Path) -> Path:
@@ -82,6 +78,11 @@ def f1_vs_recompute(result: dict, path: Path) -> Path:
         ax.set_xlim(0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return _finish(plt, fig, result, path)
+
+
+def _finish(plt, fig, result: dict, path: Path) -> Path:
+    """Title ``fig`` with the run, write it to ``path`` and free it."""
     fig.suptitle(_title(result), fontsize=9)
     fig.tight_layout()
     fig.savefig(path)

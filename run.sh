@@ -14,7 +14,7 @@ install_system_packages() {
   command -v redis-server >/dev/null && return 0
   local sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
   echo "run.sh: installing redis-server (Debian package) for the Redis packet store and its tests" >&2
-  $sudo apt-get update -qq && $sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
 }
 
 install_python_packages() {

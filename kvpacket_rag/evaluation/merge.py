@@ -40,7 +40,8 @@ def merge_results(base: dict, extra: dict) -> dict:
     """``base`` with the methods of ``extra`` (a later run on the same questions) added or replaced.
 
     The reference of ``base`` is kept. Each method summary gets ``session``, an index into the merged
-    ``sessions`` list; the top-level ``adapter`` is the one ``kv_packet`` was measured with.
+    ``sessions`` list, which keeps only the sessions some method comes from (a run whose methods were all
+    replaced drops out); the top-level ``adapter`` is the one ``kv_packet`` was measured with.
 
     Raises:
         ValueError: different settings, model or questions, or reference answers that differ.
@@ -56,10 +57,19 @@ def merge_results(base: dict, extra: dict) -> dict:
         if name != REFERENCE:
             methods[name] = {**summary, "session": index}
     methods = {name: methods[name] for name in sorted(methods, key=_rank)}
+    merged_sessions, methods = _drop_unused_sessions(merged_sessions, methods)
     adapter_session = merged_sessions[methods["kv_packet"]["session"]] if "kv_packet" in methods else merged_sessions[-1]
     return {**base, "methods": methods, "sessions": merged_sessions, "adapter": adapter_session["adapter"],
             "wall_s": base["wall_s"] + extra["wall_s"],
             "process_peak_rss_mb": max(base["process_peak_rss_mb"], extra["process_peak_rss_mb"])}
+
+
+def _drop_unused_sessions(all_sessions: list[dict], methods: dict) -> tuple[list[dict], dict]:
+    """Keep the sessions some method still comes from (a replaced method's session goes), re-indexed."""
+    used = sorted({summary["session"] for summary in methods.values()})
+    new_index = {old: new for new, old in enumerate(used)}
+    return ([all_sessions[i] for i in used],
+            {name: {**summary, "session": new_index[summary["session"]]} for name, summary in methods.items()})
 
 
 def _rank(name: str) -> tuple:

@@ -229,6 +229,8 @@ def test_merge_refuses_other_references(result):
     same = merge_results(result, result)
     assert [s["methods"] for s in same["sessions"]] == [list(result["methods"])] * 2
     assert same["methods"]["full_recompute"]["session"] == 0 and same["methods"]["kv_packet"]["session"] == 1
+    again = merge_results(same, result)  # replaces every method of the second session: it drops out
+    assert len(again["sessions"]) == 2 and {m["session"] for m in again["methods"].values()} == {0, 1}
 
 
 def test_merge_files(result, tmp_path):

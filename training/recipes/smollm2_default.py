@@ -4,12 +4,16 @@ Run from the repository root, as one command:
 
     python -m training.recipes.smollm2_default
 
-It runs ``kvpacket train`` with the arguments below (128 optimizer steps from a random initialisation; about
-73 minutes wall on the shared 2-core CPU), writing ``kvpacket_rag/adapters/smollm2-135m-instruct.safetensors``
-and its JSON card. Checkpoints, ``log.json`` and ``loss.png`` go to ``runs/smollm2_default/stage1.run/``,
-teacher outputs to ``runs/teacher/``; an interrupted run continues where it stopped when the command is run
-again (``--resume``). The teacher pass (256 samples, answers of 30 tokens on average) took about 37 minutes
-on the shared CPU before training; it is cached, so the 73 minutes above are the optimisation alone.
+It runs ``kvpacket train`` three times (`STAGES`), 2 epochs = 128 optimizer steps each: from a random
+initialisation at peak lr 3e-2, then warm-started from the previous stage at 1e-2 twice; the last stage writes
+``kvpacket_rag/adapters/smollm2-135m-instruct.safetensors`` and its JSON card. Checkpoints, ``log.json`` and
+``loss.png`` go to ``runs/smollm2_default/stage*.run/``, teacher outputs to ``runs/teacher/``; an interrupted
+run continues where it stopped when the command is run again (``--resume``).
+
+Wall time on the 2-core CPU (benchmarks/adapter/README.md): the teacher pass (256 samples, answers of 30
+tokens on average) 10 minutes alone with 2 threads, 37 minutes on 1 thread beside other work; it is cached and
+shared by the stages. The stages took 73, 36 and 50 minutes (17-34 s per step on 1 thread, another job on
+the second core): about 2.5 hours in all, over the 60-minute target; each stage lowered the held-out KL.
 
 Choices, for a 2-core CPU shared with other work (see benchmarks/adapter/ for the measurements):
 - short contexts (2-5 biographies, the first 6 HotpotQA paragraphs, 3 essay slices of 150 words): the
@@ -17,6 +21,8 @@ Choices, for a 2-core CPU shared with other work (see benchmarks/adapter/ for th
 - teacher answers capped at 48 tokens, stored as the top 256 log-probabilities plus the rest mass;
 - batches of 4 and a high peak learning rate: a pilot over the same first 48 steps gave lower loss at
   3e-2 than at 1e-2 or 6e-2;
+- stages 2 and 3 at 1e-2: for stage 3, peak lr 1e-2 and 2e-2 ended at the same training loss (0.066 and
+  0.067 over the last 32 steps); 1e-2 was kept;
 - one torch thread, which degrades gracefully when the two cores are shared.
 """
 
@@ -30,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "kvpacket_rag" / "adapters" / "smollm2-135m-instruct.safetensors"
 
 DATA_OPTIONS = {"biography": {"docs_per_sample": [2, 3, 4, 5]}, "niah": {"n_chunks": 3, "chunk_words": 150}}
-STAGE1 = ROOT / "runs" / "smollm2_default" / "stage1.safetensors"
+RUNS = ROOT / "runs" / "smollm2_default"
 COMMON = [
     "--data", "biography:0.5,hotpotqa:0.375,niah:0.125",
     "--data-options", json.dumps(DATA_OPTIONS, separators=(",", ":")),
@@ -47,17 +53,27 @@ COMMON = [
     "--teacher-cache", str(ROOT / "runs" / "teacher"),
     "--resume",
 ]
-STAGES = [
-    [*COMMON, "--epochs", "2", "--lr", "3e-2", "--run-dir", str(STAGE1.with_suffix(".run")), "--out", str(OUT)],
-]
+
+
+def stage(name: str, lr: str, out: Path, init: Path | None = None) -> list[str]:
+    """Arguments of one stage: 2 epochs (128 steps) at peak ``lr``, warm-started from ``init`` when given;
+    checkpoints and logs in ``runs/smollm2_default/<name>.run``."""
+    warm_start = ["--init-adapter", str(init)] if init is not None else []
+    return [*COMMON, "--epochs", "2", "--lr", lr, *warm_start, "--run-dir", str(RUNS / f"{name}.run"),
+            "--out", str(out)]
+
+
+STAGE1, STAGE2 = RUNS / "stage1.safetensors", RUNS / "stage2.safetensors"
+STAGES = [stage("stage1", "3e-2", STAGE1), stage("stage2", "1e-2", STAGE2, STAGE1),
+          stage("stage3", "1e-2", OUT, STAGE2)]
 
 
 def main(extra: list[str] | None = None) -> int:
     """Run the stages (``extra`` arguments are appended to each, e.g. ``["--no-progress"]``)."""
     from kvpacket_rag.cli import main as cli_main
 
-    for stage in STAGES:
-        status = cli_main(["train", *stage, *(extra or [])])
+    for arguments in STAGES:
+        status = cli_main(["train", *arguments, *(extra or [])])
         if status:
             return status
     return 0

@@ -23,7 +23,8 @@ def test_recipe_stages_are_valid_and_chained():
         assert after.init_adapter == before.out and after.teacher_cache == before.teacher_cache
     assert configs[-1].out == SHIPPED_ADAPTERS[DEFAULT_MODEL]
     assert all(config.resume for config in configs)
-    assert all(config.run_dir.parent == smollm2_default.RUNS for config in configs)  # checkpoints stay out of the package
+    # checkpoints and logs stay out of the package directory
+    assert all(config.run_dir.parent == smollm2_default.RUNS for config in configs)
 
 
 @pytest.mark.skipif(not SHIPPED_ADAPTERS[DEFAULT_MODEL].is_file(), reason="the shipped adapter is not built yet")

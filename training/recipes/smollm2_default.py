@@ -13,7 +13,7 @@ run continues where it stopped when the command is run again (``--resume``).
 Wall time on the 2-core CPU (benchmarks/adapter/README.md): the teacher pass (256 samples, answers of 30
 tokens on average) 10 minutes alone with 2 threads, 37 minutes on 1 thread beside other work; it is cached and
 shared by the stages. The stages took 73, 36 and 50 minutes (17-34 s per step on 1 thread, another job on
-the second core): about 2.5 hours in all, over the 60-minute target; each stage lowered the held-out KL.
+the second core): 2.4-2.9 hours in all, over the 60-minute target; each stage lowered the held-out KL.
 
 Choices, for a 2-core CPU shared with other work (see benchmarks/adapter/ for the measurements):
 - short contexts (2-5 biographies, the first 6 HotpotQA paragraphs, 3 essay slices of 150 words): the

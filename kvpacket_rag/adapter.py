@@ -4,6 +4,14 @@ An adapter is two small trainable matrices in the model's input-embedding
 space: ``header [n_header, hidden]`` and ``trailer [n_trailer, hidden]``. Every
 chunk is wrapped as ``[header; chunk; trailer]`` before its KV cache is built.
 The model itself stays frozen. Files are safetensors with JSON metadata.
+
+An adapter also says what each packet is built after (its ``prefix``):
+``"none"`` builds ``[header; chunk; trailer]`` from position 0, as in the KV
+Packet paper; ``"preamble"`` builds it right after the engine's chat preamble
+(template start, system prompt, user-turn header), the prefix every chunk has in
+the real prompt, so that packets share the one attention sink of the preamble
+instead of each bringing its own. Packets stay independent of each other and of
+the question either way.
 """
 
 from __future__ import annotations
@@ -13,13 +21,18 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CorruptPacketError, IncompatiblePacketError
 from .models import LoadedModel
 
 NO_ADAPTER = "none"
+PREFIX_NONE = "none"
+PREFIX_PREAMBLE = "preamble"
+PREFIXES = (PREFIX_NONE, PREFIX_PREAMBLE)
+FORMAT_V1 = "kvpacket-adapter/1"  # header/trailer only: packets built from position 0
+FORMAT = "kvpacket-adapter/2"  # adds the packet prefix
 
 
 class PacketAdapter(torch.nn.Module):
@@ -30,19 +43,27 @@ class PacketAdapter(torch.nn.Module):
         trailer: float tensor ``[n_trailer, hidden]`` (n_trailer may be 0).
         model_fingerprint: fingerprint of the model the adapter belongs to.
         card: free-form JSON-serialisable metadata (training data, hyperparameters, ...).
+        prefix: what every packet is built after: ``"none"`` (position 0) or ``"preamble"``.
     """
 
-    def __init__(self, header: torch.Tensor, trailer: torch.Tensor, model_fingerprint: str, card: dict | None = None):
+    def __init__(self, header: torch.Tensor, trailer: torch.Tensor, model_fingerprint: str, card: dict | None = None,
+                 prefix: str = PREFIX_NONE):
         super().__init__()
         if header.dim() != 2 or trailer.dim() != 2 or header.shape[1] != trailer.shape[1]:
             raise ValueError(f"header/trailer must be [n, hidden] with the same hidden size, got {tuple(header.shape)} and {tuple(trailer.shape)}")
+        if not header.is_floating_point() or not trailer.is_floating_point():
+            raise ValueError(f"header/trailer must be floating point, got {header.dtype} and {trailer.dtype}")
+        if prefix not in PREFIXES:
+            raise ValueError(f"adapter prefix must be one of {', '.join(PREFIXES)}, got {prefix!r}")
         self.header = torch.nn.Parameter(header.detach().clone())
         self.trailer = torch.nn.Parameter(trailer.detach().clone())
         self.model_fingerprint = model_fingerprint
         self.card = dict(card or {})
+        self.prefix = prefix
 
     @classmethod
-    def initialize(cls, model: LoadedModel, n_header: int = 8, n_trailer: int = 8, seed: int = 0) -> "PacketAdapter":
+    def initialize(cls, model: LoadedModel, n_header: int = 8, n_trailer: int = 8, seed: int = 0,
+                   prefix: str = PREFIX_NONE) -> "PacketAdapter":
         """New adapter drawn from N(mean, std) of the model's token-embedding matrix."""
         if n_header < 0 or n_trailer < 0:
             raise ValueError("adapter sizes must be >= 0")
@@ -50,13 +71,13 @@ class PacketAdapter(torch.nn.Module):
         mean, std = weight.mean().item(), weight.std().item()
         generator = torch.Generator().manual_seed(seed)
         draw = lambda n: torch.randn(n, model.hidden_size, generator=generator) * std + mean  # noqa: E731
-        return cls(draw(n_header), draw(n_trailer), model.fingerprint)
+        return cls(draw(n_header), draw(n_trailer), model.fingerprint, prefix=prefix)
 
     @classmethod
-    def empty(cls, model: LoadedModel) -> "PacketAdapter":
-        """The 0+0 adapter: packets of the bare chunk (the `no_recompute` baseline)."""
+    def empty(cls, model: LoadedModel, prefix: str = PREFIX_NONE) -> "PacketAdapter":
+        """The 0+0 adapter: packets of the bare chunk (``prefix="none"``: the `no_recompute` baseline)."""
         zero = torch.zeros(0, model.hidden_size)
-        return cls(zero, zero.clone(), model.fingerprint)
+        return cls(zero, zero.clone(), model.fingerprint, prefix=prefix)
 
     @property
     def n_header(self) -> int:
@@ -68,10 +89,12 @@ class PacketAdapter(torch.nn.Module):
 
     @property
     def fingerprint(self) -> str:
-        """``none`` for a 0+0 adapter, else sha256 hex over sizes and float32 values."""
+        """``none`` for a 0+0 adapter (``none+preamble`` with the preamble prefix), else sha256 hex over
+        sizes, prefix and float32 values (adapters of prefix ``none`` keep their format-1 fingerprint)."""
         if self.n_header == 0 and self.n_trailer == 0:
-            return NO_ADAPTER
-        digest = hashlib.sha256(f"{self.n_header}|{self.n_trailer}|".encode())
+            return NO_ADAPTER if self.prefix == PREFIX_NONE else f"{NO_ADAPTER}+{self.prefix}"
+        prefix = "" if self.prefix == PREFIX_NONE else f"prefix={self.prefix}|"
+        digest = hashlib.sha256(f"{self.n_header}|{self.n_trailer}|{prefix}".encode())
         for tensor in (self.header, self.trailer):
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return digest.hexdigest()
@@ -97,7 +120,7 @@ class PacketAdapter(torch.nn.Module):
         """Write ``path`` (safetensors) and ``path`` with ``.json`` suffix (the human-readable card)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        metadata = {"format": "kvpacket-adapter/1", "model_fingerprint": self.model_fingerprint,
+        metadata = {"format": FORMAT, "model_fingerprint": self.model_fingerprint, "prefix": self.prefix,
                     "fingerprint": self.fingerprint, "card": json.dumps(self.card, default=str)}
         tensors = {"header": self.header.detach().to("cpu", torch.float32).contiguous(),
                    "trailer": self.trailer.detach().to("cpu", torch.float32).contiguous()}
@@ -106,31 +129,43 @@ class PacketAdapter(torch.nn.Module):
         tmp.chmod(0o644)  # safetensors creates owner-only files; an adapter is shared like a model file
         tmp.replace(path)
         card = {**self.card, "model_fingerprint": self.model_fingerprint, "fingerprint": self.fingerprint,
-                "n_header": self.n_header, "n_trailer": self.n_trailer}
+                "n_header": self.n_header, "n_trailer": self.n_trailer, "prefix": self.prefix}
         path.with_suffix(".json").write_text(json.dumps(card, indent=2, default=str) + "\n")
         return path
 
     @classmethod
     def load(cls, path: str | Path, model: LoadedModel | None = None) -> "PacketAdapter":
-        """Read an adapter file; with ``model``, also check it belongs to that model.
+        """Read an adapter file (format 1 or 2); with ``model``, also check it belongs to that model.
 
         Raises:
-            FileNotFoundError, CorruptPacketError, IncompatiblePacketError.
+            FileNotFoundError, CorruptPacketError (unreadable, malformed, altered or from a newer version),
+            IncompatiblePacketError (another model).
         """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"adapter file {path} does not exist; train one with `kvpacket train` or pass --adapter none")
         try:
             tensors = load_file(str(path))
-            from safetensors import safe_open
-
             with safe_open(str(path), "pt") as handle:
                 metadata = handle.metadata() or {}
         except (SafetensorError, OSError, ValueError) as error:
             raise CorruptPacketError(f"adapter file {path} is unreadable ({error}); re-train or re-download it") from error
-        if metadata.get("format") != "kvpacket-adapter/1" or not {"header", "trailer"} <= tensors.keys():
-            raise CorruptPacketError(f"{path} is not a kvpacket adapter file")
-        adapter = cls(tensors["header"], tensors["trailer"], metadata["model_fingerprint"], json.loads(metadata.get("card", "{}")))
+        file_format = metadata.get("format")
+        if isinstance(file_format, str) and file_format.startswith("kvpacket-adapter/") and file_format not in (FORMAT_V1, FORMAT):
+            raise CorruptPacketError(f"adapter file {path} has format {file_format}, written by a newer kvpacket-rag; "
+                                     "upgrade kvpacket-rag to read it")
+        if file_format not in (FORMAT_V1, FORMAT) or not {"header", "trailer"} <= tensors.keys():
+            raise CorruptPacketError(f"{path} is not a kvpacket adapter file (no header/trailer tensors or format tag)")
+        if not metadata.get("model_fingerprint"):
+            raise CorruptPacketError(f"adapter file {path} does not say which model it belongs to; re-train it")
+        try:
+            card = json.loads(metadata.get("card", "{}"))
+            if not isinstance(card, dict):
+                raise ValueError("the card is not a JSON object")
+            adapter = cls(tensors["header"], tensors["trailer"], metadata["model_fingerprint"], card,
+                          prefix=metadata.get("prefix", PREFIX_NONE) if file_format == FORMAT else PREFIX_NONE)
+        except ValueError as error:
+            raise CorruptPacketError(f"adapter file {path} is malformed ({error}); re-train it") from error
         if metadata.get("fingerprint") != adapter.fingerprint:
             raise CorruptPacketError(f"adapter file {path} fails its checksum; it was altered or truncated")
         if model is not None:

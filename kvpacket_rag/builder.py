@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
+from transformers.cache_utils import DynamicCache
 
-from .adapter import PacketAdapter
+from .adapter import PREFIX_PREAMBLE, PacketAdapter
 from .errors import ContextTooLongError, EmptyInputError
 from .models import LoadedModel
 from .packet import KVPacket, packet_key
 from .prompt import PromptFormatter
+from .rope import rotate_keys
 
 
 class PacketBuilder:
@@ -35,10 +38,17 @@ class PacketBuilder:
         self.adapter.check_model(model)
         self.formatter = formatter
         self.batch_tokens = batch_tokens
+        self.prefix_ids = formatter.preamble_ids() if self.adapter.prefix == PREFIX_PREAMBLE else []
+        self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def adapter_fingerprint(self) -> str:
-        return self.adapter.fingerprint
+        """What the packets' provenance records: the adapter's fingerprint, plus a digest of the prefix
+        token ids when packets are built after the preamble (another system prompt: other packets)."""
+        if not self.prefix_ids:
+            return self.adapter.fingerprint
+        ids = torch.tensor(self.prefix_ids, dtype=torch.int64).numpy().tobytes()
+        return f"{self.adapter.fingerprint}@{hashlib.sha256(ids).hexdigest()[:16]}"
 
     def chunk_ids(self, text: str) -> list[int]:
         """Token ids of a chunk, validated against the model's context.
@@ -53,7 +63,7 @@ class PacketBuilder:
     def _check_length(self, n_tokens: int) -> None:
         if n_tokens == 0:
             raise EmptyInputError("a chunk tokenized to nothing; drop it before building packets")
-        total = self.adapter.n_header + n_tokens + self.adapter.n_trailer
+        total = len(self.prefix_ids) + self.adapter.n_header + n_tokens + self.adapter.n_trailer
         if total > self.model.max_positions:
             raise ContextTooLongError(
                 f"a chunk of {n_tokens} tokens (+{total - n_tokens} adapter tokens) exceeds the model's "
@@ -63,7 +73,7 @@ class PacketBuilder:
     def key_for(self, token_ids: Sequence[int]) -> str:
         """The packet key the chunk's packet has (or will have) under this model and adapter."""
         return packet_key(token_ids, self.model.fingerprint, self.model.tokenizer_fingerprint,
-                          self.adapter.fingerprint, self.model.dtype)
+                          self.adapter_fingerprint, self.model.dtype)
 
     def build(self, chunk: str | Sequence[int]) -> KVPacket:
         """Build the packet of one chunk (text, or token ids from `chunk_ids`)."""
@@ -106,20 +116,37 @@ class PacketBuilder:
         model = self.model
         wrapped = [self.adapter.wrap(model.embed(torch.tensor(ids))) for ids in id_lists]
         lengths = [w.shape[0] for w in wrapped]
-        longest = max(lengths)
+        longest, offset = max(lengths), len(self.prefix_ids)
         embeds = torch.zeros(len(wrapped), longest, model.hidden_size, dtype=model.dtype, device=model.device)
-        mask = torch.zeros(len(wrapped), longest, dtype=torch.long, device=model.device)
+        mask = torch.zeros(len(wrapped), offset + longest, dtype=torch.long, device=model.device)
+        mask[:, :offset] = 1
         for row, (w, n) in enumerate(zip(wrapped, lengths)):
             embeds[row, :n] = w
-            mask[row, :n] = 1
-        positions = torch.arange(longest, device=model.device).expand(len(wrapped), -1)
+            mask[row, offset : offset + n] = 1
+        positions = torch.arange(offset, offset + longest, device=model.device).expand(len(wrapped), -1)
+        cache = self._prefix_cache(len(wrapped))
         output = model.model.model(inputs_embeds=embeds, attention_mask=mask if len(wrapped) > 1 else None,
-                                   position_ids=positions, use_cache=True)
-        keys = torch.stack([layer.keys for layer in output.cache.layers], dim=1)  # [B, layers, heads, T, D]
-        values = torch.stack([layer.values for layer in output.cache.layers], dim=1)
+                                   position_ids=positions, cache=cache, use_cache=True)
+        keys = torch.stack([layer.keys[:, :, offset:] for layer in output.cache.layers], dim=1)  # [B, layers, heads, T, D]
+        values = torch.stack([layer.values[:, :, offset:] for layer in output.cache.layers], dim=1)
+        if offset:
+            keys = rotate_keys(keys, -offset, model.rope)  # stored at local positions 0..T-1, like every packet
         return [
             KVPacket(keys[row, :, :, :n].cpu().clone(), values[row, :, :, :n].cpu().clone(),
                      torch.tensor(ids, dtype=torch.int64), self.adapter.n_header, self.adapter.n_trailer,
-                     model.fingerprint, model.tokenizer_fingerprint, self.adapter.fingerprint)
+                     model.fingerprint, model.tokenizer_fingerprint, self.adapter_fingerprint)
             for row, (ids, n) in enumerate(zip(id_lists, lengths))
         ]
+
+    def _prefix_cache(self, batch: int) -> DynamicCache | None:
+        """A cache holding the prefix's keys/values for ``batch`` rows (None without a prefix)."""
+        if not self.prefix_ids:
+            return None
+        if self._prefix_kv is None:
+            ids = torch.tensor([self.prefix_ids], device=self.model.device)
+            output = self.model.model.model(input_ids=ids, use_cache=True)
+            self._prefix_kv = [(layer.keys, layer.values) for layer in output.cache.layers]
+        cache = DynamicCache()
+        for index, (keys, values) in enumerate(self._prefix_kv):
+            cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), index)
+        return cache

@@ -1,10 +1,17 @@
-"""The packet path as one ordinary forward under a block-diagonal mask.
+"""The packet path as one ordinary forward under a block mask.
 
 ``preamble | [H, chunk_1, T] | ... | [H, chunk_n, T] | tail`` at contiguous
 positions, where the preamble and each wrapped chunk attend only to themselves
 (causally) and the tail (question, answer) attends to everything before it.
 This is exactly what packet assembly computes, but differentiable in the
 adapter: the training student, and the oracle of the exactness tests.
+
+When the adapter's packets are conditioned on the preamble (``prefix ==
+"preamble"``), every packet was built after its own copy of the preamble. The
+one forward then holds such a copy before each wrapped chunk, at the positions
+just before the chunk's global start, visible to that chunk only: the relative
+positions inside each block are those the packet was built with, and the tail
+sees the real preamble and every wrapped chunk, never the copies.
 """
 
 from __future__ import annotations
@@ -13,15 +20,16 @@ from typing import Sequence
 
 import torch
 
-from .adapter import PacketAdapter
+from .adapter import PREFIX_PREAMBLE, PacketAdapter
 from .models import LoadedModel
 
 
 def block_causal_mask(block_lengths: Sequence[int], tail_length: int, dtype: torch.dtype,
-                      device: torch.device | str = "cpu") -> torch.Tensor:
+                      device: torch.device | str = "cpu", hidden: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
     """Additive 4-D mask ``[1, 1, N, N]`` (0 allowed, -inf masked), ``N = sum(blocks) + tail``.
 
-    Each block attends causally within itself; tail tokens attend causally to everything.
+    Each block attends causally within itself; tail tokens attend causally to everything except the
+    ``(start, end)`` position spans listed in ``hidden``.
     """
     total = sum(block_lengths) + tail_length
     allowed = torch.zeros(total, total, dtype=torch.bool, device=device)
@@ -30,34 +38,53 @@ def block_causal_mask(block_lengths: Sequence[int], tail_length: int, dtype: tor
         allowed[start : start + length, start : start + length] = True
         start += length
     allowed[start:, :] = True
+    for first, end in hidden:
+        allowed[start:, first:end] = False
     allowed &= torch.ones_like(allowed).tril()
     mask = torch.zeros(total, total, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[None, None]
 
 
-def packed_embeddings(model: LoadedModel, adapter: PacketAdapter, preamble_ids: Sequence[int],
-                      chunk_ids: Sequence[Sequence[int]], tail_ids: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
-    """``[1, N, hidden]`` embeddings of preamble, wrapped chunks and tail, and the block lengths.
+def packed_layout(model: LoadedModel, adapter: PacketAdapter, preamble_ids: Sequence[int],
+                  chunk_ids: Sequence[Sequence[int]], tail_ids: Sequence[int]):
+    """Embeddings ``[1, N, hidden]``, position ids ``[1, N]`` and mask ``[1, 1, N, N]`` of the packet path.
 
     Gradients flow into ``adapter`` (the embedding matrix is frozen).
     """
     embed = lambda ids: model.embed(torch.tensor(list(ids), dtype=torch.long))  # noqa: E731
-    pieces = [embed(preamble_ids)] + [adapter.wrap(embed(ids)) for ids in chunk_ids] + [embed(tail_ids)]
-    blocks = [p.shape[0] for p in pieces[:-1]]
-    return torch.cat(pieces)[None], blocks
+    preamble = embed(preamble_ids)
+    n_pre = preamble.shape[0]
+    conditioned = adapter.prefix == PREFIX_PREAMBLE
+    pieces, positions, blocks, hidden = [preamble], [torch.arange(n_pre)], [n_pre], []
+    start, offset = n_pre, n_pre  # global position of the next wrapped chunk; its offset in the sequence
+    for ids in chunk_ids:
+        block = adapter.wrap(embed(ids))
+        length = block.shape[0]
+        if conditioned:  # the preamble copy the packet was built after: seen by this block only
+            pieces.append(preamble)
+            positions.append(torch.arange(start - n_pre, start))
+            hidden.append((offset, offset + n_pre))
+        pieces.append(block)
+        positions.append(torch.arange(start, start + length))
+        blocks.append(length + n_pre * conditioned)
+        start += length
+        offset += blocks[-1]
+    pieces.append(embed(tail_ids))
+    positions.append(torch.arange(start, start + len(tail_ids)))
+    embeds = torch.cat(pieces)[None]
+    mask = block_causal_mask(blocks, len(tail_ids), embeds.dtype, embeds.device, hidden)
+    return embeds, torch.cat(positions)[None].to(embeds.device), mask
 
 
 def block_forward(model: LoadedModel, adapter: PacketAdapter, preamble_ids: Sequence[int],
                   chunk_ids: Sequence[Sequence[int]], tail_ids: Sequence[int], logits_tokens: int | None = None) -> torch.Tensor:
-    """Logits ``[len(tail) or logits_tokens, vocab]`` of the tail tokens under the block-diagonal mask.
+    """Logits ``[len(tail) or logits_tokens, vocab]`` of the tail tokens under the packet path's block mask.
 
     Args:
         logits_tokens: keep only the last this-many positions (default: the whole tail).
     """
-    embeds, blocks = packed_embeddings(model, adapter, preamble_ids, chunk_ids, tail_ids)
-    mask = block_causal_mask(blocks, len(tail_ids), embeds.dtype, embeds.device)
-    positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
+    embeds, positions, mask = packed_layout(model, adapter, preamble_ids, chunk_ids, tail_ids)
     keep = logits_tokens if logits_tokens is not None else len(tail_ids)
     output = model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=keep)
     return output.logits[0]

@@ -52,3 +52,55 @@ def test_corrupt_adapter_file(tiny_llama, tmp_path):
     path.write_bytes(b"garbage")
     with pytest.raises(CorruptPacketError):
         PacketAdapter.load(path, tiny_llama)
+
+
+def _write(path, tensors, metadata):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def test_preamble_prefix_round_trip_and_fingerprint(tiny_llama, tmp_path):
+    plain = PacketAdapter.initialize(tiny_llama, 4, 4, seed=5)
+    prefixed = PacketAdapter.initialize(tiny_llama, 4, 4, seed=5, prefix="preamble")
+    assert plain.fingerprint != prefixed.fingerprint  # same tensors, other packets
+    assert PacketAdapter.empty(tiny_llama, prefix="preamble").fingerprint != NO_ADAPTER
+    loaded = PacketAdapter.load(prefixed.save(tmp_path / "p.safetensors"), tiny_llama)
+    assert loaded.prefix == "preamble" and loaded.fingerprint == prefixed.fingerprint
+
+
+def test_format_1_adapter_file_still_loads(tiny_llama, tmp_path):
+    """Files written before the packet prefix existed load as prefix "none" with their old fingerprint."""
+    adapter = PacketAdapter.initialize(tiny_llama, 3, 2, seed=4)
+    tensors = {"header": adapter.header.detach(), "trailer": adapter.trailer.detach()}
+    path = _write(tmp_path / "v1.safetensors", tensors, {"format": "kvpacket-adapter/1", "card": "{}",
+                  "model_fingerprint": tiny_llama.fingerprint, "fingerprint": adapter.fingerprint})
+    loaded = PacketAdapter.load(path, tiny_llama)
+    assert loaded.prefix == "none" and loaded.fingerprint == adapter.fingerprint
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_fingerprint": ""}, "which model"),
+    ({"card": "[1, 2"}, "malformed"),
+    ({"card": "[1, 2]"}, "malformed"),
+    ({"prefix": "everything"}, "malformed"),
+    ({"format": "kvpacket-adapter/9"}, "newer kvpacket-rag"),
+    ({"format": "something-else"}, "not a kvpacket adapter"),
+])
+def test_bad_adapter_metadata_is_a_clear_error(tiny_llama, tmp_path, change, message):
+    adapter = PacketAdapter.initialize(tiny_llama, 2, 2, prefix="preamble")
+    metadata = {"format": "kvpacket-adapter/2", "card": "{}", "prefix": "preamble",
+                "model_fingerprint": tiny_llama.fingerprint, "fingerprint": adapter.fingerprint, **change}
+    path = _write(tmp_path / "bad.safetensors", {"header": adapter.header.detach(), "trailer": adapter.trailer.detach()},
+                  metadata)
+    with pytest.raises(CorruptPacketError, match=message):
+        PacketAdapter.load(path, tiny_llama)
+
+
+def test_integer_adapter_tensors_are_refused(tiny_llama, tmp_path):
+    ints = torch.zeros(2, tiny_llama.hidden_size, dtype=torch.int32)
+    path = _write(tmp_path / "int.safetensors", {"header": ints, "trailer": ints.clone()},
+                  {"format": "kvpacket-adapter/2", "model_fingerprint": tiny_llama.fingerprint, "fingerprint": "x"})
+    with pytest.raises(CorruptPacketError, match="floating point"):
+        PacketAdapter.load(path, tiny_llama)

@@ -61,3 +61,49 @@ def test_batched_build_equals_single_build(tiny_llama):
         assert packet.key == alone.key
         torch.testing.assert_close(packet.keys, alone.keys, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(packet.values, alone.values, atol=1e-5, rtol=1e-4)
+
+
+def test_preamble_prefixed_packets_equal_block_mask_forward(tiny_model, tmp_path):
+    """Packets built after the preamble: the packet path equals one forward in which each wrapped chunk
+    follows its own copy of the preamble, hidden from the question."""
+    formatter = PromptFormatter(tiny_model.tokenizer)
+    adapter = PacketAdapter.initialize(tiny_model, 4, 4, seed=2, prefix="preamble")
+    got = packet_path_logits(tiny_model, adapter, formatter, CHUNKS, QUESTION, tmp_path)
+    want = reference_logits(tiny_model, adapter, formatter, CHUNKS, QUESTION)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_first_preamble_prefixed_packet_is_the_plain_prompt(tiny_llama):
+    """One packet built after the preamble, assembled right after it: exactly one plain causal forward
+    of ``preamble | header | chunk | trailer | question``."""
+    model = tiny_llama
+    formatter = PromptFormatter(model.tokenizer)
+    adapter = PacketAdapter.initialize(model, 3, 2, seed=3, prefix="preamble")
+    got = packet_path_logits(model, adapter, formatter, CHUNKS[:1], QUESTION)
+    preamble, suffix = formatter.preamble_ids(), formatter.suffix_ids(QUESTION)
+    embed = lambda ids: model.embed(torch.tensor(ids))  # noqa: E731
+    embeds = torch.cat([embed(preamble), adapter.wrap(embed(formatter.chunk_ids(CHUNKS[0]))), embed(suffix)])
+    with torch.no_grad():
+        want = model.model(inputs_embeds=embeds[None], logits_to_keep=len(suffix)).logits[0]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_batched_preamble_prefixed_build_equals_single_build(tiny_model):
+    formatter = PromptFormatter(tiny_model.tokenizer)
+    builder = PacketBuilder(tiny_model, PacketAdapter.initialize(tiny_model, 4, 4, prefix="preamble"), formatter)
+    batched = builder.build_many(CHUNKS)
+    for chunk, packet in zip(CHUNKS, batched):
+        alone = builder.build(chunk)
+        assert packet.key == alone.key
+        torch.testing.assert_close(packet.keys, alone.keys, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(packet.values, alone.values, atol=1e-5, rtol=1e-4)
+
+
+def test_packets_of_another_preamble_get_other_keys(tiny_llama):
+    adapter = PacketAdapter.initialize(tiny_llama, 2, 2, prefix="preamble")
+    one = PacketBuilder(tiny_llama, adapter, PromptFormatter(tiny_llama.tokenizer))
+    other = PacketBuilder(tiny_llama, adapter, PromptFormatter(tiny_llama.tokenizer, "You answer in French."))
+    unprefixed = PacketBuilder(tiny_llama, PacketAdapter(adapter.header, adapter.trailer, adapter.model_fingerprint),
+                               PromptFormatter(tiny_llama.tokenizer))
+    ids = one.chunk_ids(CHUNKS[0])
+    assert len({one.key_for(ids), other.key_for(ids), unprefixed.key_for(ids)}) == 3

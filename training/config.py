@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvpacket_rag.adapter import PREFIX_NONE, PREFIXES
 from kvpacket_rag.errors import KVPacketError
 from kvpacket_rag.prompt import DEFAULT_SYSTEM_PROMPT
 
@@ -18,7 +19,7 @@ DEFAULT_DATA_OPTIONS: dict[str, dict[str, Any]] = {"biography": {"docs_per_sampl
 
 # Settings whose change makes a checkpoint of an earlier run invalid (the rest may change on --resume).
 RESUME_KEYS = ("model", "data", "data_options", "max_chunks", "samples", "split", "epochs", "batch_size", "lr",
-               "n_header", "n_trailer", "seed", "answer_cap", "teacher_top_k", "system_prompt", "dtype", "init_adapter")
+               "n_header", "n_trailer", "prefix", "seed", "answer_cap", "teacher_top_k", "system_prompt", "dtype", "init_adapter")
 
 
 class TrainingConfigError(KVPacketError, ValueError):
@@ -44,6 +45,8 @@ class TrainConfig:
         batch_size: effective batch (samples per optimizer step, by gradient accumulation).
         lr: peak AdamW learning rate (weight decay 0), decayed linearly to 0 over all steps, no warm-up.
         n_header, n_trailer: adapter soft tokens before and after every chunk.
+        prefix: what every packet is built after: ``"preamble"`` (the chat preamble, the prompt's own prefix of
+            every chunk) or ``"none"`` (position 0, as in the KV Packet paper).
         init_adapter: start from this adapter file (same model and sizes) instead of a random initialisation,
             e.g. to continue training with more data or a new schedule (None: draw from the embedding statistics).
         seed: adapter initialisation, sample draw and per-epoch shuffling.
@@ -75,6 +78,7 @@ class TrainConfig:
     lr: float = 5e-3
     n_header: int = 8
     n_trailer: int = 8
+    prefix: str = PREFIX_NONE
     init_adapter: Path | None = None
     seed: int = 0
     answer_cap: int = 64
@@ -106,6 +110,7 @@ class TrainConfig:
         for name in ("max_chunks", "teacher_top_k", "threads", "stop_after_steps"):
             value = getattr(self, name)
             _require(value is None or (isinstance(value, int) and value >= 1), name, "None or an integer >= 1")
+        _require(self.prefix in PREFIXES, "prefix", f"one of {', '.join(PREFIXES)}")
         _require(isinstance(self.lr, (int, float)) and 0 < self.lr < 1, "lr", "a float in (0, 1)")
         _require(self.split in ("train", "test"), "split", "'train' or 'test'")
         _require(self.dtype is None or self.dtype in DTYPES, "dtype", f"None or one of {', '.join(DTYPES)}")

@@ -182,14 +182,14 @@ class Trainer:
     def _initial_adapter(self) -> PacketAdapter:
         c = self.config
         if c.init_adapter is None:
-            return PacketAdapter.initialize(self.model, c.n_header, c.n_trailer, seed=c.seed)
+            return PacketAdapter.initialize(self.model, c.n_header, c.n_trailer, seed=c.seed, prefix=c.prefix)
         adapter = PacketAdapter.load(c.init_adapter, self.model)
         if (adapter.n_header, adapter.n_trailer) != (c.n_header, c.n_trailer):
             raise TrainingConfigError(f"init_adapter {c.init_adapter} has {adapter.n_header}+{adapter.n_trailer} soft "
                                       f"tokens but the run asks for {c.n_header}+{c.n_trailer}; pass matching "
                                       "--n-header/--n-trailer")
         self.init_fingerprint = adapter.fingerprint
-        return PacketAdapter(adapter.header, adapter.trailer, adapter.model_fingerprint)
+        return PacketAdapter(adapter.header, adapter.trailer, adapter.model_fingerprint, prefix=c.prefix)
 
     def _batches(self, start_step: int, end_step: int) -> Iterator[tuple[int, list[int]]]:
         c = self.config
@@ -234,7 +234,7 @@ class Trainer:
         c = self.config
         settings = c.to_dict()
         keys = ("init_adapter", "data", "max_chunks", "samples", "split", "epochs", "batch_size", "lr", "seed",
-                "answer_cap", "teacher_top_k", "system_prompt", "gradient_checkpointing", "device", "threads")
+                "prefix", "answer_cap", "teacher_top_k", "system_prompt", "gradient_checkpointing", "device", "threads")
         answers = [t.length for t in self.teacher]
         return {
             "model": self.model.name, "dtype": str(self.model.dtype).removeprefix("torch."),

@@ -79,6 +79,10 @@ class PacketAdapter(torch.nn.Module):
         zero = torch.zeros(0, model.hidden_size)
         return cls(zero, zero.clone(), model.fingerprint, prefix=prefix)
 
+    def with_prefix(self, prefix: str) -> "PacketAdapter":
+        """The same soft tokens (copied) for packets built after ``prefix`` (a new fingerprint unless unchanged)."""
+        return PacketAdapter(self.header, self.trailer, self.model_fingerprint, self.card, prefix)
+
     @property
     def n_header(self) -> int:
         return self.header.shape[0]

@@ -210,9 +210,12 @@ class SelectiveRecompute(ContextMethod):
     def recomputes_nothing(self) -> bool:
         return False
 
+    def packet_builders(self, engine):
+        return [engine.bare_builder]
+
     def prepare(self, engine, chunks, buffer, reserve):
         start = time.perf_counter()
-        packets, build_s, keys = engine.packets_for(chunks, adapted=False)
+        packets, build_s, keys = engine.packets_for(chunks, builder=engine.bare_builder)
         loaded = time.perf_counter()
         preamble = engine.preamble_block()
         cache = assemble(buffer, [preamble] + [(p.keys, p.values) for p in packets], engine.model.rope, reserve)

@@ -142,20 +142,29 @@ class PacketEngine:
         """Token ids of one chunk (validated for emptiness and length)."""
         return self.builder.chunk_ids(text)
 
-    def build_packets(self, chunks: Sequence[str], adapted: bool = True, progress: bool = False) -> list[str]:
-        """Make sure every chunk has a stored packet; return their keys (builds only the missing ones)."""
-        return self._ensure_packets(chunks, adapted, progress)[2]
+    def build_packets(self, chunks: Sequence[str], adapted: bool = True, progress: bool = False,
+                      builder: PacketBuilder | None = None) -> list[str]:
+        """Make sure every chunk has a stored packet; return their keys (builds only the missing ones).
 
-    def packets_for(self, chunks: Sequence[str], adapted: bool = True) -> tuple[list[KVPacket], float, list[str]]:
-        """Packets of ``chunks`` from the store, building missing ones.
+        ``builder`` (default: the engine's adapted or bare builder, by ``adapted``) says which packets.
+        """
+        return self._ensure_packets(chunks, builder or self._builder(adapted), progress)[2]
+
+    def packets_for(self, chunks: Sequence[str], adapted: bool = True,
+                    builder: PacketBuilder | None = None) -> tuple[list[KVPacket], float, list[str]]:
+        """Packets of ``chunks`` from the store, building missing ones (see `build_packets` for the arguments).
 
         Returns:
             ``(packets, seconds spent building, keys)``.
         """
-        return self._ensure_packets(chunks, adapted, progress=False)
+        return self._ensure_packets(chunks, builder or self._builder(adapted), progress=False)
 
-    def _ensure_packets(self, chunks, adapted, progress):
-        builder = self.builder if adapted else self.bare_builder
+    def _builder(self, adapted: bool) -> PacketBuilder:
+        return self.builder if adapted else self.bare_builder
+
+    def _ensure_packets(self, chunks, builder: PacketBuilder, progress):
+        if builder.model is not self.model:
+            raise IncompatiblePacketError("the packet builder belongs to another model than this engine's")
         ids = [builder.chunk_ids(chunk) for chunk in chunks]
         keys = [builder.key_for(i) for i in ids]
         found = self.store.get_many(keys)

@@ -19,6 +19,8 @@ from .flops import forward_flops, rotation_flops
 from .kvcache import KVBuffer, PacketCache, assemble
 
 if TYPE_CHECKING:
+    from .adapter import PacketAdapter
+    from .builder import PacketBuilder
     from .engine import PacketEngine
 
 
@@ -54,6 +56,10 @@ class ContextMethod(ABC):
 
     name: str = ""
 
+    def packet_builders(self, engine: "PacketEngine") -> list["PacketBuilder"]:
+        """The builders of the packets `prepare` reads (so that callers can build them ahead of time)."""
+        return []
+
     @abstractmethod
     def prepare(self, engine: "PacketEngine", chunks: Sequence[str], buffer: KVBuffer, reserve: int) -> PreparedContext:
         """Build the cache for ``chunks`` in ``buffer``; keep ``reserve`` free positions for question and answer."""
@@ -64,15 +70,31 @@ class PacketMethod(ContextMethod):
 
     Args:
         use_adapter: True for `kv_packet` (trained header/trailer); False for `no_recompute` (bare chunks).
+        adapter: packets of this adapter instead of the engine's (to compare adapters in one run);
+            requires ``name``.
+        name: the method's name (default: ``kv_packet`` or ``no_recompute``).
     """
 
-    def __init__(self, use_adapter: bool = True):
-        self.use_adapter = use_adapter
-        self.name = "kv_packet" if use_adapter else "no_recompute"
+    def __init__(self, use_adapter: bool = True, adapter: "PacketAdapter | None" = None, name: str | None = None):
+        if adapter is not None and not name:
+            raise ValueError("a packet method with its own adapter needs a name, e.g. 'kv_packet@candidate'")
+        self.use_adapter = use_adapter or adapter is not None
+        self.adapter = adapter
+        self.name = name or ("kv_packet" if use_adapter else "no_recompute")
+        self._builders: dict[int, "PacketBuilder"] = {}
+
+    def packet_builders(self, engine):
+        if self.adapter is None:
+            return [engine.builder if self.use_adapter else engine.bare_builder]
+        if id(engine) not in self._builders:
+            from .builder import PacketBuilder
+
+            self._builders[id(engine)] = PacketBuilder(engine.model, self.adapter, engine.formatter)
+        return [self._builders[id(engine)]]
 
     def prepare(self, engine, chunks, buffer, reserve):
         start = time.perf_counter()
-        packets, build_s, keys = engine.packets_for(chunks, adapted=self.use_adapter)
+        packets, build_s, keys = engine.packets_for(chunks, builder=self.packet_builders(engine)[0])
         loaded = time.perf_counter()
         preamble = engine.preamble_block()
         blocks = [preamble] + [(p.keys, p.values) for p in packets]

@@ -189,7 +189,7 @@ class Trainer:
                                       f"tokens but the run asks for {c.n_header}+{c.n_trailer}; pass matching "
                                       "--n-header/--n-trailer")
         self.init_fingerprint = adapter.fingerprint
-        return PacketAdapter(adapter.header, adapter.trailer, adapter.model_fingerprint, prefix=c.prefix)
+        return PacketAdapter(adapter.header, adapter.trailer, adapter.model_fingerprint, prefix=c.prefix)  # no card
 
     def _batches(self, start_step: int, end_step: int) -> Iterator[tuple[int, list[int]]]:
         c = self.config

@@ -55,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, default=Path("runs/eval_cache"),
                         help="per-question results already measured (adapter-independent ones are reused)")
     parser.add_argument("--kl-only", nargs="+", default=None, metavar="ADAPTER",
-                        help="only print teacher-forced KL per token of these adapter files and no_recompute")
+                        help="only print teacher-forced KL per token of these adapters and no_recompute: files, 'none' or "
+                             "'default', each optionally with '+preamble' (packets built after the chat preamble)")
     return parser.parse_args(argv)
 
 
@@ -172,8 +173,7 @@ def kl_only(model, adapter_paths: list[str], specs: list[str], n: int, seed: int
     from training import teacher_answer
 
     formatter = PromptFormatter(model.tokenizer)
-    adapters = {"no_recompute": PacketAdapter.empty(model),
-                **{path: PacketAdapter.load(path, model) for path in adapter_paths}}
+    adapters = {"no_recompute": PacketAdapter.empty(model), **{spec: adapter_of(model, spec) for spec in adapter_paths}}
     lines = ["| set | n | " + " | ".join(adapters) + " |", "|---|---|" + "---|" * len(adapters)]
     for spec in specs:
         totals, tokens = dict.fromkeys(adapters, 0.0), 0
@@ -186,7 +186,17 @@ def kl_only(model, adapter_paths: list[str], specs: list[str], n: int, seed: int
                 logits = student_logits(model, adapter, formatter.preamble_ids(), tokenized, teacher.answer_ids)
                 totals[name] += float(teacher.kl(logits).sum())
         lines.append(f"| {spec} | {n} | " + " | ".join(f"{totals[a] / tokens:.4f}" for a in adapters) + " |")
+        print(lines[-1], flush=True)
     return "\n".join(lines)
+
+
+def adapter_of(model, spec: str) -> PacketAdapter:
+    """``none``, ``default`` or an adapter file, optionally with ``+preamble`` (packets built after the preamble)."""
+    base, _, prefix = spec.partition("+")
+    adapter = resolve_adapter(model, base)
+    if prefix:
+        adapter = adapter.with_prefix(prefix)
+    return adapter
 
 
 def table(result: dict) -> str:

@@ -38,7 +38,7 @@ def variant_adapter(model, spec: str) -> PacketAdapter:
     base, _, prefix = spec.partition("+")
     adapter = resolve_adapter(model, base)
     if prefix:
-        adapter = PacketAdapter(adapter.header, adapter.trailer, adapter.model_fingerprint, adapter.card, prefix)
+        adapter = adapter.with_prefix(prefix)
     return adapter
 
 

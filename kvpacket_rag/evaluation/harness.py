@@ -26,11 +26,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..baselines import SelectiveRecompute
 from ..datasets import Sample
 from ..engine import Answer, PacketEngine
 from ..generation import GenerationConfig
-from ..methods import ClosedBook, ContextMethod, FullRecompute, PacketMethod, get_method
+from ..methods import ContextMethod, get_method
 from ..metrics import answer_recall, best_f1, exact_match, macro_f1, micro_f1
 from .teacher import forced_logprobs, kl_per_token
 
@@ -51,7 +50,7 @@ class EvalConfig:
         progress: show a tqdm bar.
     """
 
-    methods: tuple[str, ...]
+    methods: tuple[str | ContextMethod, ...]
     max_new_tokens: int = 32
     warmup: bool = True
     kl: bool = True
@@ -152,8 +151,7 @@ class _Retaining(ContextMethod):
 def _run_sample(engine: PacketEngine, sample: Sample, order: list[str], methods: dict[str, str],
                 generation: GenerationConfig, with_kl: bool) -> dict[str, dict]:
     """Answer with every method (the reference first); score each answer's own cache along the reference answer."""
-    kinds = set().union(*(_packet_kinds(get_method(methods[name])) for name in order))
-    added = _build_packets(engine, sample.chunks, kinds)
+    added = _build_packets(engine, sample.chunks, [get_method(methods[name]) for name in order])
     suffix = engine.formatter.suffix_ids(sample.question)
     answers, kls, reference_logprobs = {}, {}, None
     try:
@@ -173,26 +171,13 @@ def _run_sample(engine: PacketEngine, sample: Sample, order: list[str], methods:
     return {name: _record(sample, answer, peak, reference, kls.get(name)) for name, (answer, peak) in answers.items()}
 
 
-def _packet_kinds(method: ContextMethod) -> set[bool]:
-    """Which packets a method reads: adapted (True) and/or bare (False); both when unknown."""
-    if isinstance(method, PacketMethod):
-        return {method.use_adapter}
-    if isinstance(method, SelectiveRecompute):
-        return {False}
-    if isinstance(method, (FullRecompute, ClosedBook)):
-        return set()
-    return {True, False}
-
-
-def _build_packets(engine: PacketEngine, chunks: Sequence[str], kinds: set[bool]) -> list[str]:
-    """Build the packets of ``chunks`` of each kind (adapted/bare); return the keys not stored before."""
-    keys = []
-    for adapted in kinds:
-        builder = engine.builder if adapted else engine.bare_builder
-        keys += [builder.key_for(builder.chunk_ids(c)) for c in chunks]
+def _build_packets(engine: PacketEngine, chunks: Sequence[str], methods: Sequence[ContextMethod]) -> list[str]:
+    """Build the packets of ``chunks`` that ``methods`` read; return the keys not stored before."""
+    builders = list({id(b): b for method in methods for b in method.packet_builders(engine)}.values())
+    keys = [builder.key_for(builder.chunk_ids(c)) for builder in builders for c in chunks]
     new = [k for k in dict.fromkeys(keys) if not engine.store.contains(k)]
-    for adapted in kinds:
-        engine.build_packets(chunks, adapted=adapted)
+    for builder in builders:
+        engine.build_packets(chunks, builder=builder)
     return new
 
 

@@ -25,6 +25,14 @@ class CorruptPacketError(KVPacketError):
     """A stored packet or adapter file is truncated, altered or unreadable."""
 
 
+class UntrustedPacketError(CorruptPacketError):
+    """A store with a signing key found a packet that is unsigned or signed with another key."""
+
+
+class InvalidInputError(KVPacketError, ValueError):
+    """An input file is not what it should be: a directory, not UTF-8 text, or malformed."""
+
+
 class PacketNotFoundError(KVPacketError, KeyError):
     """A packet key is not in the store."""
 

@@ -10,7 +10,7 @@ from typing import Iterable, Iterator, Sequence
 from ..errors import KVPacketError, PacketNotFoundError
 from ..packet import KVPacket
 
-_KEY = re.compile(r"^[0-9a-f]{64}$")
+_KEY = re.compile(r"[0-9a-f]{64}")
 
 
 class StoreError(KVPacketError):
@@ -26,7 +26,7 @@ def validate_key(key: str) -> str:
 
     Keys become file names and Redis keys; nothing else (no user text) may.
     """
-    if not isinstance(key, str) or not _KEY.match(key):
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
         raise ValueError(f"invalid packet key {key!r}: expected 64 lowercase hex characters (a packet.key)")
     return key
 

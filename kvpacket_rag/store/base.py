@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from abc import ABC, abstractmethod
@@ -19,6 +20,29 @@ class StoreError(KVPacketError):
 
 class StoreUnavailableError(StoreError):
     """The store's server cannot be reached or did not answer in time."""
+
+
+SIGNING_KEY_ENV = "KVPACKET_STORE_KEY"
+_MIN_SIGNING_KEY = 16
+
+
+def resolve_signing_key(signing_key: str | bytes | None) -> bytes | None:
+    """The key a persistent store signs and checks packets with.
+
+    ``signing_key`` when given (an empty value turns signing off), else the ``KVPACKET_STORE_KEY``
+    environment variable, else None (no signatures: damage is still caught by each file's digest).
+
+    Raises:
+        ValueError: a key shorter than 16 bytes.
+    """
+    value = os.environ.get(SIGNING_KEY_ENV) if signing_key is None else signing_key
+    if not value:
+        return None
+    data = value.encode() if isinstance(value, str) else bytes(value)
+    if len(data) < _MIN_SIGNING_KEY:
+        raise ValueError(f"the store signing key has {len(data)} bytes; use a random secret of at least "
+                         f"{_MIN_SIGNING_KEY} (e.g. `openssl rand -hex 32`) in {SIGNING_KEY_ENV} or signing_key=")
+    return data
 
 
 def validate_key(key: str) -> str:

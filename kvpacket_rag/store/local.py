@@ -75,9 +75,10 @@ class _Vanished(Exception):
 class _Damaged(CorruptPacketError):
     """A damaged file, with the inode that was read (so only that file is quarantined)."""
 
-    def __init__(self, message: str, inode: int | None):
+    def __init__(self, message: str, inode: int | None, kind: type[CorruptPacketError] = CorruptPacketError):
         super().__init__(message)
         self.inode = inode
+        self.kind = kind  # the error to raise: CorruptPacketError or UntrustedPacketError
 
 
 class LocalStore(PacketStore):
@@ -236,7 +237,7 @@ class LocalStore(PacketStore):
             except _Damaged as damage:
                 self._quarantine(key, form, str(damage), damage.inode, indexed=row is not None)
                 if self.on_corrupt == "raise":
-                    raise CorruptPacketError(
+                    raise damage.kind(
                         f"packet {key[:12]}… in {self.root} is damaged ({damage}); it was moved to quarantine/, "
                         "so the next lookup misses and rebuilds it"
                     ) from None
@@ -271,7 +272,7 @@ class LocalStore(PacketStore):
         try:
             return decode_entry(memoryview(mapped), key, form, self._signing_key)
         except CorruptPacketError as error:
-            raise _Damaged(str(error), stat.st_ino) from None
+            raise _Damaged(str(error), stat.st_ino, type(error)) from None
 
     def _adopt(self, key: str, form: str) -> KVPacket | None:
         """Index a complete file that has no index entry (its writer died between rename and index)."""

@@ -126,6 +126,12 @@ class RedisStore(PacketStore):
         except redis_lib.exceptions.ConnectionError as error:
             raise StoreUnavailableError(f"cannot reach Redis at {self.url} while {what} ({error}); start "
                                         "redis-server or fix the URL") from None
+        except redis_lib.exceptions.OutOfMemoryError as error:
+            raise StoreError(f"Redis at {self.url} is out of memory and refused {what} ({error}); nothing was "
+                             "written. Raise maxmemory, set an eviction policy, or run `kvpacket store gc`") from None
+        except redis_lib.exceptions.ReadOnlyError as error:
+            raise StoreError(f"Redis at {self.url} is a read-only replica and refused {what} ({error}); point the "
+                             "URL at the primary to write") from None
         except redis_lib.exceptions.ResponseError as error:
             if "NOAUTH" in str(error) or "WRONGPASS" in str(error):
                 raise StoreError(f"Redis at {self.url} needs credentials ({error}); "
@@ -160,7 +166,7 @@ class RedisStore(PacketStore):
                 pipe.get(name)
             pipe.zadd(self._used, dict.fromkeys(names, time.time()), xx=True)  # recency of stored entries only
             replies = pipe.execute(raise_on_error=False)
-            values = replies[:-1]
+            values = [None if _wrong_type(v) else v for v in replies[:-1]]  # not ours: a miss
             for value in values:
                 if isinstance(value, Exception):
                     raise value
@@ -259,7 +265,13 @@ class RedisStore(PacketStore):
     def keys(self, *, quantization: str | None = None) -> Iterator[str]:
         """Keys stored in the given form (default: the store's), sorted."""
         form = self._form(quantization)
-        return iter(sorted(key for _, key, f in self._scan() if f == form))
+        found = [(name, key) for name, key, f in self._scan() if f == form]
+        with self._calling("listing packets"):
+            pipe = self._client.pipeline(transaction=False)
+            for name, _ in found:
+                pipe.type(name)
+            types = pipe.execute()
+        return iter(sorted(key for (_, key), kind in zip(found, types) if kind in (b"string", "string")))
 
     def entries(self) -> list[dict]:
         """Every entry of every form: header fields (see `EntryInfo`) plus ``name`` and ``idle_s``.
@@ -328,9 +340,12 @@ class RedisStore(PacketStore):
         bad: list[BadEntry] = []
         for name, key, form in list(self._scan()):
             with self._calling("reading a packet"):
-                value = self._client.get(name)
-            if value is None:
-                continue  # expired or deleted meanwhile
+                value = self._client.pipeline(transaction=False).get(name).execute(raise_on_error=False)[0]
+            if value is None or _wrong_type(value):
+                continue  # expired or deleted meanwhile, or a key of another type under the prefix
+            if isinstance(value, Exception):
+                with self._calling("reading a packet"):
+                    raise value
             try:
                 decode_entry(value, key, form, self._signing_key)
             except CorruptPacketError as damage:
@@ -388,6 +403,11 @@ class RedisStore(PacketStore):
 
     def _form(self, quantization: str | None) -> str:
         return self.quantization if quantization is None else check_quantization(quantization)
+
+
+def _wrong_type(reply) -> bool:
+    """Whether ``reply`` is Redis's WRONGTYPE error (a key of another type under an entry name)."""
+    return isinstance(reply, redis_lib.exceptions.ResponseError) and str(reply).startswith("WRONGTYPE")
 
 
 def _idle(score, idletime, now: float) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import sqlite3
 import time
 
@@ -126,3 +127,21 @@ def test_inspecting_a_missing_store_does_not_create_one(tmp_path):
     with pytest.raises(StoreError, match="no packet store"):
         LocalStore(tmp_path / "typo", create=False)
     assert not (tmp_path / "typo").exists()
+
+
+def test_a_failed_store_write_still_answers(tmp_path, tiny_llama, caplog):
+    from kvpacket_rag.engine import PacketEngine
+    from kvpacket_rag.generation import GenerationConfig
+
+    store = LocalStore(tmp_path / "s")
+    engine = PacketEngine(tiny_llama, adapter=None, store=store)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64, hard))  # every packet write fails, as on a full disk
+    try:
+        answer = engine.answer("Who was born in London?", ["Ada Lovelace was born in London."],
+                               generation=GenerationConfig(max_new_tokens=2))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert answer.text is not None and engine.counters["packets_built"] == 1
+    assert "could not store 1 new packets" in caplog.text and "no space" in caplog.text
+    assert store.stats()["packets"] == 0 and not list((tmp_path / "s" / "tmp").iterdir())

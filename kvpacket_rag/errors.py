@@ -33,6 +33,10 @@ class InvalidInputError(KVPacketError, ValueError):
     """An input file is not what it should be: a directory, not UTF-8 text, or malformed."""
 
 
+class CorruptIndexError(KVPacketError):
+    """A saved index is malformed, damaged or partially written."""
+
+
 class PacketNotFoundError(KVPacketError, KeyError):
     """A packet key is not in the store."""
 

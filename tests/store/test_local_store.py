@@ -62,7 +62,7 @@ def test_round_trip_is_exact_and_maps_the_file(tmp_path, packets):
 
 def test_keys_are_validated_before_any_io(tmp_path):
     store = LocalStore(tmp_path / "s")
-    for bad in ["../../etc/passwd", "A" * 64, "0" * 63, 12]:
+    for bad in ["../../etc/passwd", "A" * 64, "0" * 63, 12, "0" * 64 + "\n"]:
         with pytest.raises(ValueError, match="invalid packet key"):
             store.get(bad)
     assert not any((tmp_path / "s" / "packets").iterdir())

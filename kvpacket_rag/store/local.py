@@ -3,16 +3,18 @@
 Layout of a store directory::
 
     kvpacket-store.json        marker: {"format": "kvpacket-store/1"}
-    index.sqlite               key, quantization -> size, checksum, fingerprints, dtype, tokens,
+    index.sqlite               key, quantization -> size, checksum (the file's digest), fingerprints, dtype, tokens,
                                positions, created, last_used (WAL mode: many readers, one writer)
     packets/ab/<key>[.int8|.int4].kvp   kvpacket/1 files, fanned out by the key's first two hex digits
     tmp/                       files being written (renamed into packets/ when complete)
     quarantine/                damaged files moved aside by reads, `verify` or `gc`
 
 Writes go to ``tmp/``, are fsynced and renamed into place (then the directory is fsynced), so a
-reader never sees a partial file and a killed writer leaves at most a stale temp file. Reads map
-the file (no copy for plain packets), verify its checksum and content address, and move damaged
-entries to ``quarantine/`` without touching any other entry.
+reader never sees a partial file and a killed writer leaves at most a stale temp file. The rename
+and the index row change under the index's write lock, as do a delete's row and unlink, so a `put`
+racing an `rm` leaves both or neither. Reads map the file (no copy for plain packets), verify its
+digest (and signature, with a signing key) and content address, and move damaged entries to
+``quarantine/`` without touching any other entry; a file removed between lookup and open is a miss.
 """
 
 from __future__ import annotations

@@ -176,12 +176,13 @@ class KVPacket:
 
             return dequantize_packet(tensors, meta)
         if set(tensors) != {"keys", "values", "token_ids"}:
-            raise CorruptPacketError(f"packet holds tensors {sorted(tensors)}, expected keys, values, token_ids; "
+            raise CorruptPacketError(f"packet holds tensors {[n[:20] for n in sorted(tensors)][:8]}, expected keys, "
+                                     "values, token_ids; "
                                      "rebuild the packet")
         dtype = _DTYPE_NAMES.get(tensors["keys"].dtype)
         if dtype is None or dtype != meta.get("dtype") or tensors["values"].dtype != tensors["keys"].dtype:
             raise CorruptPacketError(f"packet tensors are {tensors['keys'].dtype}/{tensors['values'].dtype} but the "
-                                     f"header says {meta.get('dtype')!r}; rebuild the packet")
+                                     f"header says {str(meta.get('dtype'))[:20]!r}; rebuild the packet")
         check_token_ids(tensors["token_ids"])
         return cls(tensors["keys"], tensors["values"], tensors["token_ids"], *packet_fields(meta))
 

@@ -134,7 +134,7 @@ def dequantize_packet(tensors: dict[str, torch.Tensor], meta: dict[str, str]) ->
     if quantization not in BITS:
         raise CorruptPacketError(f"unknown packet quantization {str(quantization)[:20]!r}; rebuild the packet")
     if set(tensors) != _QUANTIZED_TENSORS:
-        raise CorruptPacketError(f"quantized packet holds tensors {sorted(tensors)}, expected "
+        raise CorruptPacketError(f"quantized packet holds tensors {[n[:20] for n in sorted(tensors)][:8]}, expected "
                                  f"{sorted(_QUANTIZED_TENSORS)}; rebuild the packet")
     dtype = _NAMES.get(meta.get("dtype", ""))
     if dtype is None:

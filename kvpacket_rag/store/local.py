@@ -283,8 +283,9 @@ class LocalStore(PacketStore):
         except _Vanished:
             return None
         if not self.read_only:
-            with suppress(StoreError):
-                self._insert(info)
+            with suppress(StoreError), self._transaction():  # unless a concurrent `delete` removed it meanwhile
+                if self.path_of(key, form).exists():
+                    self._insert(info)
         return packet
 
     def _info(self, key: str, form: str) -> EntryInfo:

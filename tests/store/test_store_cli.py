@@ -90,3 +90,14 @@ def test_exit_status_of_each_kind_of_failure():
     assert exit_status(CorruptPacketError("x")) == 3 and exit_status(StoreUnavailableError("x")) == 4
     assert exit_status(StoreError("x")) == 2 and exit_status(EmptyInputError("x")) == 2
     assert exit_status(RuntimeError("x")) == 70
+
+
+def test_a_model_without_a_shipped_adapter_speaks_in_options(tmp_path, tiny_llama, capsys):
+    tiny_llama.model.save_pretrained(tmp_path / "model")
+    tiny_llama.tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "doc.txt").write_text("Ada Lovelace was born in London.")
+    capsys.readouterr()  # the save's progress bar
+    status = main(["ask", "--docs", str(tmp_path / "doc.txt"), "--question", "Where?", "--model", str(tmp_path / "model")])
+    err = capsys.readouterr().err
+    assert status == 3 and "pass --adapter none" in err and "adapter=None" not in err
+    assert len(err.strip().splitlines()) == 1

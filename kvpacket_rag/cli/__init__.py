@@ -6,7 +6,8 @@ says what kind of failure it was:
 ====  ========================================================================================
  0    success
  1    the command ran and reports findings (``store verify``: bad entries; ``store rm``: keys not stored)
- 2    usage or configuration error: bad arguments, a path or store that does not exist, a bad option
+ 2    usage or configuration error: bad arguments, a path or store that does not exist, a bad option,
+      a model and adapter that do not go together
  3    bad data: a document, packet, adapter or saved index is malformed, damaged or not UTF-8
  4    unavailable: a store server or model cannot be reached now (retry, or fix the network/URL)
  70   internal error (a bug): one line, plus the traceback with ``kvpacket --traceback ...``
@@ -20,8 +21,7 @@ import argparse
 import importlib
 import sys
 
-from ..errors import (CorruptIndexError, CorruptPacketError, IncompatiblePacketError, InvalidInputError,
-                      KVPacketError, ModelUnavailableError)
+from ..errors import CorruptIndexError, CorruptPacketError, InvalidInputError, KVPacketError, ModelUnavailableError
 
 EXIT_FINDINGS, EXIT_USAGE, EXIT_BAD_DATA, EXIT_UNAVAILABLE, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 4, 70, 130
 
@@ -50,8 +50,7 @@ def exit_status(error: BaseException) -> int:
     """The exit status for an error that ended a command (see the module docstring)."""
     from ..store import StoreUnavailableError
 
-    if isinstance(error, (CorruptPacketError, CorruptIndexError, InvalidInputError, IncompatiblePacketError,
-                          UnicodeDecodeError)):
+    if isinstance(error, (CorruptPacketError, CorruptIndexError, InvalidInputError, UnicodeDecodeError)):
         return EXIT_BAD_DATA
     if isinstance(error, (StoreUnavailableError, ModelUnavailableError)):
         return EXIT_UNAVAILABLE

@@ -99,5 +99,5 @@ def test_a_model_without_a_shipped_adapter_speaks_in_options(tmp_path, tiny_llam
     capsys.readouterr()  # the save's progress bar
     status = main(["ask", "--docs", str(tmp_path / "doc.txt"), "--question", "Where?", "--model", str(tmp_path / "model")])
     err = capsys.readouterr().err
-    assert status == 3 and "pass --adapter none" in err and "adapter=None" not in err
+    assert status == 2 and "pass --adapter none" in err and "adapter=None" not in err
     assert len(err.strip().splitlines()) == 1

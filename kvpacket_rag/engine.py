@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,9 @@ from .methods import ContextMethod, get_method
 from .models import DEFAULT_MODEL, LoadedModel, load_model
 from .packet import KVPacket
 from .prompt import DEFAULT_SYSTEM_PROMPT, ChatTurn, PromptFormatter
-from .store import InMemoryStore, PacketStore
+from .store import InMemoryStore, PacketStore, StoreError
+
+log = logging.getLogger(__name__)
 
 SHIPPED_ADAPTERS = {DEFAULT_MODEL: Path(__file__).parent / "adapters" / "smollm2-135m-instruct.safetensors"}
 
@@ -172,9 +175,15 @@ class PacketEngine:
         start = time.perf_counter()
         if missing:
             built = builder.build_many([ids[n] for n in missing], progress=progress)
+            unsaved = None
             for n, packet in zip(missing, built):
-                self.store.put(packet)
+                try:
+                    self.store.put(packet)
+                except StoreError as error:  # disk full, read-only, server refused: the packet is in hand
+                    unsaved = unsaved or error
                 found[n] = packet
+            if unsaved is not None:
+                log.warning("could not store %d new packets (%s); answering with them anyway", len(built), unsaved)
             self.counters["packets_built"] += len(built)
         build_s = time.perf_counter() - start if missing else 0.0
         for packet in found:

@@ -25,6 +25,22 @@ class CorruptPacketError(KVPacketError):
     """A stored packet or adapter file is truncated, altered or unreadable."""
 
 
+class UntrustedPacketError(CorruptPacketError):
+    """A store with a signing key found a packet that is unsigned or signed with another key."""
+
+
+class ModelUnavailableError(KVPacketError, OSError):
+    """A model cannot be fetched or read: unknown id, no network, gated repository, damaged directory."""
+
+
+class InvalidInputError(KVPacketError, ValueError):
+    """An input file is not what it should be: a directory, not UTF-8 text, or malformed."""
+
+
+class CorruptIndexError(KVPacketError):
+    """A saved index is malformed, damaged or partially written."""
+
+
 class PacketNotFoundError(KVPacketError, KeyError):
     """A packet key is not in the store."""
 

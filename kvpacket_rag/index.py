@@ -8,8 +8,10 @@ never built again, whichever document it came from.
 Questions: embed -> top-k chunks -> their packets -> `PacketEngine` -> answer, sources and timings.
 With nothing retrieved the question is answered closed-book and the answer says so.
 
-Persistence: ``save(dir)`` writes ``manifest.json`` (fingerprints of model, tokenizer, adapter and
-embedder), ``index.faiss`` and ``chunks.jsonl`` / ``documents.jsonl`` (no pickle). Packets stay in the
+Persistence: ``save(dir)`` writes the FAISS vectors and the chunk / document records (no pickle),
+then ``manifest.json`` (fingerprints of model, tokenizer, adapter and embedder, the data files and
+their digests) with one atomic rename, so a crash never leaves an index that cannot be opened
+(see `kvpacket_rag.index_files`). Packets stay in the
 engine's store: use a persistent store (a local directory or Redis) so that ``PacketIndex.open`` needs
 no rebuild.
 
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,15 +37,15 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Sequence
 import numpy as np
 
 from .chunker import Chunker, ChunkerConfig
-from .errors import EmptyInputError, IncompatiblePacketError, KVPacketError, PacketNotFoundError
+from .errors import CorruptIndexError, EmptyInputError, IncompatiblePacketError, KVPacketError, PacketNotFoundError
 from .generation import GenerationConfig
+from .index_files import INDEX_FORMAT, read_manifest, save_index_files
 from .prompt import ChatTurn
 
 if TYPE_CHECKING:
     from .embedder import Embedder
     from .engine import Answer, PacketEngine
 
-INDEX_FORMAT = "kvpacket-index/1"
 MissingPackets = Literal["build", "error"]
 
 
@@ -565,26 +566,22 @@ class PacketIndex:
     def save(self, directory: str | Path) -> Path:
         """Write the index to ``directory`` (created if needed): manifest, FAISS file and chunk records.
 
-        Files are written to temporary names and renamed, the manifest last. Packets are not copied: they
-        live in the engine's store.
+        Crash-safe: the data files are written under new names, then the manifest is switched with one
+        atomic rename (see `kvpacket_rag.index_files`). Packets are not copied: they live in the
+        engine's store.
         """
         import faiss
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         records = "".join(json.dumps(asdict(r), ensure_ascii=False) + "\n" for r in self.records.values())
         documents = "".join(json.dumps({"doc_id": d, **entry}, ensure_ascii=False) + "\n"
                             for d, entry in self.documents.items())
-        _atomic_write(directory / "chunks.jsonl", records.encode())
-        _atomic_write(directory / "documents.jsonl", documents.encode())
-        tmp = directory / "index.faiss.tmp"
-        faiss.write_index(self.faiss, str(tmp))
-        os.replace(tmp, directory / "index.faiss")
         manifest = {"format": INDEX_FORMAT, "fingerprints": self.fingerprints(), "dim": self.embedder.dim,
-                    "chunker": asdict(self.chunker.config), "next_id": self._next_id, "chunks": len(self.records),
-                    "sha256": {name: _file_sha256(directory / name)
-                               for name in ("chunks.jsonl", "documents.jsonl", "index.faiss")}}
-        _atomic_write(directory / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+                    "chunker": asdict(self.chunker.config), "next_id": self._next_id, "chunks": len(self.records)}
+        writers = {"chunks": lambda path: path.write_bytes(records.encode()),
+                   "documents": lambda path: path.write_bytes(documents.encode()),
+                   "faiss": lambda path: faiss.write_index(self.faiss, str(path))}
+        directory = Path(directory)
+        save_index_files(directory, writers, manifest)
         return directory
 
     @classmethod
@@ -601,39 +598,41 @@ class PacketIndex:
                 for it (vectors are kept: they do not depend on the language model).
 
         Raises:
-            FileNotFoundError, KVPacketError (not an index / damaged files), IndexMismatchError,
+            FileNotFoundError, CorruptIndexError (malformed manifest, damaged or missing files), IndexMismatchError,
             PacketNotFoundError (``missing_packets='error'``).
         """
         import faiss
 
         directory = Path(directory)
-        manifest_path = directory / "manifest.json"
-        if not manifest_path.is_file():
-            raise FileNotFoundError(f"{directory} holds no saved PacketIndex (no manifest.json); create one with "
-                                    "PacketIndex(...).add_documents(...).save(directory)")
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("format") != INDEX_FORMAT:
-            raise KVPacketError(f"{manifest_path} has format {manifest.get('format')!r}, expected {INDEX_FORMAT!r}")
-        for name, digest in manifest["sha256"].items():
-            if _file_sha256(directory / name) != digest:
-                raise KVPacketError(f"{directory / name} does not match its checksum in the manifest (damaged or "
-                                    "partially written); save the index again")
-        index = cls(engine, embedder, ChunkerConfig(**manifest["chunker"]), missing_packets)
+        manifest, files = read_manifest(directory)
+        try:
+            chunker = ChunkerConfig(**manifest["chunker"])
+        except (TypeError, ValueError) as error:
+            raise CorruptIndexError(f"{directory}: the manifest's chunker settings are invalid ({error}); save the "
+                                    "index again") from None
+        index = cls(engine, embedder, chunker, missing_packets)
         index._check_fingerprints(manifest["fingerprints"], rebuild_packets)
-        index.faiss = faiss.read_index(str(directory / "index.faiss"))
-        for line in (directory / "chunks.jsonl").read_text(encoding="utf-8").splitlines():
-            record = ChunkRecord(**json.loads(line))
-            index.records[record.chunk_id] = record
-        for line in (directory / "documents.jsonl").read_text(encoding="utf-8").splitlines():
-            entry = json.loads(line)
-            index.documents[entry.pop("doc_id")] = entry
+        index.faiss = faiss.read_index(str(files["faiss"]))
+        index._load_records(files["chunks"], files["documents"])
         index._next_id = manifest["next_id"]
         if index.faiss.ntotal != len(index.records) or index.faiss.d != index.embedder.dim:
-            raise KVPacketError(f"{directory}: the FAISS index and the chunk records disagree; save the index again")
+            raise CorruptIndexError(f"{directory}: the FAISS index and the chunk records disagree; save the index again")
         if rebuild_packets:
             index._rekey()
         index._check_packets(missing_packets)
         return index
+
+    def _load_records(self, chunks: Path, documents: Path) -> None:
+        try:
+            for line in chunks.read_text(encoding="utf-8").splitlines():
+                record = ChunkRecord(**json.loads(line))
+                self.records[record.chunk_id] = record
+            for line in documents.read_text(encoding="utf-8").splitlines():
+                entry = json.loads(line)
+                self.documents[entry.pop("doc_id")] = entry
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
+            raise CorruptIndexError(f"{chunks.parent}: a chunk or document record is malformed ({error}); save the "
+                                    "index again") from None
 
     def _check_fingerprints(self, saved: dict, rebuild_packets: bool) -> None:
         current = self.fingerprints()
@@ -673,20 +672,3 @@ class PacketIndex:
         """Counts: documents, chunks, distinct packets, and the store's stats."""
         return {"documents": len(self.documents), "chunks": len(self.records), "packets": len(self.packet_keys()),
                 "store": self.engine.store.stats()}
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()

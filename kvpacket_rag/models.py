@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import logging as hf_logging
 
 from . import attention
-from .errors import ContextTooLongError, UnsupportedModelError
+from .errors import ContextTooLongError, ModelUnavailableError, UnsupportedModelError
 from .rope import RopeSpec, detect_rope, self_test
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -249,15 +249,23 @@ def load_model(
     Raises:
         UnsupportedModelError: the architecture/RoPE cannot be served exactly.
         FileNotFoundError: the default model's wheel is not installed.
+        ModelUnavailableError: the id or directory cannot be fetched or read (unknown, offline, gated).
     """
     device = torch.device(device)
     dtype = _resolve_dtype(dtype, device)
     name = name_or_path or DEFAULT_MODEL
     path = default_model_dir() if name == DEFAULT_MODEL else name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(path)
     hf_logging.disable_progress_bar()
     try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    except OSError as error:  # the Hub client's errors (not found, offline, gated) are OSErrors
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = (lines[0] if lines else type(error).__name__)[:300]
+        raise ModelUnavailableError(
+            f"cannot load model {name!r}: {reason}. Check the Hugging Face id or directory; without network set "
+            "HF_HUB_OFFLINE=1 and use a cached or local model; for a gated model run `huggingface-cli login`"
+        ) from None
     finally:
         hf_logging.enable_progress_bar()
     return wrap_model(model.to(device), tokenizer, name)

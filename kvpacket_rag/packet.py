@@ -9,25 +9,30 @@ File format (``kvpacket/1``): a safetensors file with tensors ``keys`` and
 ``values`` ``[layers, kv_heads, T, head_dim]`` (keys after RoPE) and
 ``token_ids`` int64 ``[L]``; its string metadata carries the format version,
 the model / tokenizer / adapter fingerprints, ``n_header``, ``n_trailer``,
-``dtype``, ``quantization`` and an xxh3-128 ``checksum`` of the tensor bytes.
-Decoding maps tensors onto the given buffer without copying.
+``dtype``, ``quantization`` and an xxh3-128 ``digest`` over that metadata and every tensor's name,
+dtype, shape and bytes, so a header that lies about shapes or adapter sizes is caught like a flipped
+byte. Files written before the digest carry a ``checksum`` of the tensor bytes only and are still
+read. A store with a signing key adds ``signature``: an HMAC-SHA256 of the same content.
+Decoding validates every header field before it maps tensors onto the given buffer without copying.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import xxhash
 from safetensors.torch import save
 
-from .errors import CorruptPacketError, IncompatiblePacketError
+from .errors import CorruptPacketError, IncompatiblePacketError, UntrustedPacketError
 
 FORMAT = "kvpacket/1"
 FORMAT_VERSION = 1
@@ -35,6 +40,7 @@ FORMAT_VERSION = 1
 _DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
            "I8": torch.int8, "U8": torch.uint8}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -88,6 +94,9 @@ class KVPacket:
     def __post_init__(self) -> None:
         if self.keys.shape != self.values.shape or self.keys.dim() != 4:
             raise CorruptPacketError(f"packet keys/values must share a 4-D shape, got {tuple(self.keys.shape)} / {tuple(self.values.shape)}")
+        if self.n_header < 0 or self.n_trailer < 0 or self.token_ids.dim() != 1:
+            raise CorruptPacketError(f"packet adapter sizes must be >= 0 and token_ids a vector, got n_header "
+                                     f"{self.n_header}, n_trailer {self.n_trailer}, token_ids {tuple(self.token_ids.shape)}")
         if self.keys.shape[2] != self.n_header + self.token_ids.numel() + self.n_trailer:
             raise CorruptPacketError(
                 f"packet length {self.keys.shape[2]} != n_header + tokens + n_trailer "
@@ -130,53 +139,52 @@ class KVPacket:
                 "n_header": str(self.n_header), "n_trailer": str(self.n_trailer), "dtype": dtype_name(self.dtype),
                 "quantization": self.quantization, "extra": json.dumps(self.extra)}
 
-    def to_bytes(self) -> bytes:
-        """Serialise to ``kvpacket/1`` bytes (safetensors, checksummed)."""
+    def to_bytes(self, signing_key: bytes | None = None) -> bytes:
+        """Serialise to ``kvpacket/1`` bytes (safetensors) sealed by a digest of header and tensors.
+
+        Args:
+            signing_key: when given, also sign the file (HMAC-SHA256 over the same content), so a
+                reader holding the key can tell it from a planted one.
+        """
         tensors = {"keys": self.keys.contiguous().cpu(), "values": self.values.contiguous().cpu(),
                    "token_ids": self.token_ids.to(torch.int64).contiguous().cpu()}
-        checksum = xxhash.xxh3_128()
-        for name in sorted(tensors):
-            checksum.update(tensors[name].reshape(-1).view(torch.uint8).numpy())
-        return save(tensors, metadata={**self.metadata(), "checksum": checksum.hexdigest()})
+        return seal(tensors, self.metadata(), signing_key)
 
     @classmethod
-    def from_bytes(cls, buffer: bytes | bytearray | memoryview, verify: bool = True) -> "KVPacket":
+    def from_bytes(cls, buffer: bytes | bytearray | memoryview, verify: bool = True,
+                   signing_key: bytes | None = None) -> "KVPacket":
         """Decode ``kvpacket/1`` bytes without copying tensor data.
 
         The returned tensors view ``buffer`` (keep it alive; treat them as read-only). Quantized
         files (``quantization`` int8/int4, see `kvpacket_rag.quantize`) are dequantized into new
-        tensors and returned as a plain packet with the original key.
+        tensors and returned as a plain packet with the original key. Every header field is
+        checked (types, shapes, offsets, names) before a tensor is made; files written before the
+        header digest existed are still read, their tensors checked by the older tensor checksum.
+
+        Args:
+            verify: check the digest (skip only for bytes already verified).
+            signing_key: require a valid signature made with this key (checked even without ``verify``).
 
         Raises:
-            CorruptPacketError: truncated, altered or foreign bytes.
+            CorruptPacketError: truncated, altered, foreign or malformed bytes.
+            UntrustedPacketError: ``signing_key`` given and the file is unsigned or signed with another key.
         """
-        header, data = _parse_safetensors(buffer)
-        meta = header.pop("__metadata__", {})
-        if meta.get("format") != FORMAT:
-            raise CorruptPacketError(f"not a kvpacket/1 file (format={meta.get('format')!r}); rebuild the packet")
-        tensors = {}
-        checksum = xxhash.xxh3_128()
-        for name in sorted(header):
-            info = header[name]
-            start, end = info["data_offsets"]
-            if not 0 <= start <= end <= len(data) or info["dtype"] not in _DTYPES:
-                raise CorruptPacketError(f"packet tensor '{name}' points outside the file; the file is truncated")
-            chunk = data[start:end]
-            if verify:
-                checksum.update(chunk)
-            tensors[name] = _tensor_from(chunk, _DTYPES[info["dtype"]], info["shape"])
-        if verify and checksum.hexdigest() != meta.get("checksum"):
-            raise CorruptPacketError("packet checksum mismatch: the file was altered or truncated; delete and rebuild it")
+        meta, specs, chunks = read_sealed(buffer, verify=verify, signing_key=signing_key)
+        tensors = {name: _tensor_from(chunks[name], _DTYPES[spec.dtype], spec.shape) for name, spec in specs.items()}
         if meta.get("quantization", "none") != "none":  # int8/int4 codes + scales: decoded (copied) there
             from .quantize import dequantize_packet
 
             return dequantize_packet(tensors, meta)
-        try:
-            return cls(tensors["keys"], tensors["values"], tensors["token_ids"], int(meta["n_header"]),
-                       int(meta["n_trailer"]), meta["model_fingerprint"], meta["tokenizer_fingerprint"],
-                       meta["adapter_fingerprint"], meta.get("quantization", "none"), json.loads(meta.get("extra", "{}")))
-        except KeyError as error:
-            raise CorruptPacketError(f"packet metadata lacks {error}; rebuild the packet") from None
+        if set(tensors) != {"keys", "values", "token_ids"}:
+            raise CorruptPacketError(f"packet holds tensors {[n[:20] for n in sorted(tensors)][:8]}, expected keys, "
+                                     "values, token_ids; "
+                                     "rebuild the packet")
+        dtype = _DTYPE_NAMES.get(tensors["keys"].dtype)
+        if dtype is None or dtype != meta.get("dtype") or tensors["values"].dtype != tensors["keys"].dtype:
+            raise CorruptPacketError(f"packet tensors are {tensors['keys'].dtype}/{tensors['values'].dtype} but the "
+                                     f"header says {str(meta.get('dtype'))[:20]!r}; rebuild the packet")
+        check_token_ids(tensors["token_ids"])
+        return cls(tensors["keys"], tensors["values"], tensors["token_ids"], *packet_fields(meta))
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (temp file, fsync, rename)."""
@@ -199,6 +207,156 @@ class KVPacket:
         return cls.from_bytes(path.read_bytes(), verify=verify)
 
 
+class TensorSpec(NamedTuple):
+    """One validated tensor entry of a safetensors header."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+_MAX_DIMS = 8
+_MAX_DIM = 1 << 40
+_SEALS = ("checksum", "digest", "signature")
+
+
+def read_header(buffer) -> tuple[dict[str, str], dict[str, TensorSpec], memoryview]:
+    """Parse and validate the safetensors header at the start of ``buffer``.
+
+    Returns ``(metadata, specs, data)``: string metadata, one `TensorSpec` per tensor (dtype
+    known, shape of non-negative ints, offsets inside ``data``) and the bytes after the header.
+    Only the header is read, so ``buffer`` may be the file's first bytes when ``data`` is unused.
+
+    Raises:
+        CorruptPacketError: truncated, not JSON, nested too deeply, or any entry of the wrong type.
+    """
+    header, data = _parse_safetensors(buffer)
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CorruptPacketError("packet metadata is not a map of strings; the file is corrupt")
+    if meta.get("format") != FORMAT:
+        raise CorruptPacketError(f"not a kvpacket/1 file (format={str(meta.get('format'))[:40]!r}); rebuild the packet")
+    return meta, {name: _tensor_spec(name, info) for name, info in header.items()}, data
+
+
+def read_sealed(buffer, verify: bool = True, signing_key: bytes | None = None
+                ) -> tuple[dict[str, str], dict[str, TensorSpec], dict[str, memoryview]]:
+    """`read_header`, the tensors' bytes, and the seal checked: the digest (and signature when keyed).
+
+    Raises:
+        CorruptPacketError: malformed header, tensor outside the file, or digest mismatch.
+        UntrustedPacketError: ``signing_key`` given and the signature is missing or wrong.
+    """
+    meta, specs, data = read_header(buffer)
+    chunks = {}
+    for name, spec in specs.items():
+        if spec.end > len(data):
+            raise CorruptPacketError(f"packet tensor '{name}' points outside the file; the file is truncated")
+        chunks[name] = data[spec.start : spec.end]
+    if signing_key is not None:
+        _check_signature(meta, specs, chunks, signing_key)
+    elif verify:
+        _check_digest(meta, specs, chunks)
+    return meta, specs, chunks
+
+
+def seal(tensors: dict[str, torch.Tensor], metadata: dict[str, str], signing_key: bytes | None = None) -> bytes:
+    """safetensors bytes of ``tensors`` whose metadata carries a ``digest`` (xxh3-128 over metadata, tensor
+    names, dtypes, shapes and bytes) and, with ``signing_key``, an HMAC-SHA256 ``signature`` of the same."""
+    specs = {name: TensorSpec(_SAFETENSORS_NAMES[t.dtype], tuple(t.shape), 0, 0) for name, t in tensors.items()}
+    chunks = {name: t.reshape(-1).view(torch.uint8).numpy() for name, t in tensors.items()}
+    meta = {k: v for k, v in metadata.items() if k not in _SEALS}
+    meta["digest"] = _feed(xxhash.xxh3_128(), meta, specs, chunks).hexdigest()
+    if signing_key is not None:
+        meta["signature"] = _feed(hmac.new(signing_key, digestmod=hashlib.sha256), meta, specs, chunks).hexdigest()
+    return save(tensors, metadata=meta)
+
+
+def _feed(hasher, meta: dict[str, str], specs: dict[str, TensorSpec], chunks: dict) -> object:
+    """Feed the sealed content (metadata without seals, tensor names/dtypes/shapes, tensor bytes) to ``hasher``."""
+    described = {"metadata": {k: v for k, v in meta.items() if k not in _SEALS},
+                 "tensors": {name: [spec.dtype, list(spec.shape)] for name, spec in specs.items()}}
+    hasher.update(json.dumps(described, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(chunks):
+        hasher.update(len(chunks[name]).to_bytes(8, "little"))
+        hasher.update(chunks[name])
+    return hasher
+
+
+def _check_digest(meta: dict[str, str], specs: dict[str, TensorSpec], chunks: dict[str, memoryview]) -> None:
+    if "digest" in meta:
+        found = _feed(xxhash.xxh3_128(), meta, specs, chunks).hexdigest()
+        expected = meta["digest"]
+    else:  # written before the header digest: the checksum covers tensor bytes only
+        checksum = xxhash.xxh3_128()
+        for name in sorted(chunks):
+            checksum.update(chunks[name])
+        found, expected = checksum.hexdigest(), meta.get("checksum")
+    if found != expected:
+        raise CorruptPacketError("packet checksum mismatch: its header or tensors were altered or truncated; "
+                                 "delete and rebuild it")
+
+
+def _check_signature(meta: dict[str, str], specs: dict[str, TensorSpec], chunks: dict[str, memoryview],
+                     signing_key: bytes) -> None:
+    signature = meta.get("signature")
+    if signature is None:
+        raise UntrustedPacketError("packet is not signed, but this store requires signed packets (a signing key is "
+                                   "set); it was written without the key or planted. Delete it and rebuild it with "
+                                   "the store's key")
+    found = _feed(hmac.new(signing_key, digestmod=hashlib.sha256), meta, specs, chunks).hexdigest()
+    if not hmac.compare_digest(found, signature):
+        raise UntrustedPacketError("packet signature does not match this store's key: it was altered, planted or "
+                                   "signed with another key. Delete it and rebuild it with the store's key")
+
+
+def _tensor_spec(name: str, info) -> TensorSpec:
+    if not isinstance(info, dict):
+        raise CorruptPacketError(f"packet header entry {name[:40]!r} is not a tensor description; the file is corrupt")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise CorruptPacketError(f"packet tensor {name[:40]!r} has an unknown dtype; the file is corrupt")
+    if (not isinstance(shape, list) or len(shape) > _MAX_DIMS
+            or not all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape)):
+        raise CorruptPacketError(f"packet tensor {name[:40]!r} has a malformed shape; the file is corrupt")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise CorruptPacketError(f"packet tensor {name[:40]!r} has malformed offsets; the file is corrupt")
+    return TensorSpec(dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def int_field(meta: dict[str, str], name: str, limit: int = 1 << 31) -> int:
+    """Metadata field ``name`` as an int in ``[0, limit)``; CorruptPacketError if absent or not one."""
+    text = meta.get(name)
+    if text is None or not text.isascii() or not text.isdigit() or len(text) > 12 or int(text) >= limit:
+        raise CorruptPacketError(f"packet metadata field {name!r} is missing or not a count ({str(text)[:20]!r}); "
+                                 "rebuild the packet")
+    return int(text)
+
+
+def check_token_ids(token_ids: torch.Tensor) -> None:
+    """CorruptPacketError unless ``token_ids`` is an int64 vector."""
+    if token_ids.dtype != torch.int64 or token_ids.dim() != 1:
+        raise CorruptPacketError(f"packet token_ids must be an int64 vector, got {token_ids.dtype} "
+                                 f"{tuple(token_ids.shape)}; rebuild the packet")
+
+
+def packet_fields(meta: dict[str, str]) -> tuple:
+    """``(n_header, n_trailer, model, tokenizer, adapter fingerprints, quantization, extra)`` from checked metadata."""
+    missing = [f for f in ("model_fingerprint", "tokenizer_fingerprint", "adapter_fingerprint") if f not in meta]
+    if missing:
+        raise CorruptPacketError(f"packet metadata lacks {', '.join(missing)}; rebuild the packet")
+    try:
+        extra = json.loads(meta.get("extra", "{}"))
+    except (ValueError, RecursionError):
+        extra = None
+    if not isinstance(extra, dict):
+        raise CorruptPacketError("packet metadata 'extra' is not a JSON object; rebuild the packet")
+    return (int_field(meta, "n_header"), int_field(meta, "n_trailer"), meta["model_fingerprint"],
+            meta["tokenizer_fingerprint"], meta["adapter_fingerprint"], "none", extra)
+
+
 def _parse_safetensors(buffer) -> tuple[dict, memoryview]:
     view = memoryview(buffer).cast("B")
     if len(view) < 8:
@@ -208,7 +366,7 @@ def _parse_safetensors(buffer) -> tuple[dict, memoryview]:
         raise CorruptPacketError("packet file is truncated or not a safetensors file")
     try:
         header = json.loads(bytes(view[8 : 8 + size]))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # bad JSON or UTF-8, huge numbers, nesting past the parser's limit
         raise CorruptPacketError("packet header is not valid JSON; the file is corrupt") from None
     if not isinstance(header, dict):
         raise CorruptPacketError("packet header is malformed")

@@ -9,7 +9,7 @@ tensors are
 - ``key_scale``, ``key_zero``, ``value_scale``, ``value_zero``: float32 ``[layers, kv_heads, 1, head_dim]``;
 - ``token_ids``: int64 ``[L]``,
 
-and its xxh3-128 ``checksum`` covers every tensor (sorted by name), as for plain packets.
+sealed like plain packets: the ``digest`` covers the metadata (``head_dim`` included) and every tensor.
 
 Each (layer, head, channel) is quantized asymmetrically over the packet's positions:
 ``code = round((x - zero) / scale)`` with ``zero = min``, ``scale = (max - min) / (2**bits - 1)``,
@@ -22,15 +22,12 @@ the packet that was quantized. Dequantized tensors are new memory, not views of 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import torch
-import xxhash
-from safetensors.torch import save
 
 from .errors import CorruptPacketError
-from .packet import KVPacket
+from .packet import KVPacket, check_token_ids, int_field, packet_fields, seal
 
 QUANTIZATIONS = ("none", "int8", "int4")
 BITS = {"int8": 8, "int4": 4}
@@ -99,8 +96,11 @@ def quantize(x: torch.Tensor, bits: int) -> QuantizedTensor:
     return QuantizedTensor(codes.contiguous(), scale.contiguous(), zero.contiguous(), bits)
 
 
-def encode_packet(packet: KVPacket, quantization: str = "none") -> bytes:
+def encode_packet(packet: KVPacket, quantization: str = "none", signing_key: bytes | None = None) -> bytes:
     """``kvpacket/1`` bytes of ``packet``, quantized as asked (``none`` gives `KVPacket.to_bytes`).
+
+    Args:
+        signing_key: sign the file with this key (see `KVPacket.to_bytes`).
 
     Raises:
         ValueError: unknown quantization, or a packet that is already quantized.
@@ -109,45 +109,66 @@ def encode_packet(packet: KVPacket, quantization: str = "none") -> bytes:
     if packet.quantization != "none":
         raise ValueError(f"packet {packet.key[:12]} is already {packet.quantization}; store the original packet")
     if quantization == "none":
-        return packet.to_bytes()
+        return packet.to_bytes(signing_key)
     bits = BITS[quantization]
     keys, values = quantize(packet.keys, bits), quantize(packet.values, bits)
     tensors = {"keys": keys.codes, "values": values.codes, "key_scale": keys.scale, "key_zero": keys.zero,
                "value_scale": values.scale, "value_zero": values.zero,
                "token_ids": packet.token_ids.to(torch.int64).contiguous().cpu()}
-    checksum = xxhash.xxh3_128()
-    for name in sorted(tensors):
-        checksum.update(tensors[name].reshape(-1).view(torch.uint8).numpy())
-    metadata = {**packet.metadata(), "quantization": quantization, "head_dim": str(packet.keys.shape[-1]),
-                "checksum": checksum.hexdigest()}
-    return save(tensors, metadata=metadata)
+    metadata = {**packet.metadata(), "quantization": quantization, "head_dim": str(packet.keys.shape[-1])}
+    return seal(tensors, metadata, signing_key)
+
+
+_QUANTIZED_TENSORS = {"keys", "values", "key_scale", "key_zero", "value_scale", "value_zero", "token_ids"}
 
 
 def dequantize_packet(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> KVPacket:
-    """Restore a plain packet from the (checksum-verified) tensors and metadata of a quantized file.
+    """Restore a plain packet from the (digest-verified) tensors and metadata of a quantized file.
+
+    Every tensor's dtype and shape is checked against the others before anything is computed.
 
     Raises:
-        CorruptPacketError: missing tensors or metadata, or shapes that do not fit together.
+        CorruptPacketError: missing or extra tensors, bad metadata, or shapes that do not fit together.
     """
     quantization = meta.get("quantization")
     if quantization not in BITS:
-        raise CorruptPacketError(f"unknown packet quantization {quantization!r}; rebuild the packet")
-    try:
-        dtype = _NAMES[meta["dtype"]]
-        parts = {}
-        for name, prefix in (("keys", "key"), ("values", "value")):
-            codes, scale, zero = tensors[name], tensors[f"{prefix}_scale"], tensors[f"{prefix}_zero"]
-            if codes.dtype != torch.uint8 or scale.dtype != torch.float32 or zero.dtype != torch.float32:
-                raise CorruptPacketError(f"quantized packet tensor '{name}' has the wrong dtype; rebuild the packet")
-            quantized = QuantizedTensor(codes, scale, zero, BITS[quantization])
-            parts[name] = quantized.dequantize(dtype)
-        return KVPacket(parts["keys"], parts["values"], tensors["token_ids"], int(meta["n_header"]),
-                        int(meta["n_trailer"]), meta["model_fingerprint"], meta["tokenizer_fingerprint"],
-                        meta["adapter_fingerprint"], "none", json.loads(meta.get("extra", "{}")))
-    except KeyError as error:
-        raise CorruptPacketError(f"quantized packet lacks {error}; rebuild the packet") from None
-    except RuntimeError as error:  # shapes of codes and scales do not broadcast
-        raise CorruptPacketError(f"quantized packet tensors do not fit together ({error}); rebuild the packet") from None
+        raise CorruptPacketError(f"unknown packet quantization {str(quantization)[:20]!r}; rebuild the packet")
+    if set(tensors) != _QUANTIZED_TENSORS:
+        raise CorruptPacketError(f"quantized packet holds tensors {[n[:20] for n in sorted(tensors)][:8]}, expected "
+                                 f"{sorted(_QUANTIZED_TENSORS)}; rebuild the packet")
+    dtype = _NAMES.get(meta.get("dtype", ""))
+    if dtype is None:
+        raise CorruptPacketError(f"quantized packet restores to unknown dtype {str(meta.get('dtype'))[:20]!r}; "
+                                 "rebuild the packet")
+    check_token_ids(tensors["token_ids"])
+    _check_quantized_shapes(tensors, meta, BITS[quantization])
+    parts = {}
+    for name, prefix in (("keys", "key"), ("values", "value")):
+        quantized = QuantizedTensor(tensors[name], tensors[f"{prefix}_scale"], tensors[f"{prefix}_zero"],
+                                    BITS[quantization])
+        parts[name] = quantized.dequantize(dtype)
+    return KVPacket(parts["keys"], parts["values"], tensors["token_ids"], *packet_fields(meta))
+
+
+def _check_quantized_shapes(tensors: dict[str, torch.Tensor], meta: dict[str, str], bits: int) -> None:
+    """CorruptPacketError unless codes and scales fit one ``[layers, kv_heads, T, head_dim]`` packet."""
+    codes = tensors["keys"]
+    head_dim = int_field(meta, "head_dim", limit=1 << 20) if "head_dim" in meta else codes.shape[-1] * (8 // bits)
+    problem = None
+    if codes.dim() != 4 or tensors["values"].shape != codes.shape:
+        problem = f"codes of shapes {tuple(codes.shape)} / {tuple(tensors['values'].shape)} are not one 4-D shape"
+    elif codes.shape[-1] * (8 // bits) != head_dim:
+        problem = f"codes of width {codes.shape[-1]} do not hold head_dim {head_dim} at {bits} bits"
+    else:
+        want = (*codes.shape[:2], 1, head_dim)
+        for name in ("key_scale", "key_zero", "value_scale", "value_zero"):
+            if tensors[name].shape != want or tensors[name].dtype != torch.float32:
+                problem = f"'{name}' is {tensors[name].dtype} {tuple(tensors[name].shape)}, expected float32 {want}"
+    for name in ("keys", "values"):
+        if tensors[name].dtype != torch.uint8:
+            problem = f"codes '{name}' are {tensors[name].dtype}, expected uint8"
+    if problem:
+        raise CorruptPacketError(f"quantized packet tensors do not fit together: {problem}; rebuild the packet")
 
 
 def reconstruction_error(packet: KVPacket, quantization: str) -> dict[str, float]:

@@ -145,7 +145,7 @@ def test_open_refuses_another_model_adapter_or_embedder(index, engine, embedder,
         PacketIndex.open(path, fresh_store, embedder, missing_packets="error")
     PacketIndex.open(path, fresh_store, embedder)
     assert fresh_store.counters["packets_built"] == 3
-    (path / "chunks.jsonl").write_text("{}\n")
+    next(path.glob("chunks.*.jsonl")).write_text("{}\n")
     with pytest.raises(KVPacketError, match="checksum"):
         PacketIndex.open(path, engine, embedder)
     with pytest.raises(FileNotFoundError, match="no saved PacketIndex"):

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import EmptyInputError
+from ..errors import EmptyInputError, InvalidInputError
 from ..generation import GenerationConfig
 from .common import add_model_arguments, make_engine
 
@@ -39,20 +39,31 @@ def read_documents(paths: list[Path]) -> list[tuple[str, str]]:
 
     Raises:
         FileNotFoundError: a path does not exist. EmptyInputError: no non-empty document.
+        InvalidInputError: a file is not UTF-8 text or cannot be read (the message names it).
     """
     files: list[Path] = []
     for path in paths:
-        if path.is_dir():
-            files += sorted(p for p in path.iterdir() if p.suffix in (".txt", ".md"))
+        if path.is_dir():  # entries that are directories (even one named x.md) are not documents
+            files += sorted(p for p in path.iterdir() if p.suffix in (".txt", ".md") and p.is_file())
         elif path.is_file():
             files.append(path)
         else:
-            raise FileNotFoundError(f"document path {path} does not exist")
-    docs = [(f.name, f.read_text(encoding="utf-8")) for f in files]
+            raise FileNotFoundError(f"document path {path} does not exist (or is not a regular file)")
+    docs = [(f.name, _read_text(f)) for f in files]
     docs = [(name, text) for name, text in docs if text.strip()]
     if not docs:
         raise EmptyInputError(f"no non-empty .txt/.md documents found in {', '.join(map(str, paths))}")
     return docs
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidInputError(f"document {path} is not UTF-8 text ({error.reason} at byte {error.start}); "
+                                "convert it (e.g. `iconv -t UTF-8`) or leave it out") from None
+    except OSError as error:
+        raise InvalidInputError(f"cannot read document {path}: {error.strerror or error}") from None
 
 
 def _open_store(spec: str | None):

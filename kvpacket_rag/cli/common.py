@@ -23,5 +23,10 @@ def make_engine(args: argparse.Namespace, store=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from ..errors import IncompatiblePacketError
+
     adapter = None if args.adapter == "none" else args.adapter
-    return PacketEngine(args.model, adapter=adapter, store=store, device=args.device, dtype=args.dtype)
+    try:
+        return PacketEngine(args.model, adapter=adapter, store=store, device=args.device, dtype=args.dtype)
+    except IncompatiblePacketError as error:  # speak in command-line options, not keyword arguments
+        raise IncompatiblePacketError(str(error).replace("pass adapter=None", "pass --adapter none")) from None

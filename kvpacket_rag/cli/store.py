@@ -39,7 +39,8 @@ def register(subparsers) -> None:
 
     stats = action("stats", "packets, bytes, bytes per token, counters", run_stats)
     stats.add_argument("--json", action="store_true", help="print the stats as JSON")
-    verify = action("verify", "re-check every checksum and fingerprint; list bad entries (exit 1 if any)", run_verify)
+    verify = action("verify", "re-check every digest, header and fingerprint; list all bad entries (exit 1 if any)",
+                    run_verify)
     verify.add_argument("--quarantine", action="store_true",
                         help="move bad entries aside (and index complete files that lack an entry)")
     gc = action("gc", "remove entries by age, size budget or foreign model/adapter; clean leftovers", run_gc)
@@ -60,12 +61,14 @@ def register(subparsers) -> None:
 
 
 def _open(args):
+    """The existing store named by ``--store`` (never creates one: a typo is an error)."""
     from ..store import open_store
 
-    options = {"prefix": args.prefix} if args.prefix is not None else {}
-    if options and not args.store.startswith(("redis://", "rediss://", "unix://")):
+    redis = args.store.startswith(("redis://", "rediss://", "unix://"))
+    if args.prefix is not None and not redis:
         raise ValueError("--prefix applies to Redis stores only")
-    return open_store(args.store, **options)
+    options = {"prefix": args.prefix} if args.prefix is not None else {}
+    return open_store(args.store, **options) if redis else open_store(args.store, create=False)
 
 
 def run_stats(args) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from .base import InMemoryStore, PacketStore, StoreError, StoreUnavailableError, validate_key
+from .base import SIGNING_KEY_ENV, InMemoryStore, PacketStore, StoreError, StoreUnavailableError, validate_key
 from .local import BadEntry, LocalStore
 from .memory import MemoryCache
 
@@ -25,8 +25,8 @@ def open_store(spec: str | os.PathLike, *, cache_bytes: int = 0, **options) -> P
     Args:
         spec: Redis URL (see `RedisStore`) or store directory (see `LocalStore`).
         cache_bytes: when > 0, wrap the store in a `MemoryCache` with this byte budget.
-        options: passed to the store (``quantization``, ``on_corrupt``; for Redis ``prefix``,
-            ``ttl``, ``socket_timeout``, ...).
+        options: passed to the store (``quantization``, ``on_corrupt``, ``signing_key``; for a
+            directory ``create``; for Redis ``prefix``, ``ttl``, ``socket_timeout``, ...).
 
     Example:
         >>> store = open_store("redis://localhost:6379/0", quantization="int8")
@@ -51,5 +51,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["BadEntry", "InMemoryStore", "LocalStore", "MemoryCache", "PacketStore", "RedisStore", "StoreError",
+__all__ = ["SIGNING_KEY_ENV", "BadEntry", "InMemoryStore", "LocalStore", "MemoryCache", "PacketStore", "RedisStore", "StoreError",
            "StoreUnavailableError", "open_store", "validate_key"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from abc import ABC, abstractmethod
@@ -10,7 +11,7 @@ from typing import Iterable, Iterator, Sequence
 from ..errors import KVPacketError, PacketNotFoundError
 from ..packet import KVPacket
 
-_KEY = re.compile(r"^[0-9a-f]{64}$")
+_KEY = re.compile(r"[0-9a-f]{64}")
 
 
 class StoreError(KVPacketError):
@@ -21,12 +22,35 @@ class StoreUnavailableError(StoreError):
     """The store's server cannot be reached or did not answer in time."""
 
 
+SIGNING_KEY_ENV = "KVPACKET_STORE_KEY"
+_MIN_SIGNING_KEY = 16
+
+
+def resolve_signing_key(signing_key: str | bytes | None) -> bytes | None:
+    """The key a persistent store signs and checks packets with.
+
+    ``signing_key`` when given (an empty value turns signing off), else the ``KVPACKET_STORE_KEY``
+    environment variable, else None (no signatures: damage is still caught by each file's digest).
+
+    Raises:
+        ValueError: a key shorter than 16 bytes.
+    """
+    value = os.environ.get(SIGNING_KEY_ENV) if signing_key is None else signing_key
+    if not value:
+        return None
+    data = value.encode() if isinstance(value, str) else bytes(value)
+    if len(data) < _MIN_SIGNING_KEY:
+        raise ValueError(f"the store signing key has {len(data)} bytes; use a random secret of at least "
+                         f"{_MIN_SIGNING_KEY} (e.g. `openssl rand -hex 32`) in {SIGNING_KEY_ENV} or signing_key=")
+    return data
+
+
 def validate_key(key: str) -> str:
     """Return ``key`` if it is a 64-char lowercase hex packet key, else raise ValueError.
 
     Keys become file names and Redis keys; nothing else (no user text) may.
     """
-    if not isinstance(key, str) or not _KEY.match(key):
+    if not isinstance(key, str) or not _KEY.fullmatch(key):
         raise ValueError(f"invalid packet key {key!r}: expected 64 lowercase hex characters (a packet.key)")
     return key
 

@@ -6,11 +6,11 @@ import re
 from dataclasses import dataclass
 
 from ..errors import CorruptPacketError
-from ..packet import FORMAT, KVPacket, _parse_safetensors
+from ..packet import KVPacket, read_header
 from ..quantize import QUANTIZATIONS, check_quantization
 from .base import validate_key
 
-_ENTRY = re.compile(r"^([0-9a-f]{64})(?:\.(int8|int4))?$")
+_ENTRY = re.compile(r"([0-9a-f]{64})(?:\.(int8|int4))?")
 
 
 def entry_name(key: str, quantization: str) -> str:
@@ -25,7 +25,7 @@ def entry_name(key: str, quantization: str) -> str:
 
 def parse_entry_name(name: str) -> tuple[str, str] | None:
     """``(key, quantization)`` of a storage name, or None when ``name`` is not one."""
-    match = _ENTRY.match(name)
+    match = _ENTRY.fullmatch(name)
     return (match.group(1), match.group(2) or "none") if match else None
 
 
@@ -48,35 +48,42 @@ class EntryInfo:
 def header_info(key: str, quantization: str, buffer, size: int | None = None) -> EntryInfo:
     """Summary of the ``kvpacket/1`` header at the start of ``buffer`` (the whole file or its first bytes).
 
+    ``checksum`` is the file's seal: its ``digest`` (header and tensors) or, for files written
+    before the digest, the tensor ``checksum``.
+
     Raises:
-        CorruptPacketError: not a kvpacket/1 header, or one that lacks a field.
+        CorruptPacketError: not a kvpacket/1 header, or one that lacks or mistypes a field.
     """
-    header, _ = _parse_safetensors(buffer)
-    meta = header.pop("__metadata__", {})
-    if meta.get("format") != FORMAT:
-        raise CorruptPacketError(f"entry {key[:12]} is not a kvpacket/1 file; it was replaced or damaged")
     try:
-        return EntryInfo(key, meta["quantization"], size if size is not None else len(memoryview(buffer)),
-                         meta["checksum"], meta["model_fingerprint"], meta["tokenizer_fingerprint"],
-                         meta["adapter_fingerprint"], meta["dtype"], int(header["token_ids"]["shape"][0]),
-                         int(header["keys"]["shape"][2]))
-    except (KeyError, IndexError, TypeError, ValueError) as error:
-        raise CorruptPacketError(f"entry {key[:12]} has an incomplete header ({error}); it was damaged") from None
+        meta, specs, _ = read_header(buffer)
+    except CorruptPacketError as error:
+        raise CorruptPacketError(f"entry {key[:12]}: {error}") from None
+    seal = meta.get("digest", meta.get("checksum"))
+    tokens, keys = specs.get("token_ids"), specs.get("keys")
+    fields = ("quantization", "model_fingerprint", "tokenizer_fingerprint", "adapter_fingerprint", "dtype")
+    missing = [f for f in fields if f not in meta] + ([] if seal else ["digest"])
+    if missing or tokens is None or keys is None or len(tokens.shape) != 1 or len(keys.shape) != 4:
+        raise CorruptPacketError(f"entry {key[:12]} has an incomplete header (lacks {', '.join(missing) or 'tensors'}); "
+                                 "it was damaged")
+    return EntryInfo(key, meta["quantization"], size if size is not None else len(memoryview(buffer)), seal,
+                     meta["model_fingerprint"], meta["tokenizer_fingerprint"], meta["adapter_fingerprint"],
+                     meta["dtype"], tokens.shape[0], keys.shape[2])
 
 
-def decode_entry(buffer, key: str, quantization: str) -> KVPacket:
-    """Decode and fully check a stored entry: checksum, quantization and content address.
+def decode_entry(buffer, key: str, quantization: str, signing_key: bytes | None = None) -> KVPacket:
+    """Decode and fully check a stored entry: digest (and signature), quantization and content address.
 
-    A file whose checksum holds but whose packet has another key (another model, tokenizer,
+    A file whose digest holds but whose packet has another key (another model, tokenizer,
     adapter, dtype or chunk) is refused: a store never returns a packet under a foreign key.
 
     Raises:
         CorruptPacketError: damaged bytes, or a packet that is not the one ``key`` names.
+        UntrustedPacketError: ``signing_key`` given and the entry is unsigned or signed with another key.
     """
     info = header_info(key, quantization, buffer)
     if info.quantization != quantization:
-        raise CorruptPacketError(f"entry {key[:12]} holds a {info.quantization} packet where {quantization} was stored")
-    packet = KVPacket.from_bytes(buffer, verify=True)
+        raise CorruptPacketError(f"entry {key[:12]} holds a {info.quantization[:8]} packet where {quantization} was stored")
+    packet = KVPacket.from_bytes(buffer, verify=True, signing_key=signing_key)
     if packet.key != key:
         raise CorruptPacketError(
             f"entry {key[:12]} holds the packet {packet.key[:12]} (another model, tokenizer, adapter or chunk); "

@@ -3,16 +3,18 @@
 Layout of a store directory::
 
     kvpacket-store.json        marker: {"format": "kvpacket-store/1"}
-    index.sqlite               key, quantization -> size, checksum, fingerprints, dtype, tokens,
+    index.sqlite               key, quantization -> size, checksum (the file's digest), fingerprints, dtype, tokens,
                                positions, created, last_used (WAL mode: many readers, one writer)
     packets/ab/<key>[.int8|.int4].kvp   kvpacket/1 files, fanned out by the key's first two hex digits
     tmp/                       files being written (renamed into packets/ when complete)
     quarantine/                damaged files moved aside by reads, `verify` or `gc`
 
 Writes go to ``tmp/``, are fsynced and renamed into place (then the directory is fsynced), so a
-reader never sees a partial file and a killed writer leaves at most a stale temp file. Reads map
-the file (no copy for plain packets), verify its checksum and content address, and move damaged
-entries to ``quarantine/`` without touching any other entry.
+reader never sees a partial file and a killed writer leaves at most a stale temp file. The rename
+and the index row change under the index's write lock, as do a delete's row and unlink, so a `put`
+racing an `rm` leaves both or neither. Reads map the file (no copy for plain packets), verify its
+digest (and signature, with a signing key) and content address, and move damaged entries to
+``quarantine/`` without touching any other entry; a file removed between lookup and open is a miss.
 """
 
 from __future__ import annotations
@@ -27,14 +29,14 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CorruptPacketError, PacketNotFoundError
 from ..packet import KVPacket
 from ..quantize import check_quantization, encode_packet
-from .base import PacketStore, StoreError, validate_key
+from .base import PacketStore, StoreError, resolve_signing_key, validate_key
 from .entries import EntryInfo, decode_entry, entry_name, header_info, parse_entry_name, summarize
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS packets (
     dtype TEXT NOT NULL, tokens INTEGER NOT NULL, positions INTEGER NOT NULL,
     created REAL NOT NULL, last_used REAL NOT NULL,
     PRIMARY KEY (key, quantization)) WITHOUT ROWID"""
+_INSERT = f"INSERT OR REPLACE INTO packets ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
@@ -67,12 +70,17 @@ class BadEntry:
     action: str = "reported"
 
 
+class _Vanished(Exception):
+    """The entry's file disappeared (removed by `delete` or `gc` in another thread or process)."""
+
+
 class _Damaged(CorruptPacketError):
     """A damaged file, with the inode that was read (so only that file is quarantined)."""
 
-    def __init__(self, message: str, inode: int | None):
+    def __init__(self, message: str, inode: int | None, kind: type[CorruptPacketError] = CorruptPacketError):
         super().__init__(message)
         self.inode = inode
+        self.kind = kind  # the error to raise: CorruptPacketError or UntrustedPacketError
 
 
 class LocalStore(PacketStore):
@@ -88,9 +96,15 @@ class LocalStore(PacketStore):
         on_corrupt: ``raise`` (default): a damaged entry raises `CorruptPacketError` after it is
             quarantined; ``miss``: it is quarantined and reported as missing, so the engine rebuilds it.
         busy_timeout_s: how long to wait for another process's index write.
+        signing_key: sign every packet written and refuse unsigned or wrongly signed ones
+            (default: the ``KVPACKET_STORE_KEY`` environment variable; ``""`` turns it off).
+        create: create the store when ``path`` holds none (False: raise instead, for tools that
+            only inspect an existing store).
 
     Raises:
-        StoreError: ``path`` is a file or a non-store directory, or cannot be created.
+        StoreError: ``path`` is a file or a non-store directory, holds no store and ``create`` is
+            False, or cannot be created; its index cannot be opened.
+        ValueError: a bad option (unknown quantization or ``on_corrupt``, a short signing key).
 
     Example:
         >>> store = LocalStore("~/.cache/kvpacket/packets", quantization="int8")
@@ -98,14 +112,18 @@ class LocalStore(PacketStore):
     """
 
     def __init__(self, path: str | os.PathLike, quantization: str = "none", on_corrupt: str = "raise",
-                 busy_timeout_s: float = 30.0):
+                 busy_timeout_s: float = 30.0, signing_key: str | bytes | None = None, create: bool = True):
         if on_corrupt not in ("raise", "miss"):
             raise ValueError(f"on_corrupt must be 'raise' or 'miss', got {on_corrupt!r}")
         self.root = Path(path).expanduser()
         self.quantization = check_quantization(quantization)
         self.on_corrupt = on_corrupt
+        self._signing_key = resolve_signing_key(signing_key)
         self.counters = {"puts": 0, "hits": 0, "misses": 0, "corrupt": 0}
         self._lock = threading.RLock()
+        if not create and not (self.root / MARKER).is_file():
+            raise StoreError(f"no packet store at {self.root}; check the path (a store is created by "
+                             f"`kvpacket build --store {self.root}`)")
         self.read_only = not self._prepare()
         self._db = self._connect(busy_timeout_s)
 
@@ -141,15 +159,34 @@ class LocalStore(PacketStore):
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.execute(_SCHEMA)
                 return db
-            if not index.is_file():
-                raise StoreError(f"read-only packet store {self.root} has no index")
-            # A read-only directory cannot hold WAL's shared-memory file: read the index as immutable.
-            uri = f"{index.resolve().as_uri()}?mode=ro&immutable=1"
-            db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
-            db.execute("SELECT count(*) FROM packets").fetchone()
-            return db
+            return self._connect_read_only(index, busy_timeout_s)
         except sqlite3.DatabaseError as error:
-            raise StoreError(f"cannot open the index of packet store {self.root}: {error}") from None
+            raise StoreError(f"cannot open the index of packet store {self.root}: {error}; if it is damaged, move "
+                             "index.sqlite aside and run `kvpacket store verify --quarantine` to re-index the "
+                             "packet files") from None
+
+    def _connect_read_only(self, index: Path, busy_timeout_s: float) -> sqlite3.Connection:
+        """The index opened read-only (never ``immutable``: a writer with other permissions may still
+        change it); when SQLite cannot open it so (no WAL files and no right to create them), an
+        in-memory index built from the packet files' headers, which are authoritative."""
+        if index.is_file():
+            uri = f"{index.resolve().as_uri()}?mode=ro"
+            db = sqlite3.connect(uri, uri=True, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+            try:
+                db.execute("SELECT count(*) FROM packets").fetchone()
+                return db
+            except sqlite3.OperationalError as error:
+                db.close()
+                log.info("read-only packet store %s: index not readable in place (%s); indexing the files", self.root,
+                         error)
+        db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        db.execute(_SCHEMA)
+        for path in sorted((self.root / "packets").glob("*/*.kvp")):
+            parsed = parse_entry_name(path.stem)
+            with suppress(_Vanished, _Damaged, OSError):  # a damaged file is reported when it is read
+                if parsed is not None:
+                    db.execute(_INSERT, _row(self._info(*parsed), path.stat().st_mtime))
+        return db
 
     def close(self) -> None:
         """Close the index connection (packets already returned stay valid)."""
@@ -196,10 +233,13 @@ class LocalStore(PacketStore):
             row = rows.get(key)
             try:
                 packet = self._read(key, form, row[0]) if row else self._adopt(key, form)
+            except _Vanished:  # removed since the index lookup: a miss, not damage
+                self._forget(key, form)
+                packet = None
             except _Damaged as damage:
                 self._quarantine(key, form, str(damage), damage.inode, indexed=row is not None)
                 if self.on_corrupt == "raise":
-                    raise CorruptPacketError(
+                    raise damage.kind(
                         f"packet {key[:12]}… in {self.root} is damaged ({damage}); it was moved to quarantine/, "
                         "so the next lookup misses and rebuilds it"
                     ) from None
@@ -219,7 +259,7 @@ class LocalStore(PacketStore):
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
-            raise _Damaged("its file is missing", None) from None
+            raise _Vanished() from None
         except OSError as error:
             raise StoreError(f"cannot read {path}: {error.strerror}") from None
         try:
@@ -232,20 +272,39 @@ class LocalStore(PacketStore):
         finally:
             os.close(fd)
         try:
-            return decode_entry(memoryview(mapped), key, form)
+            return decode_entry(memoryview(mapped), key, form, self._signing_key)
         except CorruptPacketError as error:
-            raise _Damaged(str(error), stat.st_ino) from None
+            raise _Damaged(str(error), stat.st_ino, type(error)) from None
 
     def _adopt(self, key: str, form: str) -> KVPacket | None:
         """Index a complete file that has no index entry (its writer died between rename and index)."""
-        path = self.path_of(key, form)
-        if not path.is_file():
+        try:
+            packet, info = self._read(key, form, None), self._info(key, form)
+        except _Vanished:
             return None
-        packet = self._read(key, form, None)
         if not self.read_only:
-            with suppress(StoreError):
-                self._insert(header_info(key, form, memoryview(_map(path))))
+            with suppress(StoreError), self._transaction():  # unless a concurrent `delete` removed it meanwhile
+                if self.path_of(key, form).exists():
+                    self._insert(info)
         return packet
+
+    def _info(self, key: str, form: str) -> EntryInfo:
+        try:
+            return header_info(key, form, memoryview(_map(self.path_of(key, form))))
+        except FileNotFoundError:
+            raise _Vanished() from None
+        except (OSError, ValueError) as error:  # ValueError: mmap of an empty file
+            raise _Damaged(f"cannot map its file: {error}", None) from None
+        except CorruptPacketError as error:
+            raise _Damaged(str(error), None) from None
+
+    def _forget(self, key: str, form: str) -> None:
+        """Drop the index entry of a file that is gone (unless a writer brought it back meanwhile)."""
+        if self.read_only:
+            return
+        with suppress(StoreError), self._transaction():
+            if not self.path_of(key, form).exists():
+                self._delete_row(key, form)
 
     def _rows(self, keys: Sequence[str], form: str) -> dict[str, tuple[int, float]]:
         rows: dict[str, tuple[int, float]] = {}
@@ -261,7 +320,7 @@ class LocalStore(PacketStore):
     def _touch(self, keys: list[str], form: str, now: float) -> None:
         if not keys or self.read_only:
             return
-        with suppress(sqlite3.OperationalError), self._lock:  # a busy or read-only index only loses recency
+        with suppress(sqlite3.DatabaseError), self._lock:  # a busy or read-only index only loses recency
             self._db.executemany("UPDATE packets SET last_used = ? WHERE key = ? AND quantization = ?",
                                  [(now, key, form) for key in keys])
 
@@ -281,15 +340,25 @@ class LocalStore(PacketStore):
             return key
         if self.read_only:
             raise StoreError(f"packet store {self.root} is read-only; open a writable directory to add packets")
-        data = encode_packet(packet, form)
+        data = encode_packet(packet, form, self._signing_key)
         info = header_info(key, form, data)
-        self._write_atomic(path, data, f"packet {key[:12]}")
-        self._insert(info)
+        tmp = self._write_temp(path, data, f"packet {key[:12]}")
+        try:
+            with self._transaction():  # rename and index row together: a concurrent `delete` sees both or neither
+                self._publish(tmp, path, f"packet {key[:12]}", len(data))
+                self._insert(info)
+        finally:
+            with suppress(OSError):
+                tmp.unlink()
         with self._lock:
             self.counters["puts"] += 1
         return key
 
     def _write_atomic(self, path: Path, data: bytes, what: str) -> None:
+        self._publish(self._write_temp(path, data, what), path, what, len(data))
+
+    def _write_temp(self, path: Path, data: bytes, what: str) -> Path:
+        """Write ``data`` to a fresh, fsynced temp file (in ``tmp/``) and return its path."""
         tmp = self.root / "tmp" / f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         if not tmp.parent.is_dir():
             tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -303,12 +372,48 @@ class LocalStore(PacketStore):
                 os.fsync(fd)
             finally:
                 os.close(fd)
+        except OSError as error:
+            with suppress(OSError):
+                tmp.unlink()
+            raise self._write_error(what, len(data), error) from None
+        return tmp
+
+    def _publish(self, tmp: Path, path: Path, what: str, size: int) -> None:
+        """Rename the complete temp file into place and fsync its directory."""
+        try:
             os.replace(tmp, path)
             _fsync_dir(path.parent)
         except OSError as error:
             with suppress(OSError):
                 tmp.unlink()
-            raise self._write_error(what, len(data), error) from None
+            raise self._write_error(what, size, error) from None
+
+    @contextmanager
+    def _transaction(self):
+        """Hold the index's write lock (BEGIN IMMEDIATE) for the block: file and row change together.
+
+        Raises:
+            StoreError: another process held the lock past ``busy_timeout_s``, or the index is damaged.
+        """
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.DatabaseError as error:
+                raise StoreError(f"cannot lock the index of {self.root}: {error}; another process holds it "
+                                 "(raise busy_timeout_s) or the index is damaged") from None
+            try:
+                yield
+            except BaseException:
+                with suppress(sqlite3.DatabaseError):
+                    self._db.execute("ROLLBACK")
+                raise
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.DatabaseError as error:
+                with suppress(sqlite3.DatabaseError):
+                    self._db.execute("ROLLBACK")
+                raise StoreError(f"cannot update the index of {self.root}: {error}; the packet file is complete "
+                                 "and will be indexed on its next read") from None
 
     def _write_error(self, what: str, size: int, error: OSError) -> StoreError:
         if error.errno in _NO_SPACE:
@@ -320,15 +425,10 @@ class LocalStore(PacketStore):
         return StoreError(f"cannot write {what} to {self.root}: {error}")
 
     def _insert(self, info: EntryInfo) -> None:
-        now = time.time()
-        values = (info.key, info.quantization, info.size, info.checksum, info.model_fingerprint,
-                  info.tokenizer_fingerprint, info.adapter_fingerprint, info.dtype, info.tokens, info.positions,
-                  now, now)
         try:
             with self._lock:
-                self._db.execute(f"INSERT OR REPLACE INTO packets ({', '.join(_COLUMNS)}) "
-                                 f"VALUES ({', '.join('?' * len(_COLUMNS))})", values)
-        except sqlite3.OperationalError as error:
+                self._db.execute(_INSERT, _row(info, time.time()))
+        except sqlite3.DatabaseError as error:
             raise StoreError(f"cannot update the index of {self.root}: {error}; the packet file is complete and "
                              "will be indexed on its next read") from None
 
@@ -338,17 +438,21 @@ class LocalStore(PacketStore):
         validate_key(key)
         if self.read_only:
             raise StoreError(f"packet store {self.root} is read-only; cannot delete")
-        existed = self._delete_row(key, form)
-        try:
-            self.path_of(key, form).unlink()
-            existed = True
-        except FileNotFoundError:
-            pass
+        with self._transaction():  # row and file go together: a concurrent `put` sees both or neither
+            existed = self._delete_row(key, form)
+            try:
+                self.path_of(key, form).unlink()
+                existed = True
+            except FileNotFoundError:
+                pass
         return existed
 
     def _delete_row(self, key: str, form: str) -> bool:
-        with self._lock:
-            cursor = self._db.execute("DELETE FROM packets WHERE key = ? AND quantization = ?", (key, form))
+        try:
+            with self._lock:
+                cursor = self._db.execute("DELETE FROM packets WHERE key = ? AND quantization = ?", (key, form))
+        except sqlite3.DatabaseError as error:
+            raise StoreError(f"cannot update the index of {self.root}: {error}") from None
         return cursor.rowcount > 0
 
     def _quarantine(self, key: str, form: str, reason: str, inode: int | None, indexed: bool) -> None:
@@ -365,7 +469,7 @@ class LocalStore(PacketStore):
                 os.replace(path, target)
                 target.with_suffix(".reason").write_text(reason + "\n")
         if indexed:
-            with suppress(sqlite3.OperationalError):
+            with suppress(StoreError):
                 self._delete_row(key, form)
 
     # ---- listing, stats, maintenance ------------------------------------------------------
@@ -393,7 +497,7 @@ class LocalStore(PacketStore):
             counters = dict(self.counters)
         return {"backend": "local", "location": str(self.root), "quantization": self.quantization,
                 **summarize(rows), "model_adapter_pairs": models, "quarantined_files": quarantined,
-                "temp_files": temp, "read_only": self.read_only, **counters}
+                "temp_files": temp, "read_only": self.read_only, "signed": self._signing_key is not None, **counters}
 
     def verify(self, quarantine: bool = False) -> list[BadEntry]:
         """Re-check every entry's checksum, header and fingerprints against the index, and look for
@@ -404,7 +508,12 @@ class LocalStore(PacketStore):
         for entry in self.entries():
             key, form = entry["key"], entry["quantization"]
             indexed.add(self.path_of(key, form).name)
-            problem, inode = self._check(entry)
+            try:
+                problem, inode = self._check(entry)
+            except _Vanished:
+                if not self._rows([key], form):
+                    continue  # deleted meanwhile by another process
+                problem, inode = "its file is missing", None
             if problem:
                 action = "reported"
                 if quarantine and not self.read_only:
@@ -419,8 +528,7 @@ class LocalStore(PacketStore):
             action = "reported"
             if quarantine and not self.read_only:
                 try:
-                    self._adopt(key, form)
-                    action = "indexed"
+                    action = "indexed" if self._adopt(key, form) is not None else "gone"
                 except _Damaged as damage:
                     self._quarantine(key, form, str(damage), damage.inode, indexed=False)
                     action = "quarantined"
@@ -430,12 +538,11 @@ class LocalStore(PacketStore):
     def _check(self, entry: dict) -> tuple[str | None, int | None]:
         key, form = entry["key"], entry["quantization"]
         try:
-            path = self.path_of(key, form)
             self._read(key, form, entry["size"])
-            info = header_info(key, form, memoryview(_map(path)))
+            info = self._info(key, form)
         except _Damaged as damage:
             return str(damage), damage.inode
-        except (OSError, CorruptPacketError) as error:
+        except (OSError, CorruptPacketError, StoreError) as error:
             return str(error), None
         for field in ("checksum", "model_fingerprint", "tokenizer_fingerprint", "adapter_fingerprint", "dtype"):
             if getattr(info, field) != entry[field]:
@@ -500,8 +607,15 @@ class LocalStore(PacketStore):
         try:
             with self._lock:
                 return self._db.execute(sql, params).fetchall()
-        except sqlite3.OperationalError as error:
-            raise StoreError(f"cannot read the index of packet store {self.root}: {error}") from None
+        except sqlite3.DatabaseError as error:
+            raise StoreError(f"cannot read the index of packet store {self.root}: {error}; if it is damaged, move "
+                             "index.sqlite aside and run `kvpacket store verify --quarantine` to re-index") from None
+
+
+def _row(info: EntryInfo, used: float) -> tuple:
+    """Index row of an entry, created and last used at ``used``."""
+    return (info.key, info.quantization, info.size, info.checksum, info.model_fingerprint, info.tokenizer_fingerprint,
+            info.adapter_fingerprint, info.dtype, info.tokens, info.positions, used, used)
 
 
 def _is_store_dir(root: Path) -> bool:

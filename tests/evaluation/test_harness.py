@@ -290,3 +290,26 @@ def test_report_counts_sweeps_of_the_same_dataset(result):
     assert "int4 packets" not in page.split("## Acceptance")[1].split("## ")[0]  # a precision study: no targets
     checks = {name: met for name, met, _ in targets(result, [sweep])}
     assert checks["kv_packet TTFT < every CacheBlend/EPIC setting"] is False
+
+
+def test_adapter_variants_compare_in_one_run(tiny_llama, jsonl):
+    """Packet methods with their own adapters: packets built before timing, one reference, distinct results."""
+    from kvpacket_rag.adapter import PacketAdapter
+    from kvpacket_rag.methods import PacketMethod
+
+    engine = PacketEngine(tiny_llama, adapter=None)
+    adapter = PacketAdapter.initialize(tiny_llama, 2, 2, seed=3)
+    variants = (PacketMethod(adapter=adapter, name="kv_packet@a"),
+                PacketMethod(adapter=adapter.with_prefix("preamble"), name="kv_packet@a+preamble"),
+                PacketMethod(adapter=PacketAdapter.empty(tiny_llama, "preamble"), name="bare+preamble"))
+    samples = load_samples(str(jsonl), "test", 2)
+    result = evaluate(engine, samples, EvalConfig(variants, max_new_tokens=4, progress=False))
+    assert list(result["methods"]) == ["full_recompute", "kv_packet@a", "kv_packet@a+preamble", "bare+preamble"]
+    for name in list(result["methods"])[1:]:
+        records = result["methods"][name]["records"]
+        assert all(r["timings"]["packet_build_s"] == 0 for r in records)  # built ahead, out of the clock
+    kls = [result["methods"][name]["kl"] for name in list(result["methods"])[1:]]
+    assert len(set(kls)) == 3
+    assert engine.store.stats()["packets"] == 0  # the harness drops every packet it built
+    with pytest.raises(ValueError, match="needs a name"):
+        PacketMethod(adapter=adapter)

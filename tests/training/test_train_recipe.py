@@ -22,6 +22,8 @@ def test_recipe_stages_are_valid_and_chained():
     for before, after in zip(configs, configs[1:]):
         assert after.init_adapter == before.out and after.teacher_cache == before.teacher_cache
     assert configs[-1].out == SHIPPED_ADAPTERS[DEFAULT_MODEL]
+    assert [c.prefix for c in configs] == ["none", "none", "none", "preamble"]  # the shipped design
+    assert "squad" not in " ".join(c.data for c in configs)  # the unseen domain stays unseen
     assert all(config.resume for config in configs)
     # checkpoints and logs stay out of the package directory
     assert all(config.run_dir.parent == smollm2_default.RUNS for config in configs)
@@ -31,7 +33,7 @@ def test_recipe_stages_are_valid_and_chained():
 def test_shipped_adapter_matches_its_recipe(default_model):
     adapter = PacketAdapter.load(SHIPPED_ADAPTERS[DEFAULT_MODEL], default_model)
     final = _configs()[-1]
-    assert (adapter.n_header, adapter.n_trailer) == (final.n_header, final.n_trailer)
+    assert (adapter.n_header, adapter.n_trailer, adapter.prefix) == (final.n_header, final.n_trailer, final.prefix)
     card = adapter.card
     assert card["data"] == final.data and card["samples"] == final.samples and card["lr"] == final.lr
     assert card["steps"] == final.total_steps and card["final_loss"] > 0

@@ -143,3 +143,16 @@ def test_cuda_bf16_training_reduces_loss(tokenizer, tmp_path):
     assert result.adapter.header.dtype == torch.float32 and result.adapter.header.device.type == "cuda"
     losses = [e["loss"] for e in result.log]
     assert sum(losses[-3:]) < sum(losses[:3])
+
+
+def test_preamble_prefix_training_writes_a_preamble_adapter(tiny_llama, tmp_path):
+    """Warm start from a position-0 adapter into packets built after the preamble: the run trains that layout."""
+    start = PacketAdapter.initialize(tiny_llama, 4, 4, seed=2).save(tmp_path / "start.safetensors")
+    config = _config(tmp_path, prefix="preamble", init_adapter=start, epochs=3, lr=5e-2)
+    trainer = Trainer(config, tiny_llama)
+    trainer.prepare()
+    result = trainer.run()
+    loaded = PacketAdapter.load(config.out, tiny_llama)
+    assert loaded.prefix == "preamble" and loaded.card["prefix"] == "preamble"
+    assert not torch.equal(loaded.header, PacketAdapter.load(start, tiny_llama).header)  # it trained
+    assert loaded.fingerprint != PacketAdapter(loaded.header, loaded.trailer, loaded.model_fingerprint).fingerprint

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kvpacket_rag.adapter import PacketAdapter
@@ -39,9 +40,10 @@ def _sample(model, formatter):
     return tokenize_sample(Sample("t/0", CHUNKS, QUESTION), formatter, model, n_adapter_tokens=16, answer_cap=6)
 
 
-def test_student_logits_equal_packet_path_on_answer_positions(tiny_model, tmp_path):
+@pytest.mark.parametrize("prefix", ["none", "preamble"])
+def test_student_logits_equal_packet_path_on_answer_positions(tiny_model, tmp_path, prefix):
     formatter = PromptFormatter(tiny_model.tokenizer)
-    adapter = PacketAdapter.initialize(tiny_model, 8, 8, seed=3)
+    adapter = PacketAdapter.initialize(tiny_model, 8, 8, seed=3, prefix=prefix)
     sample = _sample(tiny_model, formatter)
     teacher = teacher_answer(tiny_model, sample.prompt_ids(formatter.preamble_ids()), 6,
                              eos_ids(tiny_model.tokenizer, tiny_model.config))

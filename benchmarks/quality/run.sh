@@ -16,4 +16,4 @@ PAPER=benchmarks/adapter/candidates/smollm2-135m-instruct-stage3.safetensors  # 
 $PY $OUT/frontier.py --sets biography:20 niah:10 squad:15 hotpotqa:10 --threads 2 \
   --variants kv_packet=default paper-layout=$PAPER bare+preamble=none+preamble \
   --baselines no_recompute cacheblend:0.15 --json $OUT/frontier.json
-# [ -f $OUT/demo_paper.json ] || $PY $OUT/demo_questions.py --adapter $PAPER --json $OUT/demo_paper.json
+[ -f $OUT/demo_paper.json ] || $PY $OUT/demo_questions.py --adapter $PAPER --json $OUT/demo_paper.json

@@ -17,7 +17,6 @@ open. One process saves a given directory at a time.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import CorruptIndexError
+from .fileio import file_sha256, fsync_dir
 
 INDEX_FORMAT = "kvpacket-index/1"
 MANIFEST = "manifest.json"
@@ -56,7 +56,7 @@ def save_index_files(directory: Path, writers: dict[str, Callable[[Path], None]]
     try:
         for role, path in files.items():
             writers[role](path)
-            _fsync(path)
+            fsync_dir(path)
         manifest = {**manifest, "files": {role: path.name for role, path in files.items()},
                     "sha256": {path.name: file_sha256(path) for path in files.values()}}
         _replace_atomically(directory / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
@@ -120,15 +120,6 @@ def _validate(manifest, path: Path) -> dict[str, Path]:
     return {role: path.parent / name for role, name in names.items()}
 
 
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _replace_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
@@ -139,18 +130,10 @@ def _replace_atomically(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync(path.parent)
+    fsync_dir(path.parent)
 
 
 def _remove_other_versions(directory: Path, keep: set[str]) -> None:
     for path in directory.iterdir():
         if path.name not in keep and (path.name in LEGACY_FILES.values() or _VERSIONED.fullmatch(path.name)):
             path.unlink(missing_ok=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

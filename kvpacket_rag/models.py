@@ -24,6 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from . import attention
 from .errors import ContextTooLongError, ModelUnavailableError, UnsupportedModelError
+from .fileio import file_sha256
 from .rope import RopeSpec, detect_rope, self_test
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -134,18 +135,10 @@ def default_gguf_path() -> Path:
     return path
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def default_model_dir() -> Path:
     """Directory of the dense safetensors copy of the default model, converting the GGUF on first use."""
     gguf = default_gguf_path()
-    key = _file_sha256(gguf)[:16]
+    key = file_sha256(gguf)[:16]
     target = cache_dir() / "models" / f"smollm2-135m-instruct-{key}"
     if (target / "config.json").is_file():
         return target

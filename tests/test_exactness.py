@@ -17,9 +17,12 @@ CHUNKS = ["Ada Lovelace was born in London in 1815.",
 QUESTION = "Who designed the Analytical Engine?"
 
 
-def test_packet_path_equals_block_mask_forward(tiny_model, tmp_path):
+@pytest.mark.parametrize("prefix", ["none", "preamble"])
+def test_packet_path_equals_block_mask_forward(tiny_model, tmp_path, prefix):
+    """With ``prefix="preamble"`` the one forward holds, before each wrapped chunk, its own copy of the
+    preamble, hidden from the question."""
     formatter = PromptFormatter(tiny_model.tokenizer)
-    adapter = PacketAdapter.initialize(tiny_model, 8, 8, seed=1)
+    adapter = PacketAdapter.initialize(tiny_model, 8, 8, seed=1, prefix=prefix)
     got = packet_path_logits(tiny_model, adapter, formatter, CHUNKS, QUESTION, tmp_path)
     want = reference_logits(tiny_model, adapter, formatter, CHUNKS, QUESTION)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
@@ -52,27 +55,6 @@ def test_one_chunk_equals_ordinary_prefix_cache(tiny_llama):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
-def test_batched_build_equals_single_build(tiny_llama):
-    formatter = PromptFormatter(tiny_llama.tokenizer)
-    builder = PacketBuilder(tiny_llama, PacketAdapter.initialize(tiny_llama, 4, 4), formatter)
-    batched = builder.build_many(CHUNKS)
-    for chunk, packet in zip(CHUNKS, batched):
-        alone = builder.build(chunk)
-        assert packet.key == alone.key
-        torch.testing.assert_close(packet.keys, alone.keys, atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(packet.values, alone.values, atol=1e-5, rtol=1e-4)
-
-
-def test_preamble_prefixed_packets_equal_block_mask_forward(tiny_model, tmp_path):
-    """Packets built after the preamble: the packet path equals one forward in which each wrapped chunk
-    follows its own copy of the preamble, hidden from the question."""
-    formatter = PromptFormatter(tiny_model.tokenizer)
-    adapter = PacketAdapter.initialize(tiny_model, 4, 4, seed=2, prefix="preamble")
-    got = packet_path_logits(tiny_model, adapter, formatter, CHUNKS, QUESTION, tmp_path)
-    want = reference_logits(tiny_model, adapter, formatter, CHUNKS, QUESTION)
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
-
-
 def test_first_preamble_prefixed_packet_is_the_plain_prompt(tiny_llama):
     """One packet built after the preamble, assembled right after it: exactly one plain causal forward
     of ``preamble | header | chunk | trailer | question``."""
@@ -88,9 +70,10 @@ def test_first_preamble_prefixed_packet_is_the_plain_prompt(tiny_llama):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
-def test_batched_preamble_prefixed_build_equals_single_build(tiny_model):
+@pytest.mark.parametrize("prefix", ["none", "preamble"])
+def test_batched_build_equals_single_build(tiny_model, prefix):
     formatter = PromptFormatter(tiny_model.tokenizer)
-    builder = PacketBuilder(tiny_model, PacketAdapter.initialize(tiny_model, 4, 4, prefix="preamble"), formatter)
+    builder = PacketBuilder(tiny_model, PacketAdapter.initialize(tiny_model, 4, 4, prefix=prefix), formatter)
     batched = builder.build_many(CHUNKS)
     for chunk, packet in zip(CHUNKS, batched):
         alone = builder.build(chunk)

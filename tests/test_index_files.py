@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from kvpacket_rag.errors import CorruptIndexError
-from kvpacket_rag.index_files import INDEX_FORMAT, file_sha256, read_manifest, save_index_files
+from kvpacket_rag.fileio import file_sha256
+from kvpacket_rag.index_files import INDEX_FORMAT, read_manifest, save_index_files
 
 FIELDS = {"format": INDEX_FORMAT, "dim": 4, "next_id": 2, "chunks": 2, "chunker": {"chunk_tokens": 64},
           "fingerprints": {k: "x" for k in ("model", "model_name", "tokenizer", "adapter", "dtype", "embedder",

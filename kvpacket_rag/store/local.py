@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CorruptPacketError, PacketNotFoundError
+from ..fileio import fsync_dir
 from ..packet import KVPacket
 from ..quantize import check_quantization, encode_packet
 from .base import PacketStore, StoreError, resolve_signing_key, validate_key
@@ -382,7 +383,7 @@ class LocalStore(PacketStore):
         """Rename the complete temp file into place and fsync its directory."""
         try:
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         except OSError as error:
             with suppress(OSError):
                 tmp.unlink()
@@ -629,14 +630,6 @@ def _is_store_dir(root: Path) -> bool:
 def _map(path: Path) -> mmap.mmap:
     with open(path, "rb") as handle:
         return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _stale_temp(path: Path, now: float) -> bool:

@@ -1,4 +1,4 @@
-"""Adapter training for KV packets: self-supervised distillation from full attention (DESIGN.md section 2).
+"""Adapter training for KV packets: self-supervised distillation from full attention.
 
 Example:
     >>> from training import TrainConfig, train

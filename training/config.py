@@ -28,7 +28,7 @@ class TrainingConfigError(KVPacketError, ValueError):
 
 @dataclass
 class TrainConfig:
-    """Settings of one distillation run (DESIGN.md section 2, "Training").
+    """Settings of one distillation run (teacher: full attention; student: the packet path; KL on the answer).
 
     Attributes:
         out: path of the adapter file to write (``.safetensors``; its card goes next to it as ``.json``).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce benchmarks/RESULTS.md: the methods of issue 5 on biography, HotpotQA and NIAH, the CacheBlend/EPIC
+# Reproduce benchmarks/RESULTS.md: every method on biography, HotpotQA and NIAH, the CacheBlend/EPIC
 # sweeps, kv_packet from int8/int4 packets, then the page.
 #
 #   benchmarks/eval/run.sh                      # 100 questions per dataset, 1 torch thread (CPU, several hours)

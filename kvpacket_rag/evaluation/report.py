@@ -143,7 +143,7 @@ def render(results: list[tuple[Path, dict]], notes: str = "", out_dir: Path = Pa
              "## Headline: fidelity to full recompute (teacher-forced KL, nats/token)", "",
              *headline(results, "fidelity"), "",
              "## Headline: answer recall (gold answer contained in the answer)", "", *headline(results, "recall"), "",
-             "## Acceptance targets (issue 5)", "", *target_rows(results), ""]
+             "## Acceptance targets", "", *target_rows(results), ""]
     if notes.strip():
         lines += ["## Notes", "", notes.strip(), ""]
     for path, result in results:

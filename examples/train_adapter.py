@@ -2,7 +2,7 @@
 
 Run: ``python examples/train_adapter.py`` (the notebook train_adapter.ipynb holds the same cells).
 The settings are tiny so that it finishes in minutes on a laptop CPU; ``KVPACKET_EXAMPLE_FAST=1`` makes them
-tinier still (the tests). The recipe of the shipped adapter is ``python -m training.recipes.smollm2_default``.
+tinier still (the tests). The recipe of the shipped adapter is ``python training/recipes/smollm2_default.py``.
 """
 
 # %% [markdown]
@@ -28,7 +28,7 @@ import torch
 from kvpacket_rag import GenerationConfig, PacketEngine, load_model
 from kvpacket_rag.datasets import load_samples
 from kvpacket_rag.metrics import best_f1
-from training import TrainConfig, train
+from kvpacket_rag.training import TrainConfig, train
 
 FAST = os.environ.get("KVPACKET_EXAMPLE_FAST") == "1"  # tinier run (tests)
 THREADS = int(os.environ.get("KVPACKET_EXAMPLE_THREADS", "0")) or None

@@ -17,7 +17,7 @@ from kvpacket_rag.models import default_model_dir
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NOTEBOOKS = ("llamaindex_chatbot", "langchain_chatbot", "train_adapter", "benchmark_plots")
 NEEDS = {"llamaindex_chatbot": ("llama_index.llms.kvpacket", "llama_index.vector_stores.faiss"),
-         "langchain_chatbot": ("langchain_kvpacket",), "train_adapter": ("training",), "benchmark_plots": ()}
+         "langchain_chatbot": ("langchain_kvpacket",), "train_adapter": ("kvpacket_rag.training",), "benchmark_plots": ()}
 CELL_TIMEOUT_S = 600
 
 

@@ -35,7 +35,7 @@ from kvpacket_rag.metrics import aggregate, best_f1, token_f1
 from kvpacket_rag.models import load_model
 from kvpacket_rag.store import InMemoryStore
 from kvpacket_rag.tuning import set_threads, tune_malloc
-from training import student_logits, tokenize_sample
+from kvpacket_rag.training import student_logits, tokenize_sample
 
 METHODS = ("full_recompute", "no_recompute", "kv_packet")
 
@@ -170,7 +170,7 @@ def kl_only(model, adapter_paths: list[str], specs: list[str], n: int, seed: int
     """A cheap comparison of adapters (e.g. checkpoints): teacher-forced KL per token only, no answers generated."""
     from kvpacket_rag.generation import eos_ids
     from kvpacket_rag.prompt import PromptFormatter
-    from training import teacher_answer
+    from kvpacket_rag.training import teacher_answer
 
     formatter = PromptFormatter(model.tokenizer)
     adapters = {"no_recompute": PacketAdapter.empty(model), **{spec: adapter_of(model, spec) for spec in adapter_paths}}

@@ -65,7 +65,7 @@ def _json_object(text: str) -> dict:
 
 def config_from_args(args: argparse.Namespace):
     """The `training.TrainConfig` of parsed ``kvpacket train`` arguments."""
-    from training import TrainConfig
+    from kvpacket_rag.training import TrainConfig
 
     return TrainConfig(
         out=args.out, model=args.model, data=args.data, data_options=args.data_options or {},
@@ -81,7 +81,7 @@ def config_from_args(args: argparse.Namespace):
 
 def run_train(args: argparse.Namespace) -> int:
     from kvpacket_rag.tuning import tune_malloc
-    from training import train
+    from kvpacket_rag.training import train
 
     tune_malloc()
     config = config_from_args(args)

@@ -8,7 +8,7 @@ import pytest
 
 from kvpacket_rag.errors import ContextTooLongError, KVPacketError
 from kvpacket_rag.prompt import PromptFormatter
-from training import TrainConfig, Trainer, TrainingConfigError, TrainingDataError, load_training_samples, tokenize_sample
+from kvpacket_rag.training import TrainConfig, Trainer, TrainingConfigError, TrainingDataError, load_training_samples, tokenize_sample
 
 from kvpacket_rag.testing import make_tiny_model
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvpacket_rag.adapter import PacketAdapter
-from training import TeacherCache, TrainConfig, Trainer, TrainingConfigError, list_checkpoints, student_logits, train
+from kvpacket_rag.training import TeacherCache, TrainConfig, Trainer, TrainingConfigError, list_checkpoints, student_logits, train
 
 
 def _jsonl(path, n=6):

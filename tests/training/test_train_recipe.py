@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 
 from kvpacket_rag.adapter import PacketAdapter
@@ -9,7 +12,18 @@ from kvpacket_rag.cli import build_parser
 from kvpacket_rag.cli.train import config_from_args
 from kvpacket_rag.engine import SHIPPED_ADAPTERS
 from kvpacket_rag.models import DEFAULT_MODEL
-from training.recipes import smollm2_default
+
+RECIPE = Path(__file__).resolve().parents[2] / "training" / "recipes" / "smollm2_default.py"
+
+
+def _load_recipe():
+    spec = importlib.util.spec_from_file_location("smollm2_default", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+smollm2_default = _load_recipe()
 
 
 def _configs():

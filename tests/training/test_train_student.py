@@ -12,7 +12,7 @@ from kvpacket_rag.kvcache import KVBuffer, PacketCache, assemble
 from kvpacket_rag.packet import KVPacket
 from kvpacket_rag.datasets import Sample
 from kvpacket_rag.prompt import PromptFormatter
-from training import TeacherOutput, student_logits, teacher_answer, tokenize_sample
+from kvpacket_rag.training import TeacherOutput, student_logits, teacher_answer, tokenize_sample
 
 CHUNKS = ("Ada Lovelace was born in London in 1815.",
           "The Analytical Engine was designed by Charles Babbage, a mathematician.",
@@ -90,7 +90,7 @@ def test_kl_is_zero_for_the_teacher_and_top_k_lower_bounds_full():
     assert full.kl(teacher_logits).abs().max() < 1e-5
     exact = torch.nn.functional.kl_div(torch.log_softmax(student, -1), logprobs, log_target=True, reduction="none").sum(-1)
     torch.testing.assert_close(full.kl(student), exact, atol=1e-5, rtol=1e-5)
-    from training.teacher import _coarsen
+    from kvpacket_rag.training.teacher import _coarsen
 
     everything = TeacherOutput(answer, **_coarsen(logprobs, 50))
     torch.testing.assert_close(everything.kl(student), exact, atol=1e-4, rtol=1e-4)

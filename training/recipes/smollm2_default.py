@@ -2,7 +2,7 @@
 
 Run from the repository root, as one command:
 
-    python -m training.recipes.smollm2_default
+    python training/recipes/smollm2_default.py
 
 Four stages of ``kvpacket train`` (`STAGES`); a stage whose adapter file already exists is skipped (delete it
 to train it again), and an interrupted stage continues from its last checkpoint (``--resume``):

@@ -6,7 +6,7 @@ Teacher: the frozen model over the plain prompt (`training.teacher`). Student: t
 answer token, averaged over the answer tokens of an effective batch. Only the adapter gets gradients.
 
 Example:
-    >>> from training import TrainConfig, train
+    >>> from kvpacket_rag.training import TrainConfig, train
     >>> result = train(TrainConfig(out="adapter.safetensors", data="biography", samples=64, epochs=2))
     >>> result.final_loss, result.path
 """

@@ -1,13 +1,13 @@
 """Adapter training for KV packets: self-supervised distillation from full attention.
 
 Example:
-    >>> from training import TrainConfig, train
+    >>> from kvpacket_rag.training import TrainConfig, train
     >>> result = train(TrainConfig(out="my-model.safetensors", model="HuggingFaceTB/SmolLM2-360M-Instruct",
     ...                            data="biography:0.5,hotpotqa:0.5", samples=256, epochs=10))
     >>> result.path, result.final_loss
 
 The command line equivalent is ``kvpacket train --model ... --data ... --out ...``; the recipe of the
-shipped default adapter is ``python -m training.recipes.smollm2_default``.
+shipped default adapter is ``python training/recipes/smollm2_default.py``.
 """
 
 from .checkpoint import Checkpoint, list_checkpoints, load_checkpoint

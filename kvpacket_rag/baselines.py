@@ -33,9 +33,9 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache
 
-from .flops import _dims, rotation_flops
+from .flops import layer_flops, rotation_flops
 from .kvcache import PacketCache, assemble
-from .methods import METHODS, ContextMethod, PreparedContext, _synchronize
+from .context import ContextMethod, ContextSource, PreparedContext, synchronize
 from .models import LoadedModel
 
 BLOCK_ROWS = 256
@@ -176,20 +176,6 @@ def _blocks(base, hidden: torch.Tensor, query_positions: torch.Tensor, length: i
     return blocks
 
 
-def layer_flops(config, positions: torch.Tensor | Sequence[int]) -> int:
-    """FLOPs of one decoder layer over tokens at global ``positions`` attending to all earlier positions.
-
-    Same terms as `kvpacket_rag.flops.forward_flops` (multiply-add = 2): projections
-    ``2*h*(q + 2kv) + 2*q*h`` and gated MLP ``6*h*ff`` per token, attention ``4*q*(p + 1)`` per token at
-    position ``p``. With ``positions = n_past .. n_past+n-1`` and every layer, it equals ``forward_flops``
-    without the LM head.
-    """
-    hidden, q_dim, kv_dim, ffn, _, _ = _dims(config)
-    positions = [int(p) for p in positions]
-    per_token = 2 * hidden * (q_dim + 2 * kv_dim) + 2 * q_dim * hidden + 6 * hidden * ffn
-    return len(positions) * per_token + 4 * q_dim * sum(p + 1 for p in positions)
-
-
 class SelectiveRecompute(ContextMethod):
     """Bare packets rotated into place, then a selective forward (subclasses choose the tokens).
 
@@ -210,34 +196,35 @@ class SelectiveRecompute(ContextMethod):
     def recomputes_nothing(self) -> bool:
         return False
 
-    def packet_builders(self, engine):
-        return [engine.bare_builder]
+    packet_kinds = ("bare",)
 
-    def prepare(self, engine, chunks, buffer, reserve):
+    def prepare(self, source: ContextSource, chunks, buffer, reserve):
         start = time.perf_counter()
-        packets, build_s, keys = engine.packets_for(chunks, builder=engine.bare_builder)
+        fetched = source.packets_for(chunks, "bare")
+        packets = fetched.packets
         loaded = time.perf_counter()
-        preamble = engine.preamble_block()
-        cache = assemble(buffer, [preamble] + [(p.keys, p.values) for p in packets], engine.model.rope, reserve)
-        _synchronize(engine.model.device)
+        preamble = source.preamble_block()
+        cache = assemble(buffer, [preamble] + [(p.keys, p.values) for p in packets], source.model.rope, reserve)
+        synchronize(source.model.device)
         assembled = time.perf_counter()
         offset, lengths = preamble[0].shape[2], [p.length for p in packets]
-        flops = rotation_flops(engine.model.config, sum(lengths))
+        config = source.model.config
+        flops = rotation_flops(config, sum(lengths))
         forwarded = 0
         if packets and not self.recomputes_nothing():
             chunk_ids = [t for p in packets for t in p.token_ids.tolist()]
             first = 0 if self.with_preamble else offset
-            token_ids = (engine.formatter.preamble_ids() if self.with_preamble else []) + chunk_ids
-            trace = selective_recompute(engine.model, cache, first, token_ids, self.full_layers,
+            token_ids = (source.preamble_ids() if self.with_preamble else []) + chunk_ids
+            trace = selective_recompute(source.model, cache, first, token_ids, self.full_layers,
                                         lambda deviation: self.choose(deviation, offset - first, lengths))
-            _synchronize(engine.model.device)
-            flops += sum(layer_flops(engine.model.config, p.tolist()) for p in trace.positions)
+            synchronize(source.model.device)
+            flops += sum(layer_flops(config, p.tolist()) for p in trace.positions)
             forwarded = int(trace.positions[0].numel()) if trace.positions else 0
         done = time.perf_counter()
-        return PreparedContext(cache, offset + sum(lengths), packet_load_s=loaded - start - build_s,
-                               packet_build_s=build_s, assembly_s=assembled - loaded,
-                               context_prefill_s=done - assembled if forwarded else 0.0,
-                               context_flops=flops, forwarded_tokens=forwarded, packet_keys=keys)
+        return PreparedContext(cache, offset + sum(lengths), packet_load_s=loaded - start - fetched.build_s,
+                               packet_build_s=fetched.build_s, assembly_s=assembled - loaded,
+                               context_prefill_s=done - assembled if forwarded else 0.0, context_flops=flops,
+                               forwarded_tokens=forwarded, packet_keys=fetched.keys, packets_built=fetched.built)
 
 
 class CacheBlend(SelectiveRecompute):
@@ -297,5 +284,3 @@ class Epic(SelectiveRecompute):
         starts = (torch.tensor([0] + chunk_lengths[:-1]).cumsum(0) + skip).tolist()
         return torch.cat([torch.arange(s, s + min(self.k, n)) for s, n in zip(starts, chunk_lengths)])
 
-
-METHODS.update({"cacheblend": CacheBlend, "epic": Epic})

@@ -25,9 +25,9 @@ from .errors import EmptyInputError, IncompatiblePacketError
 from .flops import forward_flops
 from .generation import GenerationConfig, TextStreamer, decode_tokens, eos_ids, stream_text
 from .kvcache import KVBuffer, PacketCache
-from .methods import ContextMethod, get_method
+from .context import ContextMethod, PacketFetch, PacketKind
+from .methods import get_method
 from .models import DEFAULT_MODEL, LoadedModel, load_model
-from .packet import KVPacket
 from .prompt import DEFAULT_SYSTEM_PROMPT, ChatTurn, PromptFormatter
 from .store import InMemoryStore, PacketStore, StoreError
 
@@ -51,6 +51,7 @@ class Answer:
         context_tokens: positions of preamble and context; question_tokens: suffix length.
         forwarded_tokens: tokens pushed through the model before the first token (question included).
         packet_keys: packets used, in context order.
+        packets_built: how many of them were built during the call (the others came from the store).
     """
 
     text: str
@@ -63,6 +64,7 @@ class Answer:
     question_tokens: int
     forwarded_tokens: int
     packet_keys: list[str] = field(default_factory=list)
+    packets_built: int = 0
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -133,6 +135,7 @@ class PacketEngine:
         self.formatter = PromptFormatter(self.model.tokenizer, system_prompt)
         self.builder = PacketBuilder(self.model, self.adapter, self.formatter)
         self.bare_builder = PacketBuilder(self.model, None, self.formatter)
+        self._builders: dict[str, PacketBuilder] = {}
         self.counters = {"packets_built": 0, "packets_loaded": 0}
         self._preamble: tuple[torch.Tensor, torch.Tensor] | None = None
         self._buffers: list[KVBuffer] = []
@@ -145,29 +148,36 @@ class PacketEngine:
         """Token ids of one chunk (validated for emptiness and length)."""
         return self.builder.chunk_ids(text)
 
-    def build_packets(self, chunks: Sequence[str], adapted: bool = True, progress: bool = False,
-                      builder: PacketBuilder | None = None) -> list[str]:
-        """Make sure every chunk has a stored packet; return their keys (builds only the missing ones).
+    def build_packets(self, chunks: Sequence[str], kind: PacketKind = "adapted", progress: bool = False) -> list[str]:
+        """Make sure every chunk has a stored packet of ``kind``; return their keys (builds only the missing ones).
 
-        ``builder`` (default: the engine's adapted or bare builder, by ``adapted``) says which packets.
+        ``kind``: ``adapted`` (this engine's adapter, the default), ``bare`` (no adapter) or a `PacketAdapter`.
         """
-        return self._ensure_packets(chunks, builder or self._builder(adapted), progress)[2]
+        return self._fetch(chunks, self.builder_for(kind), progress).keys
 
-    def packets_for(self, chunks: Sequence[str], adapted: bool = True,
-                    builder: PacketBuilder | None = None) -> tuple[list[KVPacket], float, list[str]]:
-        """Packets of ``chunks`` from the store, building missing ones (see `build_packets` for the arguments).
+    def packets_for(self, chunks: Sequence[str], kind: PacketKind = "adapted") -> PacketFetch:
+        """Packets of ``chunks`` of ``kind`` from the store, building and storing missing ones (see `build_packets`)."""
+        return self._fetch(chunks, self.builder_for(kind), progress=False)
 
-        Returns:
-            ``(packets, seconds spent building, keys)``.
-        """
-        return self._ensure_packets(chunks, builder or self._builder(adapted), progress=False)
+    def packet_key(self, text: str, kind: PacketKind = "adapted") -> str:
+        """The key the packet of chunk ``text`` has (or will have) in the store."""
+        builder = self.builder_for(kind)
+        return builder.key_for(builder.chunk_ids(text))
 
-    def _builder(self, adapted: bool) -> PacketBuilder:
-        return self.builder if adapted else self.bare_builder
+    def builder_for(self, kind: PacketKind) -> PacketBuilder:
+        """The builder of packets of ``kind`` (see `build_packets`)."""
+        if kind == "adapted":
+            return self.builder
+        if kind == "bare":
+            return self.bare_builder
+        if not isinstance(kind, PacketAdapter):
+            raise ValueError(f"packet kind must be 'adapted', 'bare' or a PacketAdapter, got {kind!r}")
+        if kind.fingerprint not in self._builders:
+            kind.check_model(self.model)
+            self._builders[kind.fingerprint] = PacketBuilder(self.model, kind, self.formatter)
+        return self._builders[kind.fingerprint]
 
-    def _ensure_packets(self, chunks, builder: PacketBuilder, progress):
-        if builder.model is not self.model:
-            raise IncompatiblePacketError("the packet builder belongs to another model than this engine's")
+    def _fetch(self, chunks, builder: PacketBuilder, progress) -> PacketFetch:
         ids = [builder.chunk_ids(chunk) for chunk in chunks]
         keys = [builder.key_for(i) for i in ids]
         found = self.store.get_many(keys)
@@ -189,12 +199,16 @@ class PacketEngine:
         for packet in found:
             packet.check_compatible(self.model.fingerprint, self.model.tokenizer_fingerprint, builder.adapter_fingerprint)
         self.counters["packets_loaded"] += len(found) - len(missing)
-        return found, build_s, keys
+        return PacketFetch(found, keys, build_s, len(missing))
+
+    def preamble_ids(self) -> list[int]:
+        """Token ids of the cached chat preamble."""
+        return self.formatter.preamble_ids()
 
     def preamble_block(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values ``[layers, kv_heads, P, head_dim]`` of the chat preamble, computed once."""
         if self._preamble is None:
-            ids = self.formatter.preamble_ids()
+            ids = self.preamble_ids()
             cache = PacketCache(KVBuffer(self.model, len(ids)), 0)
             self.forward_context(ids, cache)
             self._preamble = cache.to_block()
@@ -260,7 +274,8 @@ class PacketEngine:
             question_flops = forward_flops(self.model.config, len(suffix), context.length, logits_tokens=1)
             stream.answer = Answer(streamer.text, list(streamer.ids), method.name, timings, context.context_flops,
                                    context.context_flops + question_flops, context.length, len(suffix),
-                                   context.forwarded_tokens + len(suffix), context.packet_keys)
+                                   context.forwarded_tokens + len(suffix), context.packet_keys,
+                                   context.packets_built)
         finally:
             self._release_buffer(buffer)
 

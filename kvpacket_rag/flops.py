@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 
 def _dims(config) -> tuple[int, int, int, int, int, int]:
     hidden = config.hidden_size
@@ -32,3 +34,17 @@ def rotation_flops(config, n_tokens: int) -> int:
     """FLOPs of re-rotating ``n_tokens`` cached keys: ``x*cos + rotate_half(x)*sin`` = 3 per element."""
     _, _, kv_dim, _, layers, _ = _dims(config)
     return 3 * layers * kv_dim * n_tokens
+
+
+def layer_flops(config, positions: Iterable[int]) -> int:
+    """FLOPs of one decoder layer over tokens at global ``positions`` attending to all earlier positions.
+
+    Same terms as `forward_flops` (multiply-add = 2): projections
+    ``2*h*(q + 2kv) + 2*q*h`` and gated MLP ``6*h*ff`` per token, attention ``4*q*(p + 1)`` per token at
+    position ``p``. With ``positions = n_past .. n_past+n-1`` and every layer, it equals ``forward_flops``
+    without the LM head.
+    """
+    hidden, q_dim, kv_dim, ffn, _, _ = _dims(config)
+    positions = [int(p) for p in positions]
+    per_token = 2 * hidden * (q_dim + 2 * kv_dim) + 2 * q_dim * hidden + 6 * hidden * ffn
+    return len(positions) * per_token + 4 * q_dim * sum(p + 1 for p in positions)

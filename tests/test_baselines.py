@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from kvpacket_rag import baselines
-from kvpacket_rag.baselines import CacheBlend, Epic, layer_flops
+from kvpacket_rag.baselines import CacheBlend, Epic
 from kvpacket_rag.engine import PacketEngine
 from kvpacket_rag.evaluation.teacher import continuation_logprobs
-from kvpacket_rag.flops import forward_flops, rotation_flops
+from kvpacket_rag.flops import forward_flops, layer_flops, rotation_flops
 from kvpacket_rag.kvcache import KVBuffer
 from kvpacket_rag.methods import get_method
 from kvpacket_rag.testing import make_tiny_model

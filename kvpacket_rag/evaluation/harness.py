@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from ..datasets import Sample
 from ..engine import Answer, PacketEngine
 from ..generation import GenerationConfig
-from ..methods import ContextMethod, get_method
+from ..context import ContextMethod
+from ..methods import get_method
 from ..metrics import answer_recall, best_f1, exact_match, macro_f1, micro_f1
 from .teacher import forced_logprobs, kl_per_token
 
@@ -173,11 +174,12 @@ def _run_sample(engine: PacketEngine, sample: Sample, order: list[str], methods:
 
 def _build_packets(engine: PacketEngine, chunks: Sequence[str], methods: Sequence[ContextMethod]) -> list[str]:
     """Build the packets of ``chunks`` that ``methods`` read; return the keys not stored before."""
-    builders = list({id(b): b for method in methods for b in method.packet_builders(engine)}.values())
-    keys = [builder.key_for(builder.chunk_ids(c)) for builder in builders for c in chunks]
+    kinds = list({kind if isinstance(kind, str) else kind.fingerprint: kind
+                  for method in methods for kind in method.packet_kinds}.values())
+    keys = [engine.packet_key(chunk, kind) for kind in kinds for chunk in chunks]
     new = [k for k in dict.fromkeys(keys) if not engine.store.contains(k)]
-    for builder in builders:
-        engine.build_packets(chunks, builder=builder)
+    for kind in kinds:
+        engine.build_packets(chunks, kind)
     return new
 
 

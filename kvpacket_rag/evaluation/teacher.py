@@ -13,7 +13,8 @@ import torch
 
 from ..engine import PacketEngine
 from ..kvcache import KVBuffer
-from ..methods import ContextMethod, PreparedContext, get_method
+from ..context import ContextMethod, PreparedContext
+from ..methods import get_method
 
 
 @torch.no_grad()

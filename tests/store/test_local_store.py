@@ -171,7 +171,8 @@ def test_engine_never_reuses_packets_of_another_model(tmp_path, tiny_llama, toke
     second = PacketEngine(other, adapter=None, store=LocalStore(tmp_path / "s"))
     assert second.build_packets(CHUNKS) != keys and second.counters["packets_built"] == len(CHUNKS)
     again = PacketEngine(tiny_llama, adapter=None, store=LocalStore(tmp_path / "s"))
-    packets, _, again_keys = again.packets_for(CHUNKS)
+    fetched = again.packets_for(CHUNKS)
+    packets, again_keys = fetched.packets, fetched.keys
     assert again_keys == keys and again.counters["packets_built"] == 0
     for packet, built in zip(packets, first.bare_builder.build_many(CHUNKS)):  # what `first` built and stored
         assert_same(packet, built)

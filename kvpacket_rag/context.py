@@ -1,0 +1,112 @@
+"""The contract between the engine and the context methods.
+
+A `ContextMethod` turns retrieved chunks into a cache over ``preamble | context``; it sees the engine only
+through the narrow `ContextSource` interface (model, preamble, tokenization, packets, context forwards) and
+declares in `ContextMethod.packet_kinds` which packets it reads, so that callers can build them ahead of time.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol, Sequence, Union
+
+import torch
+from transformers.cache_utils import Cache
+
+from .kvcache import KVBuffer
+
+if TYPE_CHECKING:
+    from .adapter import PacketAdapter
+    from .models import LoadedModel
+    from .packet import KVPacket
+
+PacketKind = Union[Literal["adapted", "bare"], "PacketAdapter"]
+"""Which packets of a chunk: ``adapted`` (the engine's adapter), ``bare`` (no adapter) or those of a given adapter."""
+
+
+@dataclass
+class PacketFetch:
+    """Packets of some chunks, in chunk order.
+
+    Attributes:
+        packets: one packet per chunk.
+        keys: their store keys.
+        build_s: seconds spent building the packets that were not stored.
+        built: how many packets were built (the others were read from the store).
+    """
+
+    packets: list["KVPacket"]
+    keys: list[str]
+    build_s: float = 0.0
+    built: int = 0
+
+
+class ContextSource(Protocol):
+    """What a context method may use of the engine (`kvpacket_rag.engine.PacketEngine` implements it)."""
+
+    model: "LoadedModel"
+
+    def preamble_ids(self) -> list[int]:
+        """Token ids of the cached chat preamble (system prompt and the user turn's opening)."""
+
+    def preamble_block(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values ``[layers, kv_heads, P, head_dim]`` of the preamble, computed once."""
+
+    def chunk_ids(self, text: str) -> list[int]:
+        """Token ids of one chunk as it appears in the context."""
+
+    def packets_for(self, chunks: Sequence[str], kind: PacketKind = "adapted") -> PacketFetch:
+        """The packets of ``chunks`` of ``kind``, read from the store (missing ones are built and stored)."""
+
+    def forward_context(self, ids: Sequence[int], cache: Cache) -> None:
+        """Run context tokens through the model (no LM head), appending to ``cache``."""
+
+
+@dataclass
+class PreparedContext:
+    """A cache holding ``preamble | context`` ready for the question.
+
+    Attributes:
+        cache: transformers cache of ``length`` positions (extended in place by the question).
+        length: positions used; the question starts at this position id.
+        packet_load_s: time reading packets from the store (0 for recompute-only methods).
+        packet_build_s: time building packets missing from the store (0 when all were stored).
+        assembly_s: time rotating and concatenating packets.
+        context_prefill_s: time of forwards over context tokens (0 for kv_packet).
+        context_flops: FLOPs spent on the context at question time (rotation, recomputed tokens).
+        forwarded_tokens: context tokens pushed through the model at question time.
+        packet_keys: keys of the packets used, in context order.
+        packets_built: how many of them were built during this call (the rest came from the store).
+    """
+
+    cache: Cache
+    length: int
+    packet_load_s: float = 0.0
+    packet_build_s: float = 0.0
+    assembly_s: float = 0.0
+    context_prefill_s: float = 0.0
+    context_flops: int = 0
+    forwarded_tokens: int = 0
+    packet_keys: list[str] = field(default_factory=list)
+    packets_built: int = 0
+
+
+class ContextMethod(ABC):
+    """One way of turning retrieved chunks into a cache.
+
+    Subclasses set ``name`` and ``packet_kinds`` (the packets `prepare` reads; empty for methods that read none).
+    """
+
+    name: str = ""
+    packet_kinds: tuple[PacketKind, ...] = ()
+
+    @abstractmethod
+    def prepare(self, source: ContextSource, chunks: Sequence[str], buffer: KVBuffer, reserve: int) -> PreparedContext:
+        """Build the cache for ``chunks`` in ``buffer``; keep ``reserve`` free positions for question and answer."""
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that timings measure it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

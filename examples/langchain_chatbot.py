@@ -24,12 +24,9 @@ from langchain_core.vectorstores import InMemoryVectorStore
 from langchain_kvpacket import (ChatKVPacket, KVPacketDocumentTransformer, KVPacketEmbeddings, PacketIndexRetriever,
                                 create_kvpacket_rag_chain)
 
-from kvpacket_rag import DEFAULT_MODEL, PacketEngine
+from kvpacket_rag import DEFAULT_MODEL, SHIPPED_ADAPTERS, PacketEngine, PacketIndex, open_store
 from kvpacket_rag.demo import CORPUS_DIR, load_corpus, suggested_questions
-from kvpacket_rag.engine import SHIPPED_ADAPTERS
-from kvpacket_rag.index import PacketIndex
 from kvpacket_rag.models import cache_dir
-from kvpacket_rag.store import open_store
 
 FAST = os.environ.get("KVPACKET_EXAMPLE_FAST") == "1"  # short run (tests)
 if os.environ.get("KVPACKET_EXAMPLE_THREADS"):

@@ -27,11 +27,9 @@ from llama_index.llms.kvpacket import (KVPacketChatEngine, KVPacketEmbedding, KV
                                        as_kvpacket_query_engine)
 from llama_index.vector_stores.faiss import FaissVectorStore
 
-from kvpacket_rag import DEFAULT_MODEL, PacketEngine
+from kvpacket_rag import DEFAULT_MODEL, SHIPPED_ADAPTERS, PacketEngine, open_store
 from kvpacket_rag.demo import CORPUS_DIR, suggested_questions
-from kvpacket_rag.engine import SHIPPED_ADAPTERS
 from kvpacket_rag.models import cache_dir
-from kvpacket_rag.store import open_store
 
 FAST = os.environ.get("KVPACKET_EXAMPLE_FAST") == "1"  # short run (tests)
 if os.environ.get("KVPACKET_EXAMPLE_THREADS"):

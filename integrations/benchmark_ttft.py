@@ -42,7 +42,7 @@ from kvpacket_rag import PacketAdapter, PacketEngine, load_model  # noqa: E402
 from kvpacket_rag.benchmarks.common import machine_info, median, write_outputs  # noqa: E402
 from kvpacket_rag.chunker import ChunkerConfig  # noqa: E402
 from kvpacket_rag.embedder import Embedder  # noqa: E402
-from kvpacket_rag.engine import SHIPPED_ADAPTERS  # noqa: E402
+from kvpacket_rag.adapter import SHIPPED_ADAPTERS  # noqa: E402
 from kvpacket_rag.index import Document as KVDocument  # noqa: E402
 from kvpacket_rag.index import PacketIndex  # noqa: E402
 from kvpacket_rag.store import InMemoryStore  # noqa: E402

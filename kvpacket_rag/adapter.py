@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CorruptPacketError, IncompatiblePacketError
-from .models import LoadedModel
+from .models import DEFAULT_MODEL, LoadedModel
 
 NO_ADAPTER = "none"
 PREFIX_NONE = "none"
@@ -175,3 +175,44 @@ class PacketAdapter(torch.nn.Module):
         if model is not None:
             adapter.check_model(model)
         return adapter
+
+
+SHIPPED_ADAPTERS = {DEFAULT_MODEL: Path(__file__).parent / "adapters" / "smollm2-135m-instruct.safetensors"}
+"""The trained adapter that ships with the package, per model name."""
+
+
+def shipped_adapter(model_name: str) -> Path | None:
+    """The file of the adapter shipped for ``model_name``, or None when none ships."""
+    path = SHIPPED_ADAPTERS.get(model_name)
+    return path if path is not None and path.is_file() else None
+
+
+def resolve_adapter(model: LoadedModel, adapter: "PacketAdapter | str | Path | None") -> PacketAdapter:
+    """The adapter an option names: an object, ``None``/``"none"`` (0+0, bare packets), ``"default"`` (the shipped
+    adapter of the model) or a file path; a name may end in ``+preamble`` (its packets built after the chat
+    preamble, see `PacketAdapter.with_prefix`), e.g. ``"none+preamble"``.
+
+    Raises:
+        IncompatiblePacketError: ``"default"`` for a model without a shipped adapter, or a foreign adapter.
+    """
+    if adapter is None:
+        return PacketAdapter.empty(model)
+    if isinstance(adapter, PacketAdapter):
+        adapter.check_model(model)
+        return adapter
+    spec, prefix = str(adapter), None
+    if spec.endswith(f"+{PREFIX_PREAMBLE}"):
+        spec, prefix = spec.removesuffix(f"+{PREFIX_PREAMBLE}"), PREFIX_PREAMBLE
+    if spec == NO_ADAPTER:
+        resolved = PacketAdapter.empty(model)
+    elif spec == "default":
+        shipped = shipped_adapter(model.name)
+        if shipped is None:
+            raise IncompatiblePacketError(
+                f"no trained adapter ships for {model.name}; train one with "
+                f"`kvpacket train --model {model.name} --out adapter.safetensors` and pass its path, "
+                "or pass adapter=None for bare packets (lower quality).")
+        resolved = PacketAdapter.load(shipped, model)
+    else:
+        resolved = PacketAdapter.load(spec, model)
+    return resolved.with_prefix(prefix) if prefix else resolved

@@ -224,7 +224,8 @@ class SelectiveRecompute(ContextMethod):
         return PreparedContext(cache, offset + sum(lengths), packet_load_s=loaded - start - fetched.build_s,
                                packet_build_s=fetched.build_s, assembly_s=assembled - loaded,
                                context_prefill_s=done - assembled if forwarded else 0.0, context_flops=flops,
-                               forwarded_tokens=forwarded, packet_keys=fetched.keys, packets_built=fetched.built)
+                               forwarded_tokens=forwarded, packet_keys=fetched.keys, packets_built=fetched.built,
+                               tokens_built=fetched.built_tokens)
 
 
 class CacheBlend(SelectiveRecompute):

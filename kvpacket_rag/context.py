@@ -34,12 +34,14 @@ class PacketFetch:
         keys: their store keys.
         build_s: seconds spent building the packets that were not stored.
         built: how many packets were built (the others were read from the store).
+        built_tokens: chunk tokens of the packets built.
     """
 
     packets: list["KVPacket"]
     keys: list[str]
     build_s: float = 0.0
     built: int = 0
+    built_tokens: int = 0
 
 
 class ContextSource(Protocol):
@@ -78,6 +80,7 @@ class PreparedContext:
         forwarded_tokens: context tokens pushed through the model at question time.
         packet_keys: keys of the packets used, in context order.
         packets_built: how many of them were built during this call (the rest came from the store).
+        tokens_built: chunk tokens of the packets built during this call.
     """
 
     cache: Cache
@@ -90,6 +93,7 @@ class PreparedContext:
     forwarded_tokens: int = 0
     packet_keys: list[str] = field(default_factory=list)
     packets_built: int = 0
+    tokens_built: int = 0
 
 
 class ContextMethod(ABC):

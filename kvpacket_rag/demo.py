@@ -96,13 +96,13 @@ def make_demo_engine(model: str | None = None, adapter: str | None = "default", 
     packets (no adapter, lower quality) with a note otherwise; ``None``/``"none"`` means bare packets; any other
     value is an adapter file.
     """
-    from .engine import SHIPPED_ADAPTERS, PacketEngine
+    from .adapter import shipped_adapter
+    from .engine import PacketEngine
     from .store import open_store
 
     log = log or _stderr
     if adapter == "default":
-        shipped = SHIPPED_ADAPTERS.get(model or DEFAULT_MODEL)
-        if shipped is None or not shipped.is_file():
+        if shipped_adapter(model or DEFAULT_MODEL) is None:
             log(f"note: no trained adapter ships for {model or DEFAULT_MODEL}; packets are bare (no header/trailer), "
                 "so their answers can differ more from full recompute. Train one with `kvpacket train` and pass "
                 "--adapter PATH.")
@@ -114,8 +114,7 @@ def make_demo_engine(model: str | None = None, adapter: str | None = "default", 
             f"{cache_dir() / 'models'} (about 20 s, once)…")
     else:
         log(f"loading {model or DEFAULT_MODEL}…")
-    engine = PacketEngine(model, adapter=None if adapter == "none" else adapter, store=store, device=device,
-                          dtype=dtype)
+    engine = PacketEngine(model, adapter=adapter, store=store, device=device, dtype=dtype)
     log(f"model ready in {time.perf_counter() - started:.1f} s")
     return engine
 

@@ -19,22 +19,19 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .adapter import PacketAdapter
+from .adapter import PacketAdapter, resolve_adapter
 from .builder import PacketBuilder
-from .errors import EmptyInputError, IncompatiblePacketError
+from .errors import EmptyInputError
 from .flops import forward_flops
 from .generation import GenerationConfig, TextStreamer, decode_tokens, eos_ids, stream_text
 from .kvcache import KVBuffer, PacketCache
-from .context import ContextMethod, PacketFetch, PacketKind
+from .context import ContextMethod, PacketFetch, PacketKind, PreparedContext
 from .methods import get_method
-from .models import DEFAULT_MODEL, LoadedModel, load_model
+from .models import LoadedModel, load_model
 from .prompt import DEFAULT_SYSTEM_PROMPT, ChatTurn, PromptFormatter
 from .store import InMemoryStore, PacketStore, StoreError
 
 log = logging.getLogger(__name__)
-
-SHIPPED_ADAPTERS = {DEFAULT_MODEL: Path(__file__).parent / "adapters" / "smollm2-135m-instruct.safetensors"}
-
 
 @dataclass
 class Answer:
@@ -52,6 +49,8 @@ class Answer:
         forwarded_tokens: tokens pushed through the model before the first token (question included).
         packet_keys: packets used, in context order.
         packets_built: how many of them were built during the call (the others came from the store).
+        tokens_built: chunk tokens of the packets built during the call.
+        finish_reason: ``stop`` (end of sequence or a stop string) or ``length`` (``max_new_tokens`` reached).
     """
 
     text: str
@@ -65,6 +64,8 @@ class Answer:
     forwarded_tokens: int
     packet_keys: list[str] = field(default_factory=list)
     packets_built: int = 0
+    tokens_built: int = 0
+    finish_reason: str = "stop"
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -86,31 +87,6 @@ class AnswerStream:
             pass
         assert self.answer is not None
         return self.answer
-
-
-def resolve_adapter(model: LoadedModel, adapter: PacketAdapter | str | Path | None) -> PacketAdapter:
-    """The adapter to use: an object, a file path, ``None``/``"none"`` (0+0), or ``"default"``.
-
-    ``"default"`` is the shipped adapter of the embedded default model; other models have none.
-
-    Raises:
-        IncompatiblePacketError: ``"default"`` for a model without a shipped adapter, or a foreign adapter.
-    """
-    if adapter is None or adapter == "none":
-        return PacketAdapter.empty(model)
-    if isinstance(adapter, PacketAdapter):
-        adapter.check_model(model)
-        return adapter
-    if adapter == "default":
-        shipped = SHIPPED_ADAPTERS.get(model.name)
-        if shipped is None or not shipped.is_file():
-            raise IncompatiblePacketError(
-                f"no trained adapter ships for {model.name}; train one with "
-                f"`kvpacket train --model {model.name} --out adapter.safetensors` and pass its path, "
-                "or pass adapter=None for bare packets (lower quality)."
-            )
-        adapter = shipped
-    return PacketAdapter.load(adapter, model)
 
 
 class PacketEngine:
@@ -199,7 +175,7 @@ class PacketEngine:
         for packet in found:
             packet.check_compatible(self.model.fingerprint, self.model.tokenizer_fingerprint, builder.adapter_fingerprint)
         self.counters["packets_loaded"] += len(found) - len(missing)
-        return PacketFetch(found, keys, build_s, len(missing))
+        return PacketFetch(found, keys, build_s, len(missing), sum(len(ids[n]) for n in missing))
 
     def preamble_ids(self) -> list[int]:
         """Token ids of the cached chat preamble."""
@@ -250,6 +226,26 @@ class PacketEngine:
                                    generation or GenerationConfig())
         return stream
 
+    def chat(self, messages: Sequence[tuple[str, str]], generation: GenerationConfig | None = None) -> AnswerStream:
+        """Stream a plain generation: the whole chat prompt runs through the model (no packets, no cached preamble).
+
+        Args:
+            messages: ``(role, content)`` pairs, roles ``system``, ``user`` and ``assistant``, rendered with the
+                model's chat template (see `PromptFormatter.chat_ids`).
+            generation: decoding settings (default: greedy, 64 tokens).
+
+        The `Answer` has method ``plain``, ``context_tokens`` 0 and the whole prompt as ``question_tokens``.
+
+        Raises:
+            EmptyInputError, ContextTooLongError (before any token is produced).
+        """
+        generation = generation or GenerationConfig()
+        ids = self.formatter.chat_ids(messages)
+        self.model.check_context(len(ids) + generation.max_new_tokens, "prompt plus answer")
+        stream = AnswerStream(iter(()))
+        stream._pieces = self._run_plain(stream, ids, generation)
+        return stream
+
     def _run(self, stream: AnswerStream, question, chunks, method, history, generation) -> Iterator[str]:
         start = time.perf_counter()
         suffix = self.formatter.suffix_ids(question, history)
@@ -258,26 +254,42 @@ class PacketEngine:
             reserve = len(suffix) + generation.max_new_tokens
             context = method.prepare(self, chunks, buffer, reserve)
             self.model.check_context(context.length + reserve, "context plus question and answer")
-            prefill_start = time.perf_counter()
-            logits = self._prefill(suffix, context)
-            prefill_s = time.perf_counter() - prefill_start
-            streamer = TextStreamer(self.model.tokenizer, generation.stop)
-            tokens = decode_tokens(self.model.model, context.cache, logits, context.length + len(suffix),
-                                   generation, self._stop_ids)
-            clock: dict[str, float] = {}
-            yield from stream_text(tokens, streamer, start, clock)
-            total = time.perf_counter() - start
-            timings = {"packet_load_s": context.packet_load_s, "packet_build_s": context.packet_build_s,
-                       "assembly_s": context.assembly_s, "context_prefill_s": context.context_prefill_s,
-                       "question_prefill_s": prefill_s,
-                       "ttft_s": clock.get("ttft_s", total), "total_s": total}
-            question_flops = forward_flops(self.model.config, len(suffix), context.length, logits_tokens=1)
-            stream.answer = Answer(streamer.text, list(streamer.ids), method.name, timings, context.context_flops,
-                                   context.context_flops + question_flops, context.length, len(suffix),
-                                   context.forwarded_tokens + len(suffix), context.packet_keys,
-                                   context.packets_built)
+            yield from self._generate(stream, start, method.name, context, suffix, generation)
         finally:
             self._release_buffer(buffer)
+
+    def _run_plain(self, stream: AnswerStream, ids: list[int], generation: GenerationConfig) -> Iterator[str]:
+        start = time.perf_counter()
+        buffer = self._acquire_buffer()
+        try:
+            buffer.reserve(len(ids) + generation.max_new_tokens)
+            yield from self._generate(stream, start, "plain", PreparedContext(PacketCache(buffer, 0), 0), ids,
+                                      generation)
+        finally:
+            self._release_buffer(buffer)
+
+    def _generate(self, stream: AnswerStream, start: float, method: str, context: PreparedContext,
+                  suffix: list[int], generation: GenerationConfig) -> Iterator[str]:
+        """Prefill ``suffix`` after the prepared context, decode, time it; set ``stream.answer``."""
+        prefill_start = time.perf_counter()
+        logits = self._prefill(suffix, context)
+        prefill_s = time.perf_counter() - prefill_start
+        streamer = TextStreamer(self.model.tokenizer, generation.stop)
+        tokens = decode_tokens(self.model.model, context.cache, logits, context.length + len(suffix),
+                               generation, self._stop_ids)
+        clock: dict[str, float] = {}
+        yield from stream_text(tokens, streamer, start, clock)
+        total = time.perf_counter() - start
+        timings = {"packet_load_s": context.packet_load_s, "packet_build_s": context.packet_build_s,
+                   "assembly_s": context.assembly_s, "context_prefill_s": context.context_prefill_s,
+                   "question_prefill_s": prefill_s,
+                   "ttft_s": clock.get("ttft_s", total), "total_s": total}
+        question_flops = forward_flops(self.model.config, len(suffix), context.length, logits_tokens=1)
+        cut = not streamer.stopped and len(streamer.ids) >= generation.max_new_tokens
+        stream.answer = Answer(streamer.text, list(streamer.ids), method, timings, context.context_flops,
+                               context.context_flops + question_flops, context.length, len(suffix),
+                               context.forwarded_tokens + len(suffix), context.packet_keys,
+                               context.packets_built, context.tokens_built, "length" if cut else "stop")
 
     @torch.no_grad()
     def _prefill(self, suffix: list[int], context) -> torch.Tensor:

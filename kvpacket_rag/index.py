@@ -32,7 +32,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
@@ -41,12 +41,11 @@ from .errors import CorruptIndexError, EmptyInputError, IncompatiblePacketError,
 from .generation import GenerationConfig
 from .index_files import INDEX_FORMAT, read_manifest, save_index_files
 from .prompt import ChatTurn
+from .rag import MissingPackets, RAGAnswer, RAGAnswerStream, stream_answer
 
 if TYPE_CHECKING:
     from .embedder import Embedder
-    from .engine import Answer, PacketEngine
-
-MissingPackets = Literal["build", "error"]
+    from .engine import PacketEngine
 
 
 class IndexMismatchError(IncompatiblePacketError):
@@ -55,13 +54,6 @@ class IndexMismatchError(IncompatiblePacketError):
 
 class DuplicateDocumentError(KVPacketError, ValueError):
     """A document id is already indexed with a different text."""
-
-
-class MissingPacketKeyError(KVPacketError, KeyError):
-    """A retrieved chunk carries no packet key and building on demand is off."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "missing packet key"
 
 
 @dataclass(frozen=True)
@@ -135,240 +127,6 @@ class IngestReport:
     packets_reused: int = 0
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
-
-
-@dataclass
-class RAGAnswer:
-    """An answer with the chunks it was given.
-
-    Attributes:
-        text: the answer text.
-        sources: the retrieved chunks in context order (empty when closed-book).
-        closed_book: True when nothing was retrieved and the model answered without documents.
-        answer: the engine's `Answer` (method, token ids, FLOPs, packet keys).
-        timings: the engine's timings plus ``retrieval_s``; ``ttft_s`` and ``total_s`` here run from the start of
-            the call (retrieval included), ``engine_ttft_s`` from the engine call.
-    """
-
-    text: str
-    sources: list[SearchHit]
-    closed_book: bool
-    answer: "Answer"
-    timings: dict[str, float]
-
-    @property
-    def packet_keys(self) -> list[str]:
-        return list(self.answer.packet_keys)
-
-    def metadata(self) -> dict:
-        """JSON-friendly summary for framework response metadata."""
-        return {"closed_book": self.closed_book, "method": self.answer.method, "packet_keys": self.packet_keys,
-                "timings": dict(self.timings), "context_tokens": self.answer.context_tokens,
-                "forwarded_tokens": self.answer.forwarded_tokens}
-
-
-class RAGAnswerStream:
-    """Iterate for the answer text piece by piece; ``result`` holds the `RAGAnswer` once iteration ends.
-
-    ``sources`` and ``closed_book`` are known before the first piece.
-    """
-
-    def __init__(self, stream, sources: list[SearchHit], closed_book: bool, started: float, retrieval_s: float):
-        self.sources = sources
-        self.closed_book = closed_book
-        self.result: RAGAnswer | None = None
-        self._stream = stream
-        self._started = started
-        self._retrieval_s = retrieval_s
-        self._pieces = self._run()
-
-    def __iter__(self) -> Iterator[str]:
-        return self._pieces
-
-    def _run(self) -> Iterator[str]:
-        pieces: list[str] = []
-        for piece in self._stream:
-            pieces.append(piece)
-            yield piece
-        answer = self._stream.answer
-        timings = dict(answer.timings)
-        offset = answer.timings["total_s"]
-        elapsed = time.perf_counter() - self._started
-        timings.update(engine_ttft_s=answer.timings["ttft_s"], retrieval_s=self._retrieval_s,
-                       ttft_s=answer.timings["ttft_s"] + (elapsed - offset), total_s=elapsed)
-        self.result = RAGAnswer("".join(pieces), self.sources, self.closed_book, answer, timings)
-
-    def collect(self) -> RAGAnswer:
-        """Consume the stream and return the `RAGAnswer`."""
-        for _ in self._pieces:
-            pass
-        assert self.result is not None
-        return self.result
-
-
-# ---- answering over given chunks (shared by PacketIndex and the framework integrations) ---------------------------
-
-
-def packet_key_for(engine: "PacketEngine", text: str) -> str:
-    """The key the packet of chunk ``text`` has (or will have) under ``engine``'s model and adapter."""
-    return engine.builder.key_for(engine.chunk_ids(text))
-
-
-def ensure_packets(engine: "PacketEngine", texts: Sequence[str], recorded_keys: Sequence[str | None] | None = None,
-                   missing: MissingPackets = "build") -> list[str]:
-    """Check retrieved chunks against their recorded packet keys and make sure their packets are stored.
-
-    Args:
-        engine: the engine that will answer.
-        texts: chunk texts in context order.
-        recorded_keys: the key recorded for each chunk at ingestion (None where none was recorded).
-        missing: ``build`` builds absent packets (and keys) on demand; ``error`` raises instead.
-
-    Returns:
-        the packet keys, in order of ``texts``.
-
-    Raises:
-        IncompatiblePacketError: a recorded key is not this chunk's key under ``engine`` (stale metadata from
-            another model/adapter, or edited text).
-        MissingPacketKeyError: a chunk has no recorded key and ``missing == "error"``.
-        PacketNotFoundError: a packet is not in the store and ``missing == "error"``.
-    """
-    if missing not in ("build", "error"):
-        raise ValueError(f"missing must be 'build' or 'error', got {missing!r}")
-    recorded = list(recorded_keys) if recorded_keys is not None else [None] * len(texts)
-    if len(recorded) != len(texts):
-        raise ValueError("recorded_keys must have one entry per text")
-    keys = []
-    for n, (text, key) in enumerate(zip(texts, recorded)):
-        actual = packet_key_for(engine, text)
-        if key is None and missing == "error":
-            raise MissingPacketKeyError(
-                f"retrieved chunk {n} has no packet key; run the packet ingestion step over the corpus "
-                "(or allow building on demand with missing='build')")
-        if key is not None and key != actual:
-            raise IncompatiblePacketError(
-                f"retrieved chunk {n} records packet {key[:12]}… but under this model/adapter its packet is "
-                f"{actual[:12]}…; the corpus was ingested with another model or adapter (or the text was edited): "
-                "re-run the packet ingestion step with this engine")
-        keys.append(actual)
-    absent = [n for n, key in enumerate(keys) if not engine.store.contains(key)]
-    if absent and missing == "error":
-        raise PacketNotFoundError(
-            f"{len(absent)} of {len(keys)} retrieved packets are not in the store (first: {keys[absent[0]][:12]}…); "
-            "rebuild them with engine.build_packets(texts) or allow building on demand with missing='build'")
-    if absent:
-        engine.build_packets(list(dict.fromkeys(texts[n] for n in absent)))
-    return keys
-
-
-def stream_answer(engine: "PacketEngine", question: str, texts: Sequence[str], *,
-                  recorded_keys: Sequence[str | None] | None = None, missing: MissingPackets = "build",
-                  history: Sequence[ChatTurn] = (), generation: GenerationConfig | None = None,
-                  method: str = "kv_packet", sources: Sequence[SearchHit] | None = None,
-                  started: float | None = None, retrieval_s: float = 0.0) -> RAGAnswerStream:
-    """Stream the answer to ``question`` over retrieved chunk ``texts`` (context order) through their packets.
-
-    With no texts the question is answered closed-book (``closed_book`` is True). Packets are checked with
-    `ensure_packets` first. Every integration answers through this function, so the same question, chunks,
-    history and generation settings give the same answer everywhere.
-
-    Raises:
-        EmptyInputError, IncompatiblePacketError, MissingPacketKeyError, PacketNotFoundError (before any token).
-    """
-    started = time.perf_counter() if started is None else started
-    if not question or not question.strip():
-        raise EmptyInputError("the question is empty; pass the text to answer")
-    texts = list(texts)
-    closed_book = not texts
-    if texts and method == "kv_packet":
-        ensure_packets(engine, texts, recorded_keys, missing)
-    stream = engine.stream(question, texts, method="closed_book" if closed_book else method, history=tuple(history),
-                           generation=generation)
-    return RAGAnswerStream(stream, list(sources or []), closed_book, started, retrieval_s)
-
-
-class PlainStream:
-    """Iterate for the text of a plain (no packets) generation; ``text``, ``token_ids``, ``prompt_tokens`` and
-    ``timings`` (``prefill_s``, ``ttft_s``, ``total_s``) are set once iteration ends."""
-
-    def __init__(self, pieces: Iterator[str]):
-        self._pieces = pieces
-        self.text: str | None = None
-        self.token_ids: list[int] = []
-        self.prompt_tokens = 0
-        self.timings: dict[str, float] = {}
-
-    def __iter__(self) -> Iterator[str]:
-        return self._pieces
-
-    def collect(self) -> "PlainStream":
-        """Consume the stream; return self with ``text`` set."""
-        for _ in self._pieces:
-            pass
-        return self
-
-
-def chat_prompt_ids(engine: "PacketEngine", messages: Sequence[tuple[str, str]]) -> list[int]:
-    """Token ids of ``(role, content)`` messages rendered with the model's chat template (assistant header last).
-
-    Roles are ``system``, ``user`` and ``assistant``. Without a chat template a plain ``role: content`` transcript
-    is used.
-
-    Raises:
-        EmptyInputError: no message, or an empty last message.
-    """
-    if not messages or not str(messages[-1][1]).strip():
-        raise EmptyInputError("the prompt is empty; pass at least one non-empty message")
-    tokenizer = engine.model.tokenizer
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages], tokenize=False,
-                                             add_generation_prompt=True)
-    else:
-        text = (tokenizer.bos_token or "") + "".join(f"{r}: {c}\n" for r, c in messages) + "assistant:"
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def stream_plain(engine: "PacketEngine", messages: Sequence[tuple[str, str]],
-                 generation: GenerationConfig | None = None) -> PlainStream:
-    """Stream a normal LLM generation: the whole chat prompt runs through the model (no packets, no RAG preamble).
-
-    Args:
-        engine: supplies the model and tokenizer.
-        messages: ``(role, content)`` pairs, see `chat_prompt_ids`.
-        generation: decoding settings (default: greedy, 64 tokens).
-
-    Raises:
-        EmptyInputError, ContextTooLongError (before any token).
-    """
-    generation = generation or GenerationConfig()
-    ids = chat_prompt_ids(engine, messages)
-    engine.model.check_context(len(ids) + generation.max_new_tokens, "prompt plus answer")
-    stream = PlainStream(iter(()))
-    stream._pieces = _plain_pieces(engine, ids, generation, stream)
-    return stream
-
-
-def _plain_pieces(engine: "PacketEngine", ids: list[int], generation: GenerationConfig,
-                  stream: PlainStream) -> Iterator[str]:
-    import torch
-    from transformers import DynamicCache
-
-    from .generation import TextStreamer, decode_tokens, eos_ids, stream_text
-
-    model = engine.model
-    start = time.perf_counter()
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        logits = model.model(input_ids=torch.tensor([ids], device=model.device), cache=cache, use_cache=True,
-                             logits_to_keep=1).logits[0, -1]
-    prefill_s = time.perf_counter() - start
-    streamer = TextStreamer(model.tokenizer, generation.stop)
-    clock: dict[str, float] = {}
-    tokens = decode_tokens(model.model, cache, logits, len(ids), generation, eos_ids(model.tokenizer, model.config))
-    yield from stream_text(tokens, streamer, start, clock)
-    total = time.perf_counter() - start
-    stream.text, stream.token_ids, stream.prompt_tokens = streamer.text, list(streamer.ids), len(ids)
-    stream.timings = {"prefill_s": prefill_s, "ttft_s": clock.get("ttft_s", total), "total_s": total}
 
 
 # ---- the index -----------------------------------------------------------------------------------------------------
@@ -652,7 +410,7 @@ class PacketIndex:
     def _rekey(self) -> None:
         for chunk_id, record in list(self.records.items()):
             self.records[chunk_id] = ChunkRecord(**{**asdict(record),
-                                                    "packet_key": packet_key_for(self.engine, record.text)})
+                                                    "packet_key": self.engine.packet_key(record.text)})
 
     def _check_packets(self, missing: MissingPackets) -> None:
         texts = {r.packet_key: r.text for r in self.records.values()}

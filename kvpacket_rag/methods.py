@@ -49,7 +49,8 @@ class PacketMethod(ContextMethod):
         return PreparedContext(cache, preamble[0].shape[2] + packet_tokens,
                                packet_load_s=loaded - start - fetched.build_s, packet_build_s=fetched.build_s,
                                assembly_s=done - loaded, context_flops=rotation_flops(source.model.config, packet_tokens),
-                               packet_keys=fetched.keys, packets_built=fetched.built)
+                               packet_keys=fetched.keys, packets_built=fetched.built,
+                               tokens_built=fetched.built_tokens)
 
 
 class FullRecompute(ContextMethod):

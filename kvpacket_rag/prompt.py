@@ -66,6 +66,24 @@ class PromptFormatter:
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def chat_ids(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+        """Token ids of ``(role, content)`` messages rendered with the chat template, assistant header last.
+
+        Roles are ``system``, ``user`` and ``assistant``. Without a chat template a plain ``role: content``
+        transcript is used. This is a plain prompt: no cached preamble, no documents.
+
+        Raises:
+            EmptyInputError: no message, or an empty last message.
+        """
+        if not messages or not str(messages[-1][1]).strip():
+            raise EmptyInputError("the prompt is empty; pass at least one non-empty message")
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in messages],
+                                                      tokenize=False, add_generation_prompt=True)
+        else:
+            text = (self.tokenizer.bos_token or "") + "".join(f"{r}: {c}\n" for r, c in messages) + "assistant:"
+        return self._ids(text)
+
     def preamble_ids(self) -> list[int]:
         """Token ids of the cached prefix (template start, system prompt, user-turn header)."""
         return self._ids(self._preamble_text)

@@ -130,7 +130,7 @@ def test_real_model_answers_without_reading_documents(default_model):
 
 
 def _has_shipped_adapter() -> bool:
-    from kvpacket_rag.engine import SHIPPED_ADAPTERS
+    from kvpacket_rag.adapter import SHIPPED_ADAPTERS
     from kvpacket_rag.models import DEFAULT_MODEL
 
     return SHIPPED_ADAPTERS[DEFAULT_MODEL].is_file()

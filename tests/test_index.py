@@ -11,10 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from kvpacket_rag import GenerationConfig, PacketAdapter, PacketEngine  # noqa: E402
 from kvpacket_rag.chunker import ChunkerConfig  # noqa: E402
 from kvpacket_rag.embedder import Embedder  # noqa: E402
-from kvpacket_rag.engine import SHIPPED_ADAPTERS  # noqa: E402
+from kvpacket_rag.adapter import SHIPPED_ADAPTERS  # noqa: E402
 from kvpacket_rag.errors import EmptyInputError, IncompatiblePacketError, KVPacketError, PacketNotFoundError  # noqa: E402
-from kvpacket_rag.index import (DuplicateDocumentError, Document, IndexMismatchError, MissingPacketKeyError,  # noqa: E402
-                                PacketIndex, ensure_packets, packet_key_for)
+from kvpacket_rag.index import DuplicateDocumentError, Document, IndexMismatchError, PacketIndex  # noqa: E402
+from kvpacket_rag.rag import MissingPacketKeyError, ensure_packets  # noqa: E402
 from kvpacket_rag.prompt import ChatTurn  # noqa: E402
 from kvpacket_rag.store import InMemoryStore  # noqa: E402
 
@@ -154,13 +154,13 @@ def test_open_refuses_another_model_adapter_or_embedder(index, engine, embedder,
 
 def test_retrieved_chunks_with_bad_packet_keys(index, engine):
     texts = [CORPUS["quill"], "A chunk that was never ingested."]
-    good = packet_key_for(engine, texts[0])
+    good = engine.packet_key(texts[0])
     with pytest.raises(MissingPacketKeyError, match="ingestion"):
         ensure_packets(engine, texts, [good, None], missing="error")
     stale = PacketEngine(engine.model, adapter=PacketAdapter.initialize(engine.model, seed=9), store=InMemoryStore())
     with pytest.raises(IncompatiblePacketError, match="another model or adapter"):
         ensure_packets(stale, texts[:1], [good])
-    new_key = packet_key_for(engine, texts[1])
+    new_key = engine.packet_key(texts[1])
     with pytest.raises(PacketNotFoundError, match="not in the store"):
         ensure_packets(engine, texts, [good, new_key], missing="error")
     built = engine.counters["packets_built"]

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from kvpacket_rag.adapter import PacketAdapter
 from kvpacket_rag.benchmarks.common import machine_info, write_outputs
 from kvpacket_rag.datasets import load_samples
-from kvpacket_rag.engine import PacketEngine, resolve_adapter
+from kvpacket_rag.adapter import resolve_adapter
+from kvpacket_rag.engine import PacketEngine
 from kvpacket_rag.generation import GenerationConfig
 from kvpacket_rag.metrics import aggregate, best_f1, token_f1
 from kvpacket_rag.models import load_model
@@ -173,7 +174,7 @@ def kl_only(model, adapter_paths: list[str], specs: list[str], n: int, seed: int
     from kvpacket_rag.training import teacher_answer
 
     formatter = PromptFormatter(model.tokenizer)
-    adapters = {"no_recompute": PacketAdapter.empty(model), **{spec: adapter_of(model, spec) for spec in adapter_paths}}
+    adapters = {"no_recompute": PacketAdapter.empty(model), **{spec: resolve_adapter(model, spec) for spec in adapter_paths}}
     lines = ["| set | n | " + " | ".join(adapters) + " |", "|---|---|" + "---|" * len(adapters)]
     for spec in specs:
         totals, tokens = dict.fromkeys(adapters, 0.0), 0
@@ -188,15 +189,6 @@ def kl_only(model, adapter_paths: list[str], specs: list[str], n: int, seed: int
         lines.append(f"| {spec} | {n} | " + " | ".join(f"{totals[a] / tokens:.4f}" for a in adapters) + " |")
         print(lines[-1], flush=True)
     return "\n".join(lines)
-
-
-def adapter_of(model, spec: str) -> PacketAdapter:
-    """``none``, ``default`` or an adapter file, optionally with ``+preamble`` (packets built after the preamble)."""
-    base, _, prefix = spec.partition("+")
-    adapter = resolve_adapter(model, base)
-    if prefix:
-        adapter = adapter.with_prefix(prefix)
-    return adapter
 
 
 def table(result: dict) -> str:

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from kvpacket_rag.benchmarks.common import machine_info
 from kvpacket_rag.datasets import load_samples
-from kvpacket_rag.engine import PacketEngine, resolve_adapter
+from kvpacket_rag.adapter import resolve_adapter
+from kvpacket_rag.engine import PacketEngine
 from kvpacket_rag.evaluation.harness import EvalConfig, evaluate
 from kvpacket_rag.methods import PacketMethod
 from kvpacket_rag.models import load_model
@@ -38,9 +39,7 @@ FIELDS = ("fidelity", "kl", "recall", "f1", "ttft_vs_full", "ttft_s")
 def variant_method(model, variant: str) -> PacketMethod:
     """``NAME=ADAPTER[+preamble]`` as a packet method named ``NAME``."""
     name, _, spec = variant.partition("=")
-    base, _, prefix = spec.partition("+")
-    adapter = resolve_adapter(model, base)
-    return PacketMethod(adapter=adapter.with_prefix(prefix) if prefix else adapter, name=name)
+    return PacketMethod(adapter=resolve_adapter(model, spec), name=name)
 
 
 def run_set(model, spec: str, methods: list, seed: int, max_new_tokens: int) -> dict:

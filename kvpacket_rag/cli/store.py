@@ -125,8 +125,7 @@ def run_rm(args) -> int:
 
 def _fingerprints(model_name: str, adapter: str) -> tuple[str, str, list[str]]:
     """Model, tokenizer and adapter fingerprints to keep: the given adapter's and bare packets'."""
-    from ..adapter import NO_ADAPTER
-    from ..engine import resolve_adapter
+    from ..adapter import NO_ADAPTER, resolve_adapter
     from ..models import load_model
 
     model = load_model(None if model_name == "default" else model_name)

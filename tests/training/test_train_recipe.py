@@ -10,7 +10,7 @@ import pytest
 from kvpacket_rag.adapter import PacketAdapter
 from kvpacket_rag.cli import build_parser
 from kvpacket_rag.cli.train import config_from_args
-from kvpacket_rag.engine import SHIPPED_ADAPTERS
+from kvpacket_rag.adapter import SHIPPED_ADAPTERS
 from kvpacket_rag.models import DEFAULT_MODEL
 
 RECIPE = Path(__file__).resolve().parents[2] / "training" / "recipes" / "smollm2_default.py"

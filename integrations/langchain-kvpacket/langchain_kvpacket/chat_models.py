@@ -7,33 +7,24 @@ it answers the last human message through the documents' packets; earlier turns 
 
 from __future__ import annotations
 
-import threading
+import warnings
 from typing import Any, Iterator, Literal, Sequence
 
-from kvpacket_rag.engine import PacketEngine
+from kvpacket_rag.engine import Answer, PacketEngine
 from kvpacket_rag.generation import GenerationConfig
-from kvpacket_rag.index import RAGAnswerStream, stream_answer, stream_plain
 from kvpacket_rag.models import DEFAULT_MODEL
-from kvpacket_rag.prompt import ChatTurn
+from kvpacket_rag.rag import (PACKET_KEY, RAGAnswer, RAGAnswerStream, looks_like_pasted_documents, split_turns,
+                              stream_answer)
+from kvpacket_rag.settings import from_environment, shared_engine
+from kvpacket_rag.store import PacketStore
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.documents import Document
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from pydantic import Field, PrivateAttr
+from pydantic import ConfigDict, Field, PrivateAttr
 
-PACKET_KEY = "packet_key"
-_ENGINES: dict[tuple, PacketEngine] = {}
-_ENGINES_LOCK = threading.Lock()
-
-
-def shared_engine(model: str, adapter: str | None, device: str) -> PacketEngine:
-    """One engine per (model, adapter, device) in this process, loaded on first use."""
-    key = (model, adapter, device)
-    with _ENGINES_LOCK:
-        if key not in _ENGINES:
-            _ENGINES[key] = PacketEngine(None if model == DEFAULT_MODEL else model, adapter=adapter, device=device)
-        return _ENGINES[key]
+__all__ = ["PACKET_KEY", "ChatKVPacket", "message_text", "split_conversation"]
 
 
 def message_text(message: BaseMessage) -> str:
@@ -66,39 +57,46 @@ def _role(message: BaseMessage) -> str:
                      "system, human and AI messages only")
 
 
-def split_conversation(messages: Sequence[BaseMessage]) -> tuple[str, list[ChatTurn]]:
-    """``(question, earlier turns)``: the trailing human message(s) and the exchanges before them.
+def _pairs(messages: Sequence[BaseMessage]) -> list[tuple[str, str]]:
+    return [(_role(m), message_text(m)) for m in messages]
 
-    System messages are dropped on the packet path (its system prompt is the engine's cached preamble).
+
+def split_conversation(messages: Sequence[BaseMessage]) -> tuple[str, list]:
+    """``(question, earlier turns)`` of a conversation, see `kvpacket_rag.rag.split_turns` (system messages are
+    left out with a warning: on the packet path the system prompt is the engine's cached preamble).
 
     Raises:
         ValueError: no trailing human message, or unsupported message types.
     """
-    turns: list[ChatTurn] = []
-    pending: list[str] = []
-    for message in messages:
-        role = _role(message)
-        if role == "user":
-            pending.append(message_text(message))
-        elif role == "assistant":
-            turns.append(ChatTurn("\n".join(pending), message_text(message)))
-            pending = []
-    if not pending:
-        raise ValueError("the conversation must end with a human message (the question to answer)")
-    return "\n".join(pending), turns
+    return split_turns(_pairs(messages))
+
+
+def _usage(input_tokens: int, output_tokens: int, cache_read: int = 0, cache_creation: int = 0) -> dict:
+    return {"input_tokens": input_tokens, "output_tokens": output_tokens, "total_tokens": input_tokens + output_tokens,
+            "input_token_details": {"cache_read": cache_read, "cache_creation": cache_creation}}
 
 
 class ChatKVPacket(BaseChatModel):
     """Chat model on a `kvpacket_rag.PacketEngine`.
 
+    Settings are taken from keyword arguments first, then from ``KVPACKET_MODEL``, ``KVPACKET_ADAPTER``,
+    ``KVPACKET_DEVICE``, ``KVPACKET_DTYPE`` and ``KVPACKET_STORE`` (see `kvpacket_rag.settings`).
+
     Args:
         model: model id/directory (default: the embedded SmolLM2-135M-Instruct); ignored when ``engine`` is given.
-        adapter: ``default`` (shipped adapter), a file path, or None; ignored when ``engine`` is given.
-        engine: an existing engine (model, adapter, packet store); default: a process-wide one per
-            (model, adapter, device), loaded on first call.
+        adapter: ``default`` (shipped adapter), ``none``, or a file path; ignored when ``engine`` is given.
+        device, dtype: where and how to load the model; ignored when ``engine`` is given.
+        store: a packet store object, a directory or a ``redis://`` URL (default: in process memory).
+        engine: an existing engine (model, adapter, packet store); default: a process-wide one per settings,
+            loaded on first call.
         temperature, max_tokens, top_p, stop: decoding.
         missing_packets: a document without ``packet_key`` metadata, or whose packet is not in the store:
             ``build`` it on demand (default) or raise (``error``).
+
+    Every response carries ``usage_metadata`` (with ``input_token_details.cache_read``: context tokens served from
+    cached KV, and ``cache_creation``: tokens of packets built for the call), a ``finish_reason`` (``length`` when
+    ``max_tokens`` cut the answer) and ``response_metadata["kvpacket"]`` (``ttft_s``, ``packets_hit``,
+    ``packets_built``, timings, packet keys).
 
     Example:
         >>> llm = ChatKVPacket(engine=engine)
@@ -106,9 +104,12 @@ class ChatKVPacket(BaseChatModel):
         >>> llm.invoke("Who founded Quill Press?", documents=retrieved_docs)  # through the documents' packets
     """
 
-    model: str = Field(default=DEFAULT_MODEL, description="Model id or directory.")
-    adapter: str | None = Field(default="default", description="Adapter: 'default', a path, or None.")
-    device: str = Field(default="cpu")
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model: str | None = Field(default=None, description="Model id or directory (default: the embedded model).")
+    adapter: str | None = Field(default="default", description="Adapter: 'default', 'none' (or None) or a path.")
+    device: str = Field(default="cpu", description="cpu, cuda, cuda:1, ...")
+    dtype: str | None = Field(default=None, description="float32, bfloat16 or float16 (default: the device's).")
+    store: str | PacketStore | None = Field(default=None, description="Packet store, directory or redis:// URL.")
     temperature: float = Field(default=0.0, ge=0.0)
     max_tokens: int = Field(default=64, gt=0, description="Upper bound on generated tokens.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -120,14 +121,23 @@ class ChatKVPacket(BaseChatModel):
     def __init__(self, engine: PacketEngine | None = None, **kwargs: Any) -> None:
         if engine is not None:
             kwargs.setdefault("model", engine.model.name)
+        else:
+            kwargs = {**from_environment(kwargs), **kwargs}
         super().__init__(**kwargs)
         self._engine = engine
 
     @property
     def engine(self) -> PacketEngine:
         if self._engine is None:
-            self._engine = shared_engine(self.model, self.adapter, self.device)
+            store = self.store if isinstance(self.store, PacketStore) else None
+            spec = self.store if isinstance(self.store, str) else None
+            self._engine = shared_engine(store, model=self.model, adapter=self.adapter, device=self.device,
+                                         dtype=self.dtype, store=spec)
         return self._engine
+
+    @property
+    def model_name(self) -> str:
+        return self.model or (self._engine.model.name if self._engine is not None else DEFAULT_MODEL)
 
     @property
     def _llm_type(self) -> str:
@@ -141,6 +151,7 @@ class ChatKVPacket(BaseChatModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any):
         params = super()._get_ls_params(stop=stop, **kwargs)
         params["ls_provider"] = "kvpacket"
+        params["ls_model_name"] = kwargs.get("model", self.model_name)
         return params
 
     def generation(self, stop: Sequence[str] | None = None, **kwargs: Any) -> GenerationConfig:
@@ -174,20 +185,32 @@ class ChatKVPacket(BaseChatModel):
         if documents is not None:
             stream = self.answer_documents(messages, documents, stop, **kwargs)
             yield from (ChatGenerationChunk(message=AIMessageChunk(content=piece)) for piece in stream)
-            result = stream.result
+            result: RAGAnswer = stream.result
+            answer = result.answer
             info = {**result.metadata(), "sources": [dict(d.metadata) for d in documents]}
-            usage = {"input_tokens": result.answer.context_tokens + result.answer.question_tokens,
-                     "output_tokens": len(result.answer.token_ids)}
+            counts = result.usage()
+            usage = _usage(counts["input_tokens"], counts["output_tokens"], counts["cache_read_tokens"],
+                           counts["cache_creation_tokens"])
         else:
-            plain = stream_plain(self.engine, [(_role(m), message_text(m)) for m in messages],
-                                 self.generation(stop, **kwargs))
+            pairs = _pairs(messages)
+            plain = self.engine.chat(pairs, self.generation(stop, **kwargs))
             yield from (ChatGenerationChunk(message=AIMessageChunk(content=piece)) for piece in plain)
-            info = {"method": "plain", "closed_book": None, "timings": plain.timings}
-            usage = {"input_tokens": plain.prompt_tokens, "output_tokens": len(plain.token_ids)}
-        usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
+            answer = plain.answer
+            self._warn_if_pasted(pairs, answer)
+            info = {"method": "plain", "closed_book": None, "ttft_s": answer.timings["ttft_s"], "packets_hit": 0,
+                    "packets_built": 0, "finish_reason": answer.finish_reason, "timings": answer.timings}
+            usage = _usage(answer.question_tokens, len(answer.token_ids))
         yield ChatGenerationChunk(message=AIMessageChunk(
             content="", chunk_position="last", usage_metadata=usage,
-            response_metadata={"model_name": self.model, "finish_reason": "stop", "kvpacket": info}))
+            response_metadata={"model_name": self.model_name, "finish_reason": answer.finish_reason, "kvpacket": info}))
+
+    @staticmethod
+    def _warn_if_pasted(pairs: list[tuple[str, str]], answer: Answer) -> None:
+        if looks_like_pasted_documents(pairs[-1][1], answer.question_tokens):
+            warnings.warn("ChatKVPacket got documents pasted into the prompt: they ran through the model in full, "
+                          "with no packets and no speedup. Pass them as documents instead: "
+                          "llm.invoke(messages, documents=docs), or use create_kvpacket_rag_chain(retriever, llm).",
+                          UserWarning, stacklevel=4)
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
@@ -199,7 +222,8 @@ class ChatKVPacket(BaseChatModel):
         last = chunks[-1].message
         message = AIMessage(content=text, response_metadata=last.response_metadata,
                             usage_metadata=last.usage_metadata)
-        return ChatResult(generations=[ChatGeneration(message=message)])
+        return ChatResult(generations=[ChatGeneration(message=message,
+                                                      generation_info={"finish_reason": last.response_metadata["finish_reason"]})])
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:

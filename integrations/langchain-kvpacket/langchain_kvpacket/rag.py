@@ -14,7 +14,8 @@ from typing import Any, Sequence
 
 from kvpacket_rag.chunker import Chunker, ChunkerConfig
 from kvpacket_rag.embedder import Embedder
-from kvpacket_rag.index import PacketIndex, ensure_packets
+from kvpacket_rag.index import PacketIndex
+from kvpacket_rag.rag import PACKET_KEY, ensure_packets
 from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import BaseDocumentTransformer, Document
 from langchain_core.embeddings import Embeddings
@@ -23,7 +24,7 @@ from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableLambda, RunnablePassthrough
 from pydantic import ConfigDict
 
-from .chat_models import PACKET_KEY, ChatKVPacket
+from .chat_models import ChatKVPacket
 
 
 def _with_key(document: Document, key: str, **extra: Any) -> Document:
@@ -79,18 +80,20 @@ class KVPacketRetriever(BaseRetriever):
 
 class PacketIndexRetriever(BaseRetriever):
     """Retrieval from a `PacketIndex` (MiniLM + FAISS): top-``k`` chunks as documents with ``packet_key``,
-    ``doc_id``, ``chunk_id`` and ``score`` metadata (plus the document's metadata)."""
+    ``doc_id``, ``chunk_id`` and ``score`` metadata (plus the document's metadata); ``invoke(query, k=n)``
+    overrides ``k`` for one call."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
     index: PacketIndex
     k: int = 4
     min_score: float | None = None
 
-    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
+    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
+                                k: int | None = None) -> list[Document]:
         return [Document(page_content=hit.text, id=str(hit.chunk.chunk_id),
                          metadata={**hit.chunk.metadata, "doc_id": hit.chunk.doc_id, "chunk_id": hit.chunk.chunk_id,
                                    "score": hit.score, PACKET_KEY: hit.packet_key})
-                for hit in self.index.search(query, self.k, self.min_score)]
+                for hit in self.index.search(query, k or self.k, self.min_score)]
 
 
 def _normalise(inputs: Any) -> dict:

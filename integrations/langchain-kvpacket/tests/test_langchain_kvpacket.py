@@ -12,7 +12,8 @@ from langchain_core.vectorstores import InMemoryVectorStore
 from kvpacket_rag import GenerationConfig, PacketAdapter, PacketEngine
 from kvpacket_rag.errors import IncompatiblePacketError, PacketNotFoundError
 from kvpacket_rag.index import Document as KVDocument
-from kvpacket_rag.index import MissingPacketKeyError, PacketIndex
+from kvpacket_rag.index import PacketIndex
+from kvpacket_rag.rag import MissingPacketKeyError
 from kvpacket_rag.prompt import ChatTurn
 from langchain_kvpacket import (PACKET_KEY, ChatKVPacket, KVPacketDocumentTransformer, KVPacketEmbeddings,
                                 KVPacketRetriever, PacketIndexRetriever, create_kvpacket_rag_chain)

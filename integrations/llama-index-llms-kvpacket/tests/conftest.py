@@ -12,7 +12,7 @@ import torch  # noqa: E402
 
 from kvpacket_rag import PacketAdapter, PacketEngine, load_model  # noqa: E402
 from kvpacket_rag.embedder import Embedder  # noqa: E402
-from kvpacket_rag.engine import SHIPPED_ADAPTERS  # noqa: E402
+from kvpacket_rag.adapter import SHIPPED_ADAPTERS  # noqa: E402
 from kvpacket_rag.store import InMemoryStore  # noqa: E402
 from kvpacket_rag.tuning import tune_malloc  # noqa: E402
 

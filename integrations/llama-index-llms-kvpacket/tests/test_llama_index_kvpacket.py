@@ -14,7 +14,8 @@ from llama_index.vector_stores.faiss import FaissVectorStore
 from kvpacket_rag import GenerationConfig, PacketAdapter, PacketEngine
 from kvpacket_rag.errors import IncompatiblePacketError, PacketNotFoundError
 from kvpacket_rag.index import Document as KVDocument
-from kvpacket_rag.index import MissingPacketKeyError, PacketIndex
+from kvpacket_rag.index import PacketIndex
+from kvpacket_rag.rag import MissingPacketKeyError
 from kvpacket_rag.prompt import ChatTurn
 from llama_index.llms.kvpacket import (PACKET_KEY, KVPacketChatEngine, KVPacketEmbedding, KVPacketLLM,
                                        KVPacketTransform, as_kvpacket_query_engine)

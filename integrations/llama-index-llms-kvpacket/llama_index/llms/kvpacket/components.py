@@ -11,23 +11,24 @@
 from __future__ import annotations
 
 import asyncio
+import warnings
 from typing import Any, AsyncGenerator, Generator, List, Optional, Sequence
 
-from kvpacket_rag.embedder import Embedder
-from kvpacket_rag.index import ensure_packets
-from kvpacket_rag.prompt import ChatTurn
+from kvpacket_rag import ChatTurn, Embedder
+from kvpacket_rag.rag import PACKET_KEY, ensure_packets
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
-from llama_index.core.base.llms.types import ChatMessage, ChatResponse, MessageRole
+from llama_index.core.base.llms.types import ChatMessage, ChatResponse, CompletionResponse, MessageRole
 from llama_index.core.base.response.schema import (RESPONSE_TYPE, AsyncStreamingResponse, Response,
                                                    StreamingResponse)
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.callbacks import CBEventType, EventPayload
 from llama_index.core.chat_engine.types import AgentChatResponse, BaseChatEngine, StreamingAgentChatResponse
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.response_synthesizers.base import BaseSynthesizer
 from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore, QueryBundle, TransformComponent
 
-from .base import PACKET_KEY, KVPacketLLM, node_text
+from .base import KVPacketLLM, node_text, usage_raw
 
 
 def _mark_packet(node: BaseNode, key: str) -> None:
@@ -125,6 +126,10 @@ class KVPacketSynthesizer(BaseSynthesizer):
 
     def _update_prompts(self, prompts_dict: dict) -> None:
         """No prompt templates: the packets and the engine's chat preamble are the prompt."""
+        if prompts_dict:
+            warnings.warn(f"KVPacketSynthesizer ignores the prompt templates {sorted(prompts_dict)}: the prompt is the "
+                          "engine's cached preamble, the packets and the question. Set the system prompt with "
+                          "PacketEngine(system_prompt=...) instead.", UserWarning, stacklevel=3)
 
     def get_response(self, query_str: str, text_chunks: Sequence[str], **response_kwargs: Any):
         """Answer over plain text chunks (packets built on demand); a generator when streaming."""
@@ -137,21 +142,39 @@ class KVPacketSynthesizer(BaseSynthesizer):
 
     def synthesize(self, query, nodes: List[NodeWithScore], additional_source_nodes=None,
                    **response_kwargs: Any) -> RESPONSE_TYPE:
+        """Answer through the nodes' packets, emitting a SYNTHESIZE event around an LLM event (whose completion
+        carries the token usage) on the callback manager."""
         query_str = query.query_str if isinstance(query, QueryBundle) else str(query)
+        callbacks = self._callback_manager
+        synthesize_id = callbacks.on_event_start(CBEventType.SYNTHESIZE, payload={EventPayload.QUERY_STR: query_str})
+        llm_id = callbacks.on_event_start(CBEventType.LLM, payload={EventPayload.PROMPT: query_str,
+                                                                    EventPayload.SERIALIZED: self._kv_llm.to_dict()})
         stream = self._kv_llm.stream_nodes(query_str, nodes, self.history, **response_kwargs)
         sources = list(nodes) + list(additional_source_nodes or [])
         metadata = {n.node.node_id: n.node.metadata for n in sources}
         metadata["kvpacket"] = {"closed_book": stream.closed_book}
+
+        def finish(response) -> None:
+            raw = usage_raw(stream.result.answer, stream.result)
+            metadata["kvpacket"] = raw["kvpacket"]
+            completion = CompletionResponse(text=stream.result.text, raw=raw)
+            callbacks.on_event_end(CBEventType.LLM, payload={EventPayload.PROMPT: query_str,
+                                                             EventPayload.COMPLETION: completion}, event_id=llm_id)
+            callbacks.on_event_end(CBEventType.SYNTHESIZE, payload={EventPayload.RESPONSE: response},
+                                   event_id=synthesize_id)
+
         if not self._streaming:
             result = stream.collect()
-            metadata["kvpacket"] = result.metadata()
-            return Response(result.text, source_nodes=sources, metadata=metadata)
+            response = Response(result.text, source_nodes=sources, metadata=metadata)
+            finish(response)
+            return response
 
         def pieces() -> Generator[str, None, None]:
             yield from stream
-            metadata["kvpacket"] = stream.result.metadata()
+            finish(response)
 
-        return StreamingResponse(pieces(), source_nodes=sources, metadata=metadata)
+        response = StreamingResponse(pieces(), source_nodes=sources, metadata=metadata)
+        return response
 
     async def asynthesize(self, query, nodes: List[NodeWithScore], additional_source_nodes=None,
                           **response_kwargs: Any) -> RESPONSE_TYPE:
@@ -188,8 +211,15 @@ def as_kvpacket_query_engine(index, llm: KVPacketLLM, streaming: bool = False, s
         streaming: stream responses (``response.response_gen``).
         similarity_top_k: nodes to retrieve.
         node_postprocessors: run before the packet postprocessor (rerankers, similarity cut-offs, ...).
-        kwargs: passed to ``index.as_query_engine``.
+        kwargs: passed to ``index.as_query_engine``; prompt templates (``text_qa_template``, ...) do not apply to
+            the packet path and are dropped with a warning.
     """
+    templates = [name for name in kwargs if name.endswith("_template")]
+    if templates:
+        warnings.warn(f"as_kvpacket_query_engine ignores {', '.join(templates)}: the prompt is the engine's cached "
+                      "preamble, the packets and the question. Set the system prompt with "
+                      "PacketEngine(system_prompt=...) instead.", UserWarning, stacklevel=2)
+        kwargs = {name: value for name, value in kwargs.items() if name not in templates}
     return index.as_query_engine(
         llm=llm, similarity_top_k=similarity_top_k,
         response_synthesizer=KVPacketSynthesizer(llm, streaming=streaming),

@@ -82,17 +82,17 @@ _ENGINES: dict[tuple, "PacketEngine"] = {}
 _LOCK = threading.Lock()
 
 
-def shared_engine(store: "PacketStore | None" = None, **given: str | None) -> "PacketEngine":
+def shared_engine(packet_store: "PacketStore | None" = None, **given: str | None) -> "PacketEngine":
     """One engine per distinct settings (and store object) in this process, loaded on first use.
 
     Args:
-        store: a store object shared by the engine; otherwise the ``store`` setting names one.
+        packet_store: a store object for the engine; otherwise the ``store`` setting names one.
         given: settings (``model``, ``adapter``, ``device``, ``dtype``, ``store`` spec); absent ones come from the
             environment (see `EngineSettings.resolve`).
     """
     settings = EngineSettings.resolve(**given)
-    key = (settings, id(store) if store is not None else None)
+    key = (settings, id(packet_store) if packet_store is not None else None)
     with _LOCK:
         if key not in _ENGINES:
-            _ENGINES[key] = settings.engine(store)
+            _ENGINES[key] = settings.engine(packet_store)
         return _ENGINES[key]

@@ -9,6 +9,7 @@ from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.ingestion import IngestionPipeline
 from llama_index.core.node_parser import SentenceSplitter
 from llama_index.core.postprocessor import SimilarityPostprocessor
+from llama_index.core.schema import TextNode
 from llama_index.vector_stores.faiss import FaissVectorStore
 
 from kvpacket_rag import GenerationConfig, PacketAdapter, PacketEngine
@@ -148,3 +149,76 @@ def test_chat_engine_multi_turn_reuses_packets(engine, embedder):
     assert engine.counters["packets_built"] == built  # every turn reused the stored packets
     chat.reset()
     assert chat.chat_history == []
+
+
+def test_token_counting_handler_counts_queries_and_sees_llm_and_synthesize_events(engine, embedder):
+    from llama_index.core.callbacks import CallbackManager, CBEventType, LlamaDebugHandler, TokenCountingHandler
+
+    counter, debug = TokenCountingHandler(), LlamaDebugHandler()
+    manager = CallbackManager([counter, debug])
+    llm, embed_model = KVPacketLLM(engine, max_new_tokens=TOKENS), KVPacketEmbedding(embedder)
+    index, _ = faiss_index(llm, embed_model)
+    packet_index = PacketIndex(engine, embedder)
+    packet_index.add_documents([KVDocument(text, doc_id) for doc_id, text in CORPUS.items()])
+    direct = packet_index.answer(Q1, k=2, generation=GEN)
+    usage = direct.usage()
+    as_kvpacket_query_engine(index, llm, similarity_top_k=2, callback_manager=manager).query(Q1)
+    assert counter.prompt_llm_token_count == usage["input_tokens"] > 0
+    assert counter.completion_llm_token_count == usage["output_tokens"] == len(direct.answer.token_ids)
+    assert len(debug.get_event_pairs(CBEventType.LLM)) == 1 and len(debug.get_event_pairs(CBEventType.SYNTHESIZE)) == 1
+    streamed = as_kvpacket_query_engine(index, llm, streaming=True, similarity_top_k=2, callback_manager=manager)
+    "".join(streamed.query(Q1).response_gen)
+    assert counter.completion_llm_token_count == 2 * usage["output_tokens"]
+    llm.callback_manager = manager
+    completion = llm.complete(Q1, nodes=[])  # closed-book through packets: one LLM call
+    assert completion.raw["usage"]["completion_tokens"] == counter.llm_token_counts[-1].completion_token_count
+    assert len(counter.llm_token_counts) == 3  # complete() wraps no second counted call
+
+
+def test_raw_usage_finish_reason_and_cache_tokens(engine):
+    llm = KVPacketLLM(engine, max_new_tokens=2)
+    nodes = [TextNode(text=CORPUS["quill"]), TextNode(text=CORPUS["nimbus"])]
+    first = llm.complete(Q1, nodes=nodes)
+    usage = first.raw["usage"]
+    tokens = sum(len(engine.chunk_ids(n.get_content())) for n in nodes)
+    assert usage["cache_creation_tokens"] == tokens and first.raw["kvpacket"]["packets_built"] == 2
+    assert first.raw["finish_reason"] == "length" and usage["completion_tokens"] == 2
+    again = llm.complete(Q1, nodes=nodes).raw
+    assert again["usage"]["cache_creation_tokens"] == 0 and again["kvpacket"]["packets_hit"] == 2
+    assert again["usage"]["cache_read_tokens"] == again["usage"]["prompt_tokens"] - again["kvpacket"]["forwarded_tokens"]
+    plain = llm.chat([ChatMessage(role=MessageRole.USER, content="Hello")]).raw
+    assert plain["usage"]["prompt_tokens"] > 0 and plain["kvpacket"]["method"] == "plain"
+
+
+def test_model_name_is_loaded_and_settings_round_trip(loaded_model, tmp_path, monkeypatch):
+    from kvpacket_rag.testing import make_tiny_model
+
+    tiny = make_tiny_model("llama", loaded_model.tokenizer, seed=3)
+    tiny.model.save_pretrained(tmp_path / "tiny")
+    loaded_model.tokenizer.save_pretrained(tmp_path / "tiny")
+    monkeypatch.setenv("KVPACKET_ADAPTER", "none")
+    monkeypatch.setenv("KVPACKET_STORE", str(tmp_path / "packets"))
+    llm = KVPacketLLM(model_name=str(tmp_path / "tiny"), max_new_tokens=3, temperature=0.5)
+    assert llm.adapter == "none" and llm.store == str(tmp_path / "packets")  # from the environment
+    assert llm.engine.model.config.hidden_size == tiny.config.hidden_size != loaded_model.config.hidden_size
+    assert llm.metadata.model_name == str(tmp_path / "tiny")
+    again = KVPacketLLM.from_dict(llm.to_dict())
+    assert again.to_dict() == llm.to_dict() and again.engine is llm.engine
+    assert KVPacketLLM(model_name=str(tmp_path / "tiny"), adapter="default").adapter == "default"  # keywords first
+
+
+def test_ignored_prompts_and_pasted_documents_warn(engine, embedder):
+    llm = KVPacketLLM(engine, max_new_tokens=2, system_prompt="Be brief.")
+    with pytest.warns(UserWarning, match="ignores system_prompt"):
+        llm.complete(Q1, nodes=[TextNode(text=CORPUS["quill"])])
+    plain = KVPacketLLM(engine, max_new_tokens=2)
+    with pytest.warns(UserWarning, match="system message is ignored"):
+        plain.chat([ChatMessage(role=MessageRole.SYSTEM, content="Be brief."),
+                    ChatMessage(role=MessageRole.USER, content=Q1)], nodes=[TextNode(text=CORPUS["quill"])])
+    with pytest.warns(UserWarning, match="pasted into the prompt"):
+        plain.complete("Context information is below.\n---------------------\n" + CORPUS["quill"] + "\n" + Q1)
+    index = VectorStoreIndex.from_documents(documents(), embed_model=KVPacketEmbedding(embedder))
+    from llama_index.core import PromptTemplate
+
+    with pytest.warns(UserWarning, match="ignores text_qa_template"):
+        as_kvpacket_query_engine(index, plain, text_qa_template=PromptTemplate("{context_str} {query_str}"))

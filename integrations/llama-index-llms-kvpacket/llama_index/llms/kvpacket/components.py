@@ -211,7 +211,8 @@ def as_kvpacket_query_engine(index, llm: KVPacketLLM, streaming: bool = False, s
         streaming: stream responses (``response.response_gen``).
         similarity_top_k: nodes to retrieve.
         node_postprocessors: run before the packet postprocessor (rerankers, similarity cut-offs, ...).
-        kwargs: passed to ``index.as_query_engine``; prompt templates (``text_qa_template``, ...) do not apply to
+        kwargs: passed to ``index.as_query_engine`` (``callback_manager`` goes to the synthesizer, whose
+            LLM and SYNTHESIZE events carry the token usage); prompt templates (``text_qa_template``, ...) do not apply to
             the packet path and are dropped with a warning.
     """
     templates = [name for name in kwargs if name.endswith("_template")]
@@ -220,9 +221,9 @@ def as_kvpacket_query_engine(index, llm: KVPacketLLM, streaming: bool = False, s
                       "preamble, the packets and the question. Set the system prompt with "
                       "PacketEngine(system_prompt=...) instead.", UserWarning, stacklevel=2)
         kwargs = {name: value for name, value in kwargs.items() if name not in templates}
+    synthesizer = KVPacketSynthesizer(llm, streaming=streaming, callback_manager=kwargs.pop("callback_manager", None))
     return index.as_query_engine(
-        llm=llm, similarity_top_k=similarity_top_k,
-        response_synthesizer=KVPacketSynthesizer(llm, streaming=streaming),
+        llm=llm, similarity_top_k=similarity_top_k, response_synthesizer=synthesizer,
         node_postprocessors=[*node_postprocessors, KVPacketNodePostprocessor(llm)], **kwargs)
 
 

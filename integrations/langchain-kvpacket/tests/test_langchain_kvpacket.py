@@ -144,3 +144,48 @@ def test_multi_turn_chain_reuses_packets(engine, embedder):
                             history=[ChatTurn("Who founded Nimbus Air?", first)])
     assert follow.content == expected.text
     assert engine.counters["packets_built"] == built
+
+
+def test_usage_reports_packet_cache_reads_creations_and_finish_reason(engine, embedder):
+    index = packet_index(engine, embedder)
+    llm = ChatKVPacket(engine=engine, max_tokens=TOKENS)
+    message = create_kvpacket_rag_chain(PacketIndexRetriever(index=index, k=2), llm).invoke(Q1)
+    direct = index.answer(Q1, k=2, generation=GEN).answer
+    usage, info = message.usage_metadata, message.response_metadata["kvpacket"]
+    assert usage["input_token_details"]["cache_read"] == direct.context_tokens > 0  # preamble and packets
+    assert usage["input_token_details"]["cache_creation"] == 0
+    assert usage["input_tokens"] == direct.context_tokens + direct.question_tokens
+    assert info["packets_hit"] == 2 and info["packets_built"] == 0 and info["ttft_s"] > 0
+    assert message.response_metadata["finish_reason"] == direct.finish_reason
+    fresh = ChatKVPacket(engine=PacketEngine(engine.model, adapter=engine.adapter), max_tokens=2)
+    documents = lc_documents()[:2]
+    built = fresh.invoke(Q1, documents=documents)
+    tokens = sum(len(fresh.engine.chunk_ids(d.page_content)) for d in documents)
+    assert built.usage_metadata["input_token_details"]["cache_creation"] == tokens
+    assert built.response_metadata["kvpacket"]["packets_built"] == 2
+    assert built.response_metadata["finish_reason"] == "length" and built.usage_metadata["output_tokens"] == 2
+    again = fresh.invoke(Q1, documents=documents)
+    assert again.response_metadata["kvpacket"]["packets_hit"] == 2
+    assert again.usage_metadata["input_token_details"]["cache_creation"] == 0
+
+
+def test_ignored_system_messages_and_pasted_documents_warn(engine):
+    llm = ChatKVPacket(engine=engine, max_tokens=2)
+    with pytest.warns(UserWarning, match="system message is ignored"):
+        llm.invoke([SystemMessage("Be brief."), HumanMessage(Q1)], documents=lc_documents()[:1])
+    pasted = "Use the following pieces of retrieved context to answer the question.\n" + CORPUS["quill"] + "\n" + Q1
+    with pytest.warns(UserWarning, match="pasted into the prompt"):
+        llm.invoke(pasted)
+
+
+def test_settings_come_from_keywords_then_environment(monkeypatch, tmp_path):
+    from kvpacket_rag import LocalStore
+
+    monkeypatch.setenv("KVPACKET_STORE", str(tmp_path / "packets"))
+    monkeypatch.setenv("KVPACKET_ADAPTER", "none")
+    monkeypatch.setenv("KVPACKET_DTYPE", "float32")
+    llm = ChatKVPacket(adapter="default", max_tokens=2)
+    assert (llm.adapter, llm.store, llm.dtype, llm.device) == ("default", str(tmp_path / "packets"), "float32", "cpu")
+    assert isinstance(llm.engine.store, LocalStore) and llm.engine is ChatKVPacket(adapter="default").engine
+    assert llm.invoke(Q1, documents=lc_documents()[:1]).response_metadata["kvpacket"]["packets_built"] == 1
+    assert len(list((tmp_path / "packets").rglob("*"))) > 0

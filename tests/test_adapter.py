@@ -104,3 +104,19 @@ def test_integer_adapter_tensors_are_refused(tiny_llama, tmp_path):
                   {"format": "kvpacket-adapter/2", "model_fingerprint": tiny_llama.fingerprint, "fingerprint": "x"})
     with pytest.raises(CorruptPacketError, match="floating point"):
         PacketAdapter.load(path, tiny_llama)
+
+
+def test_resolve_adapter_names_default_none_files_and_preamble(tiny_llama, tmp_path):
+    from kvpacket_rag.adapter import resolve_adapter
+
+    assert resolve_adapter(tiny_llama, None).fingerprint == resolve_adapter(tiny_llama, "none").fingerprint == "none"
+    bare = resolve_adapter(tiny_llama, "none+preamble")
+    assert (bare.n_header, bare.n_trailer, bare.prefix) == (0, 0, "preamble")
+    trained = PacketAdapter.initialize(tiny_llama, 2, 3, seed=6)
+    trained.save(tmp_path / "a.safetensors")
+    assert resolve_adapter(tiny_llama, str(tmp_path / "a.safetensors")).fingerprint == trained.fingerprint
+    assert resolve_adapter(tiny_llama, f"{tmp_path / 'a.safetensors'}+preamble").fingerprint == \
+        trained.with_prefix("preamble").fingerprint
+    assert resolve_adapter(tiny_llama, trained) is trained
+    with pytest.raises(IncompatiblePacketError, match="no trained adapter ships"):
+        resolve_adapter(tiny_llama, "default")

@@ -134,3 +134,37 @@ def _has_shipped_adapter() -> bool:
     from kvpacket_rag.models import DEFAULT_MODEL
 
     return SHIPPED_ADAPTERS[DEFAULT_MODEL].is_file()
+
+
+def test_plain_chat_equals_greedy_decoding_of_the_whole_prompt(engine):
+    messages = [("system", "Be brief."), ("user", "Where was Ada Lovelace born?")]
+    answer = engine.chat(messages, GREEDY8).collect()
+    ids = engine.formatter.chat_ids(messages)
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(len(answer.token_ids)):
+            logits = engine.model.model(input_ids=torch.tensor([ids + out])).logits[0, -1]
+            out.append(int(logits.argmax()))
+    assert answer.token_ids == out
+    assert (answer.method, answer.context_tokens, answer.question_tokens) == ("plain", 0, len(ids))
+    assert answer.packet_keys == [] and answer.timings["ttft_s"] > 0
+    with pytest.raises(EmptyInputError):
+        engine.chat([("user", "  ")])
+
+
+def test_finish_reason_says_whether_the_token_budget_cut_the_answer(engine):
+    cut = engine.answer("Who was in the navy?", CHUNKS, generation=GenerationConfig(max_new_tokens=2))
+    assert len(cut.token_ids) < 2 or cut.finish_reason == "length"
+    full = engine.answer("Who was in the navy?", CHUNKS, generation=GREEDY8).text.strip()
+    if full:
+        stopped = engine.answer("Who was in the navy?", CHUNKS, generation=GenerationConfig(8, stop=(full[0],)))
+        assert stopped.finish_reason == "stop"
+
+
+def test_packets_built_during_a_call_are_counted(tiny_llama):
+    engine = PacketEngine(tiny_llama, adapter=PacketAdapter.initialize(tiny_llama, 2, 2, seed=1))
+    first = engine.answer("Who was in the navy?", CHUNKS, generation=GenerationConfig(2))
+    assert first.packets_built == 3 and first.tokens_built == sum(len(engine.chunk_ids(c)) for c in CHUNKS)
+    again = engine.answer("Who was in the navy?", CHUNKS, generation=GenerationConfig(2), method="cacheblend:0.5")
+    assert again.packets_built == 3  # bare packets: another kind
+    assert engine.answer("Who?", CHUNKS, generation=GenerationConfig(2)).packets_built == 0

@@ -1,0 +1,45 @@
+"""The method registry: names, parameters, and the packets each method declares it reads."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvpacket_rag.adapter import PacketAdapter
+from kvpacket_rag.baselines import CacheBlend, Epic
+from kvpacket_rag.engine import PacketEngine
+from kvpacket_rag.generation import GenerationConfig
+from kvpacket_rag.methods import METHODS, ClosedBook, FullRecompute, PacketMethod, get_method
+
+CHUNKS = ["Ada Lovelace was born in London.", "Alan Turing studied at Cambridge."]
+
+
+def test_registry_names_every_method_with_its_packet_kinds():
+    assert set(METHODS) == {"kv_packet", "no_recompute", "full_recompute", "closed_book", "cacheblend", "epic"}
+    assert get_method("kv_packet").packet_kinds == ("adapted",)
+    assert get_method("no_recompute").packet_kinds == ("bare",)
+    assert isinstance(get_method("cacheblend:0.2"), CacheBlend) and get_method("cacheblend:0.2").packet_kinds == ("bare",)
+    assert isinstance(get_method("epic:4"), Epic) and get_method("epic:4").name == "epic:4"
+    assert isinstance(get_method("full_recompute"), FullRecompute) and FullRecompute.packet_kinds == ()
+    assert isinstance(get_method("closed_book"), ClosedBook) and ClosedBook.packet_kinds == ()
+    method = PacketMethod(name="mine")
+    assert get_method(method) is method
+    with pytest.raises(ValueError, match="choose one of"):
+        get_method("kv_link_typo")
+    with pytest.raises(ValueError, match="takes no parameter"):
+        get_method("kv_packet:3")
+    with pytest.raises(ValueError, match="cacheblend:0.15"):
+        get_method("cacheblend:lots")
+
+
+def test_a_method_with_its_own_adapter_reads_that_adapters_packets(tiny_llama):
+    engine = PacketEngine(tiny_llama, adapter=None)
+    adapter = PacketAdapter.initialize(tiny_llama, 2, 2, seed=4)
+    method = PacketMethod(adapter=adapter, name="kv_packet@mine")
+    assert method.packet_kinds == (adapter,)
+    keys = engine.build_packets(CHUNKS, adapter)
+    assert keys == [engine.packet_key(c, adapter) for c in CHUNKS] != engine.build_packets(CHUNKS)
+    answer = engine.answer("Where was Ada born?", CHUNKS, method=method, generation=GenerationConfig(2))
+    assert answer.packet_keys == keys and answer.packets_built == 0
+    assert engine.builder_for(adapter) is engine.builder_for(adapter)
+    with pytest.raises(ValueError, match="packet kind"):
+        engine.builder_for("adapter")

@@ -97,4 +97,4 @@ def test_no_import_cycle_inside_the_package():
 
 
 PENDING = [["kvpacket_rag.packet", "kvpacket_rag.quantize", "kvpacket_rag.packet"]]
-"""The plain/quantized packet codec split over two modules; one codec module removes this cycle (then set []."""
+"""The plain/quantized packet codec split over two modules; one codec module removes this cycle (then: [])."""

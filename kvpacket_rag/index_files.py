@@ -18,14 +18,13 @@ open. One process saves a given directory at a time.
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 
 from .errors import CorruptIndexError
-from .fileio import file_sha256, fsync_dir
+from .fileio import atomic_write, file_sha256, fsync_dir
 
 INDEX_FORMAT = "kvpacket-index/1"
 MANIFEST = "manifest.json"
@@ -59,7 +58,7 @@ def save_index_files(directory: Path, writers: dict[str, Callable[[Path], None]]
             fsync_dir(path)
         manifest = {**manifest, "files": {role: path.name for role, path in files.items()},
                     "sha256": {path.name: file_sha256(path) for path in files.values()}}
-        _replace_atomically(directory / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        atomic_write(directory / MANIFEST, lambda tmp: tmp.write_bytes((json.dumps(manifest, indent=2) + "\n").encode()))
     except BaseException:
         for path in files.values():
             path.unlink(missing_ok=True)
@@ -118,19 +117,6 @@ def _validate(manifest, path: Path) -> dict[str, Path]:
                                            for n in names.values()),
          "'sha256' must hold the digest of every data file")
     return {role: path.parent / name for role, name in names.items()}
-
-
-def _replace_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
 
 
 def _remove_other_versions(directory: Path, keep: set[str]) -> None:

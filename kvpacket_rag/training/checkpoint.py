@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kvpacket_rag.adapter import PacketAdapter
+from kvpacket_rag.fileio import atomic_write
 
 FORMAT = "kvpacket-train-checkpoint/1"
 _NAME = re.compile(r"checkpoint-(\d+)\.json$")
@@ -49,19 +50,13 @@ def save_checkpoint(run_dir: Path, step: int, adapter: PacketAdapter, optimizer:
         for key, value in optimizer.state.get(param, {}).items():
             tensors[f"optim.{name}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     stem = run_dir / f"checkpoint-{step:06d}"
-    _atomic(stem.with_suffix(".safetensors"), lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+    atomic_write(stem.with_suffix(".safetensors"), lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
     text = json.dumps({"format": FORMAT, "step": step, **info}, indent=1, default=str)
-    _atomic(stem.with_suffix(".json"), lambda tmp: tmp.write_text(text))
+    atomic_write(stem.with_suffix(".json"), lambda tmp: tmp.write_text(text))
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
         old.with_suffix(".safetensors").unlink(missing_ok=True)
     return stem.with_suffix(".json")
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    tmp.replace(path)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

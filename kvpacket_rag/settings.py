@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
@@ -62,14 +63,26 @@ class EngineSettings:
         return cls(**{**from_environment(given), **given})
 
     def engine(self, store: "PacketStore | None" = None) -> "PacketEngine":
-        """A new engine with these settings (``store`` overrides the ``store`` spec)."""
+        """A new engine with these settings (``store`` overrides the ``store`` spec).
+
+        With adapter ``default`` and a model for which no adapter ships, packets are bare (with a warning), so
+        that plain chat works with any supported model.
+        """
+        from .adapter import shipped_adapter
         from .engine import PacketEngine
+        from .models import DEFAULT_MODEL, load_model
         from .store import open_store
 
         if store is None and self.store is not None:
             store = open_store(self.store)
-        return PacketEngine(self.model, adapter=self.adapter, store=store, device=self.device or "cpu",
-                            dtype=self.dtype)
+        model = load_model(self.model, device=self.device or "cpu", dtype=self.dtype)
+        adapter = self.adapter
+        if adapter == "default" and shipped_adapter(model.name) is None:
+            warnings.warn(f"no trained adapter ships for {model.name or DEFAULT_MODEL}: packets are bare (lower answer "
+                          "quality through documents; plain chat is unaffected). Train one with `kvpacket train` and "
+                          "pass its file as the adapter setting.", UserWarning, stacklevel=3)
+            adapter = None
+        return PacketEngine(model, adapter=adapter, store=store)
 
 
 def from_environment(given: Mapping[str, object]) -> dict[str, str]:

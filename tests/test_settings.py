@@ -22,3 +22,17 @@ def test_keywords_win_over_the_environment_and_absent_names_come_from_it(monkeyp
     assert from_environment({"device": "cpu", "store": None}) == {"adapter": "none+preamble"}
     with pytest.raises(TypeError, match="unknown engine settings"):
         EngineSettings.resolve(modle="x")
+
+
+def test_a_model_without_a_shipped_adapter_gets_bare_packets_and_chats(tokenizer, tmp_path):
+    from kvpacket_rag.generation import GenerationConfig
+    from kvpacket_rag.testing import make_tiny_model
+
+    tiny = make_tiny_model("qwen2", tokenizer, seed=1)
+    tiny.model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="no trained adapter ships"):
+        engine = EngineSettings(model=str(tmp_path)).engine()
+    assert engine.adapter.fingerprint == "none"
+    answer = engine.chat([("user", "Hello")], GenerationConfig(max_new_tokens=3)).collect()
+    assert answer.method == "plain" and len(answer.token_ids) <= 3

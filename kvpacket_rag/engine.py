@@ -21,11 +21,11 @@ import torch
 
 from .adapter import PacketAdapter, resolve_adapter
 from .builder import PacketBuilder
+from .context import ContextMethod, PacketFetch, PacketKind, PreparedContext
 from .errors import EmptyInputError
 from .flops import forward_flops
 from .generation import GenerationConfig, TextStreamer, decode_tokens, eos_ids, stream_text
 from .kvcache import KVBuffer, PacketCache
-from .context import ContextMethod, PacketFetch, PacketKind, PreparedContext
 from .methods import get_method
 from .models import LoadedModel, load_model
 from .prompt import DEFAULT_SYSTEM_PROMPT, ChatTurn, PromptFormatter

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import faiss
 import pytest
 from llama_index.core import Document, StorageContext, VectorStoreIndex
@@ -211,7 +213,13 @@ def test_ignored_prompts_and_pasted_documents_warn(engine, embedder):
     llm = KVPacketLLM(engine, max_new_tokens=2, system_prompt="Be brief.")
     with pytest.warns(UserWarning, match="ignores system_prompt"):
         llm.complete(Q1, nodes=[TextNode(text=CORPUS["quill"])])
+    wrapped = KVPacketLLM(engine, max_new_tokens=2, completion_to_prompt=lambda prompt: f"[{prompt}]")
+    with pytest.warns(UserWarning, match="ignores completion_to_prompt"):
+        wrapped.complete(Q1, nodes=[TextNode(text=CORPUS["quill"])])
     plain = KVPacketLLM(engine, max_new_tokens=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain.complete(Q1, nodes=[TextNode(text=CORPUS["quill"])])  # nothing ignored: no warning
     with pytest.warns(UserWarning, match="system message is ignored"):
         plain.chat([ChatMessage(role=MessageRole.SYSTEM, content="Be brief."),
                     ChatMessage(role=MessageRole.USER, content=Q1)], nodes=[TextNode(text=CORPUS["quill"])])

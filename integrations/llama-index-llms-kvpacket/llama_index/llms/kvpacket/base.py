@@ -20,6 +20,7 @@ from llama_index.core.base.llms.types import (ChatMessage, ChatResponse, ChatRes
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
+from llama_index.core.llms.llm import default_completion_to_prompt, generic_messages_to_prompt
 from llama_index.core.schema import BaseNode, MetadataMode, NodeWithScore
 
 __all__ = ["PACKET_KEY", "KVPacketLLM", "node_text", "split_chat", "usage_raw"]
@@ -172,8 +173,9 @@ class KVPacketLLM(CustomLLM):
 
     def _warn_ignored_wrappers(self) -> None:
         ignored = [name for name, set_ in (("system_prompt", bool(self.system_prompt)),
-                                           ("messages_to_prompt", "messages_to_prompt" in self.model_fields_set),
-                                           ("completion_to_prompt", "completion_to_prompt" in self.model_fields_set))
+                                           ("messages_to_prompt", self.messages_to_prompt is not generic_messages_to_prompt),
+                                           ("completion_to_prompt",
+                                            self.completion_to_prompt is not default_completion_to_prompt))
                    if set_]
         if ignored:
             warnings.warn(f"KVPacketLLM ignores {', '.join(ignored)} when answering through packets: the prompt is the "

@@ -222,8 +222,8 @@ class ChatKVPacket(BaseChatModel):
         last = chunks[-1].message
         message = AIMessage(content=text, response_metadata=last.response_metadata,
                             usage_metadata=last.usage_metadata)
-        return ChatResult(generations=[ChatGeneration(message=message,
-                                                      generation_info={"finish_reason": last.response_metadata["finish_reason"]})])
+        info = {"finish_reason": last.response_metadata["finish_reason"]}
+        return ChatResult(generations=[ChatGeneration(message=message, generation_info=info)])
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:

@@ -172,11 +172,10 @@ class KVPacketLLM(CustomLLM):
                              history=history, generation=self.generation(**kwargs))
 
     def _warn_ignored_wrappers(self) -> None:
-        ignored = [name for name, set_ in (("system_prompt", bool(self.system_prompt)),
-                                           ("messages_to_prompt", self.messages_to_prompt is not generic_messages_to_prompt),
-                                           ("completion_to_prompt",
-                                            self.completion_to_prompt is not default_completion_to_prompt))
-                   if set_]
+        customised = {"system_prompt": bool(self.system_prompt),
+                      "messages_to_prompt": self.messages_to_prompt is not generic_messages_to_prompt,
+                      "completion_to_prompt": self.completion_to_prompt is not default_completion_to_prompt}
+        ignored = [name for name, changed in customised.items() if changed]
         if ignored:
             warnings.warn(f"KVPacketLLM ignores {', '.join(ignored)} when answering through packets: the prompt is the "
                           "engine's cached preamble, the packets and the question. Set the system prompt with "

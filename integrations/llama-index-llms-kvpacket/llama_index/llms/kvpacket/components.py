@@ -212,8 +212,8 @@ def as_kvpacket_query_engine(index, llm: KVPacketLLM, streaming: bool = False, s
         similarity_top_k: nodes to retrieve.
         node_postprocessors: run before the packet postprocessor (rerankers, similarity cut-offs, ...).
         kwargs: passed to ``index.as_query_engine`` (``callback_manager`` goes to the synthesizer, whose
-            LLM and SYNTHESIZE events carry the token usage); prompt templates (``text_qa_template``, ...) do not apply to
-            the packet path and are dropped with a warning.
+            LLM and SYNTHESIZE events carry the token usage); prompt templates (``text_qa_template``, ...) do not
+            apply to the packet path and are dropped with a warning.
     """
     templates = [name for name in kwargs if name.endswith("_template")]
     if templates:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from . import attention
 from .errors import ContextTooLongError, ModelUnavailableError, UnsupportedModelError
@@ -260,7 +261,8 @@ def load_model(
         trust_remote_code: run the repository's own modelling code (off unless asked).
         model_kwargs: further keyword arguments for ``AutoModelForCausalLM.from_pretrained``.
 
-    Hub download progress bars follow the user's ``transformers`` / ``huggingface_hub`` settings.
+    Hub download progress bars follow the user's ``transformers`` / ``huggingface_hub`` settings; loading from a
+    local directory (or the embedded model) shows no weight-loading bar, and the user's setting is restored after.
 
     Raises:
         UnsupportedModelError: the architecture/RoPE cannot be served exactly.
@@ -272,6 +274,9 @@ def load_model(
     name = name_or_path or DEFAULT_MODEL
     path = default_model_dir() if name == DEFAULT_MODEL else name_or_path
     hub = {"revision": revision, "trust_remote_code": trust_remote_code}
+    quiet = Path(path).is_dir() and hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **hub)
         model = AutoModelForCausalLM.from_pretrained(path, **{"dtype": dtype, "attn_implementation": "sdpa",
@@ -283,4 +288,7 @@ def load_model(
             f"cannot load model {name!r}: {reason}. Check the Hugging Face id or directory; without network set "
             "HF_HUB_OFFLINE=1 and use a cached or local model; for a gated model run `huggingface-cli login`"
         ) from None
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
     return wrap_model(model.to(device), tokenizer, name)

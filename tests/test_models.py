@@ -1,4 +1,4 @@
-"""Loading models the Hugging Face way: auto device and dtype, keyword pass-through, progress bars untouched."""
+"""Loading models the Hugging Face way: auto device and dtype, keyword pass-through, the user's progress bar setting."""
 
 from __future__ import annotations
 

@@ -108,16 +108,16 @@ class PacketMethod(ContextMethod):
 
 
 class LinkMethod(PacketMethod):
-    """KV packets plus link tokens: a few trained tokens per packet, run at question time.
+    """KV packets plus link tokens: every packet's trailer is recomputed at question time.
 
-    The packets of `kv_packet` are loaded and rotated into place, each followed by a gap of ``n_link``
-    positions; one forward then runs the adapter's link tokens in every gap, each attending to everything
-    before it (the preamble, earlier packets and their links, its own packet), so that they summarise their
-    packet in context for the question. The model stays frozen and the packets are the same as
-    `kv_packet`'s (the store is shared). Question-time cost: a forward of ``packets x n_link`` tokens.
+    The packets of `kv_packet` are loaded and rotated into place without their trailers; then one forward
+    over the trailer tokens of all packets, each at its own positions and attending to everything before it
+    (the preamble, earlier packets and their links, its own chunk), turns the trailers into summaries of
+    their chunk in context, which the question attends to. Question-time cost: a forward of
+    ``packets x n_trailer`` tokens. The packets are the same as `kv_packet`'s (the store is shared).
 
     Args:
-        adapter, name: as in `PacketMethod` (default name ``kv_link``); the adapter needs link tokens.
+        adapter, name: as in `PacketMethod` (default name ``kv_link``); the adapter needs a trailer.
     """
 
     def __init__(self, adapter: "PacketAdapter | None" = None, name: str | None = None):
@@ -126,42 +126,41 @@ class LinkMethod(PacketMethod):
     def prepare(self, engine, chunks, buffer, reserve):
         start = time.perf_counter()
         builder = self.packet_builders(engine)[0]
-        n_link = builder.adapter.n_link
-        if n_link == 0:
-            raise ValueError("kv_link runs the adapter's link tokens, but this adapter has none; train them with "
-                             "`kvpacket train --n-link 8 --init-adapter ADAPTER` or use the kv_packet method")
+        if builder.adapter.n_trailer == 0:
+            raise ValueError("kv_link recomputes the packets' trailers, but this adapter has none; use an adapter "
+                             "with n_trailer >= 1 or the kv_packet method")
         packets, build_s, keys = engine.packets_for(chunks, builder=builder)
         loaded = time.perf_counter()
         preamble = engine.preamble_block()
         position = preamble[0].shape[2]
-        starts, slots, links = [0], list(range(position)), []
+        blocks, starts, links = [preamble], [0], []
         for packet in packets:
+            body = packet.length - packet.n_trailer
+            blocks.append((packet.keys[:, :, :body], packet.values[:, :, :body]))
             starts.append(position)
-            slots.extend(range(position, position + packet.length))
-            links.extend(range(position + packet.length, position + packet.length + n_link))
-            position += packet.length + n_link
-        blocks = [preamble] + [(p.keys, p.values) for p in packets]
-        cache = assemble(buffer, blocks, engine.model.rope, reserve + len(links), starts)
+            links.extend(range(position + body, position + packet.length))
+            position += packet.length
+        cache = assemble(buffer, blocks, engine.model.rope, reserve, starts)
         assembled = time.perf_counter()
+        slots = [p for (k, _), first in zip(blocks, starts) for p in range(first, first + k.shape[2])]
         if links:
-            _forward_links(engine, builder.adapter.link, len(packets), slots, links, cache)
+            _forward_links(engine, builder.adapter.trailer, len(packets), slots, links, cache)
         _synchronize(engine.model.device)
         done = time.perf_counter()
-        config = engine.model.config
         return PreparedContext(cache, position, packet_load_s=loaded - start - build_s, packet_build_s=build_s,
                                assembly_s=assembled - loaded, context_prefill_s=done - assembled,
-                               context_flops=rotation_flops(config, len(slots) - starts[1])
-                               + forward_flops(config, len(links), len(slots), logits_tokens=0),
+                               context_flops=rotation_flops(engine.model.config, len(slots) - starts[1])
+                               + forward_flops(engine.model.config, len(links), len(slots), logits_tokens=0),
                                forwarded_tokens=len(links), packet_keys=keys)
 
 
 @torch.no_grad()
-def _forward_links(engine: "PacketEngine", link: torch.Tensor, n_packets: int, slots: list[int],
+def _forward_links(engine: "PacketEngine", trailer: torch.Tensor, n_packets: int, slots: list[int],
                    links: list[int], cache: PacketCache) -> None:
-    """Append the link tokens (``link`` once per packet) at global positions ``links`` to ``cache``, whose
-    slots hold positions ``slots``; each link token attends to every position not after its own."""
+    """Append the link tokens (``trailer`` once per packet) at global positions ``links`` to ``cache``, whose
+    slots hold positions ``slots``; each link attends to every cached or link position not after its own."""
     model = engine.model
-    embeds = link.detach().to(model.device, model.dtype).repeat(n_packets, 1)[None]
+    embeds = trailer.detach().to(model.device, model.dtype).repeat(n_packets, 1)[None]
     query = torch.tensor(links, device=model.device)
     key = torch.cat([torch.tensor(slots, device=model.device), query])
     mask = torch.zeros(len(links), len(key), dtype=model.dtype, device=model.device)

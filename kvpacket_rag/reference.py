@@ -13,10 +13,10 @@ just before the chunk's global start, visible to that chunk only: the relative
 positions inside each block are those the packet was built with, and the tail
 sees the real preamble and every wrapped chunk, never the copies.
 
-With ``linked=True`` (the `kv_link` method) the adapter's link tokens follow
-every wrapped chunk, at the next positions; they attend like the tail, to
-everything before them (never to the preamble copies), so that they summarise
-their packet in the context of the packets before it.
+With ``linked=True`` (the `kv_link` method) each trailer is a set of link
+tokens recomputed at question time: trailer rows attend like the tail, to
+everything before them (never to the preamble copies), so that each packet's
+trailer summarises it in the context of the packets before it.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def block_causal_mask(block_lengths: Sequence[int], tail_length: int, dtype: tor
 def packed_layout(model: LoadedModel, adapter: PacketAdapter, preamble_ids: Sequence[int],
                   chunk_ids: Sequence[Sequence[int]], tail_ids: Sequence[int], linked: bool = False):
     """Embeddings ``[1, N, hidden]``, position ids ``[1, N]`` and mask ``[1, 1, N, N]`` of the packet path
-    (with ``linked``: of the `kv_link` path, the adapter's link tokens after every wrapped chunk).
+    (with ``linked``: of the `kv_link` path, trailers recomputed over the context before them).
 
     Gradients flow into ``adapter`` (the embedding matrix is frozen).
     """
@@ -71,8 +71,6 @@ def packed_layout(model: LoadedModel, adapter: PacketAdapter, preamble_ids: Sequ
     start, offset = n_pre, n_pre  # global position of the next wrapped chunk; its offset in the sequence
     for ids in chunk_ids:
         block = adapter.wrap(embed(ids))
-        if linked:
-            block = torch.cat([block, adapter.link.to(block.device, block.dtype)])
         length = block.shape[0]
         if conditioned:  # the preamble copy the packet was built after: seen by this block only
             pieces.append(preamble)
@@ -82,7 +80,7 @@ def packed_layout(model: LoadedModel, adapter: PacketAdapter, preamble_ids: Sequ
         positions.append(torch.arange(start, start + length))
         blocks.append(length + n_pre * conditioned)
         if linked:
-            links.append((offset + blocks[-1] - adapter.n_link, offset + blocks[-1]))
+            links.append((offset + blocks[-1] - adapter.n_trailer, offset + blocks[-1]))
         start += length
         offset += blocks[-1]
     pieces.append(embed(tail_ids))
@@ -99,7 +97,7 @@ def block_forward(model: LoadedModel, adapter: PacketAdapter, preamble_ids: Sequ
 
     Args:
         logits_tokens: keep only the last this-many positions (default: the whole tail).
-        linked: the `kv_link` path: the adapter's link tokens follow every wrapped chunk.
+        linked: trailers recomputed at question time (the `kv_link` path) instead of stored in the packets.
     """
     embeds, positions, mask = packed_layout(model, adapter, preamble_ids, chunk_ids, tail_ids, linked)
     keep = logits_tokens if logits_tokens is not None else len(tail_ids)

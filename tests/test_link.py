@@ -1,4 +1,4 @@
-"""kv_link: packets plus link tokens run at question time equal one forward under the linked block mask."""
+"""kv_link: packets plus trailers recomputed at question time equal one forward under the linked block mask."""
 
 from __future__ import annotations
 
@@ -28,14 +28,9 @@ def link_path_logits(engine: PacketEngine, chunks, question: str) -> torch.Tenso
                               use_cache=True, logits_to_keep=len(suffix)).logits[0]
 
 
-def linked_adapter(model, n_link: int = 3, prefix: str = "none") -> PacketAdapter:
-    adapter = PacketAdapter.initialize(model, 4, 6, seed=2, prefix=prefix)
-    return adapter.with_link(PacketAdapter.initialize(model, 0, n_link, seed=7).trailer)
-
-
 @pytest.mark.parametrize("prefix", ["none", "preamble"])
 def test_link_path_equals_linked_block_mask_forward(tiny_model, prefix):
-    engine = PacketEngine(tiny_model, adapter=linked_adapter(tiny_model, prefix=prefix))
+    engine = PacketEngine(tiny_model, adapter=PacketAdapter.initialize(tiny_model, 4, 6, seed=2, prefix=prefix))
     f = engine.formatter
     got = link_path_logits(engine, CHUNKS, QUESTION)
     want = block_forward(tiny_model, engine.adapter, f.preamble_ids(), [f.chunk_ids(c) for c in CHUNKS],
@@ -46,35 +41,27 @@ def test_link_path_equals_linked_block_mask_forward(tiny_model, prefix):
     assert (got - packet).abs().max() > 1e-3  # the links do change what the question sees
 
 
-def test_linked_mask_lets_link_rows_see_the_context_before_them():
+def test_linked_mask_lets_trailer_rows_see_the_context_before_them():
     mask = block_causal_mask([2, 3, 3], 2, torch.float32, global_rows=[(3, 5)], hidden=[(0, 1)])[0, 0] == 0
-    assert mask[4, :5].tolist() == [False, True, True, True, True]  # link row: all before it but the hidden span
+    assert mask[4, :5].tolist() == [False, True, True, True, True]  # trailer row: all before it but the hidden span
     assert mask[2, :].tolist() == [False, False, True] + [False] * 7  # a block row: its own block only
     assert mask[6, :].tolist() == [False] * 5 + [True, True] + [False] * 3
     assert mask[9, :].tolist() == [False] + [True] * 9  # tail
 
 
 def test_engine_answers_with_kv_link_and_reuses_kv_packet_packets(tiny_llama):
-    engine = PacketEngine(tiny_llama, adapter=linked_adapter(tiny_llama, n_link=2))
+    engine = PacketEngine(tiny_llama, adapter=PacketAdapter.initialize(tiny_llama, 4, 4, seed=3))
     generation = GenerationConfig(max_new_tokens=4)
     packet = engine.answer(QUESTION, CHUNKS, method="kv_packet", generation=generation)
     link = engine.answer(QUESTION, CHUNKS, method="kv_link", generation=generation)
     assert engine.counters == {"packets_built": 3, "packets_loaded": 3}
-    assert link.method == "kv_link" and link.context_tokens == packet.context_tokens + 3 * 2
-    assert link.forwarded_tokens == link.question_tokens + 3 * 2  # the links of three packets, nothing else
+    assert link.method == "kv_link" and link.context_tokens == packet.context_tokens
+    assert link.forwarded_tokens == link.question_tokens + 3 * 4  # the links of three packets, nothing else
     full = engine.answer(QUESTION, CHUNKS, method="full_recompute", generation=generation)
     assert packet.context_flops < link.context_flops < full.context_flops
 
 
-def test_link_tokens_leave_the_packets_unchanged(tiny_llama, tmp_path):
-    packet_adapter = PacketAdapter.initialize(tiny_llama, 4, 6, seed=2)
-    linked = linked_adapter(tiny_llama)
-    assert linked.fingerprint == packet_adapter.fingerprint  # stored packets stay valid
-    loaded = PacketAdapter.load(linked.save(tmp_path / "a.safetensors"), tiny_llama)
-    assert loaded.n_link == 3 and torch.equal(loaded.link, linked.link.detach())
-
-
-def test_kv_link_needs_link_tokens(tiny_llama):
-    engine = PacketEngine(tiny_llama, adapter=PacketAdapter.initialize(tiny_llama, 4, 4, seed=3))
+def test_kv_link_needs_a_trailer(tiny_llama):
+    engine = PacketEngine(tiny_llama, adapter=None)
     with pytest.raises(ValueError, match="kv_packet"):
         engine.answer(QUESTION, CHUNKS, method=get_method("kv_link"))

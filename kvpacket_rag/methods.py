@@ -107,68 +107,6 @@ class PacketMethod(ContextMethod):
                                context_flops=rotation_flops(engine.model.config, packet_tokens), packet_keys=keys)
 
 
-class LinkMethod(PacketMethod):
-    """KV packets plus link tokens: every packet's trailer is recomputed at question time.
-
-    The packets of `kv_packet` are loaded and rotated into place without their trailers; then one forward
-    over the trailer tokens of all packets, each at its own positions and attending to everything before it
-    (the preamble, earlier packets and their links, its own chunk), turns the trailers into summaries of
-    their chunk in context, which the question attends to. Question-time cost: a forward of
-    ``packets x n_trailer`` tokens. The packets are the same as `kv_packet`'s (the store is shared).
-
-    Args:
-        adapter, name: as in `PacketMethod` (default name ``kv_link``); the adapter needs a trailer.
-    """
-
-    def __init__(self, adapter: "PacketAdapter | None" = None, name: str | None = None):
-        super().__init__(True, adapter, name or "kv_link")
-
-    def prepare(self, engine, chunks, buffer, reserve):
-        start = time.perf_counter()
-        builder = self.packet_builders(engine)[0]
-        if builder.adapter.n_trailer == 0:
-            raise ValueError("kv_link recomputes the packets' trailers, but this adapter has none; use an adapter "
-                             "with n_trailer >= 1 or the kv_packet method")
-        packets, build_s, keys = engine.packets_for(chunks, builder=builder)
-        loaded = time.perf_counter()
-        preamble = engine.preamble_block()
-        position = preamble[0].shape[2]
-        blocks, starts, links = [preamble], [0], []
-        for packet in packets:
-            body = packet.length - packet.n_trailer
-            blocks.append((packet.keys[:, :, :body], packet.values[:, :, :body]))
-            starts.append(position)
-            links.extend(range(position + body, position + packet.length))
-            position += packet.length
-        cache = assemble(buffer, blocks, engine.model.rope, reserve, starts)
-        assembled = time.perf_counter()
-        slots = [p for (k, _), first in zip(blocks, starts) for p in range(first, first + k.shape[2])]
-        if links:
-            _forward_links(engine, builder.adapter.trailer, len(packets), slots, links, cache)
-        _synchronize(engine.model.device)
-        done = time.perf_counter()
-        return PreparedContext(cache, position, packet_load_s=loaded - start - build_s, packet_build_s=build_s,
-                               assembly_s=assembled - loaded, context_prefill_s=done - assembled,
-                               context_flops=rotation_flops(engine.model.config, len(slots) - starts[1])
-                               + forward_flops(engine.model.config, len(links), len(slots), logits_tokens=0),
-                               forwarded_tokens=len(links), packet_keys=keys)
-
-
-@torch.no_grad()
-def _forward_links(engine: "PacketEngine", trailer: torch.Tensor, n_packets: int, slots: list[int],
-                   links: list[int], cache: PacketCache) -> None:
-    """Append the link tokens (``trailer`` once per packet) at global positions ``links`` to ``cache``, whose
-    slots hold positions ``slots``; each link attends to every cached or link position not after its own."""
-    model = engine.model
-    embeds = trailer.detach().to(model.device, model.dtype).repeat(n_packets, 1)[None]
-    query = torch.tensor(links, device=model.device)
-    key = torch.cat([torch.tensor(slots, device=model.device), query])
-    mask = torch.zeros(len(links), len(key), dtype=model.dtype, device=model.device)
-    mask.masked_fill_(key[None, :] > query[:, None], torch.finfo(model.dtype).min)
-    model.model.model(inputs_embeds=embeds, position_ids=query[None], attention_mask=mask[None, None],
-                      cache=cache, use_cache=True)
-
-
 class FullRecompute(ContextMethod):
     """Run the whole prompt (preamble and every chunk, no adapters) through the model."""
 
@@ -210,7 +148,7 @@ METHODS: dict[str, type[ContextMethod] | object] = {}
 
 
 def get_method(spec: str | ContextMethod) -> ContextMethod:
-    """A method object from its name (``kv_packet``, ``kv_link``, ``no_recompute``, ``full_recompute``, ``closed_book``,
+    """A method object from its name (``kv_packet``, ``no_recompute``, ``full_recompute``, ``closed_book``,
     ``cacheblend:RATIO``, ``epic:K``) or the object itself.
 
     Raises:
@@ -221,8 +159,7 @@ def get_method(spec: str | ContextMethod) -> ContextMethod:
     from . import baselines  # noqa: F401  (registers cacheblend and epic in METHODS)
 
     name, _, arg = spec.partition(":")
-    factories = {"kv_packet": lambda: PacketMethod(True), "kv_link": LinkMethod,
-                 "no_recompute": lambda: PacketMethod(False),
+    factories = {"kv_packet": lambda: PacketMethod(True), "no_recompute": lambda: PacketMethod(False),
                  "full_recompute": FullRecompute, "closed_book": ClosedBook, **METHODS}
     if name not in factories:
         raise ValueError(f"unknown method '{spec}'; choose one of {', '.join(sorted(factories))}")

@@ -19,7 +19,7 @@ DEFAULT_DATA_OPTIONS: dict[str, dict[str, Any]] = {"biography": {"docs_per_sampl
 
 # Settings whose change makes a checkpoint of an earlier run invalid (the rest may change on --resume).
 RESUME_KEYS = ("model", "data", "data_options", "max_chunks", "samples", "split", "epochs", "batch_size", "lr",
-               "n_header", "n_trailer", "prefix", "link", "seed", "answer_cap", "teacher_top_k", "system_prompt", "dtype", "init_adapter")
+               "n_header", "n_trailer", "prefix", "seed", "answer_cap", "teacher_top_k", "system_prompt", "dtype", "init_adapter")
 
 
 class TrainingConfigError(KVPacketError, ValueError):
@@ -47,8 +47,6 @@ class TrainConfig:
         n_header, n_trailer: adapter soft tokens before and after every chunk.
         prefix: what every packet is built after: ``"preamble"`` (the chat preamble, the prompt's own prefix of
             every chunk) or ``"none"`` (position 0, as in the KV Packet paper).
-        link: train for the `kv_link` method: the student recomputes every trailer at question time over the
-            context before it (link tokens) instead of reading it from the packet.
         init_adapter: start from this adapter file (same model and sizes) instead of a random initialisation,
             e.g. to continue training with more data or a new schedule (None: draw from the embedding statistics).
         seed: adapter initialisation, sample draw and per-epoch shuffling.
@@ -81,7 +79,6 @@ class TrainConfig:
     n_header: int = 8
     n_trailer: int = 8
     prefix: str = PREFIX_NONE
-    link: bool = False
     init_adapter: Path | None = None
     seed: int = 0
     answer_cap: int = 64
@@ -114,8 +111,6 @@ class TrainConfig:
             value = getattr(self, name)
             _require(value is None or (isinstance(value, int) and value >= 1), name, "None or an integer >= 1")
         _require(self.prefix in PREFIXES, "prefix", f"one of {', '.join(PREFIXES)}")
-        _require(isinstance(self.link, bool) and (not self.link or self.n_trailer > 0), "link",
-                 "a bool, and True only with n_trailer >= 1 (the trailer is what is recomputed)")
         _require(isinstance(self.lr, (int, float)) and 0 < self.lr < 1, "lr", "a float in (0, 1)")
         _require(self.split in ("train", "test"), "split", "'train' or 'test'")
         _require(self.dtype is None or self.dtype in DTYPES, "dtype", f"None or one of {', '.join(DTYPES)}")

@@ -64,15 +64,14 @@ class TrainResult:
 
 
 def student_logits(model: LoadedModel, adapter: PacketAdapter, preamble_ids: list[int], sample: TokenizedSample,
-                   answer_ids: torch.Tensor, linked: bool = False) -> torch.Tensor:
+                   answer_ids: torch.Tensor) -> torch.Tensor:
     """Student logits ``[A, vocab]`` predicting each of the ``A`` answer tokens (differentiable in ``adapter``).
 
     The tail is ``question suffix | answer[:-1]``; its last ``A`` positions predict ``answer[0..A-1]``.
-    ``linked``: the `kv_link` path (trailers recomputed over the context) instead of the packet path.
     """
     tail = list(sample.suffix_ids) + answer_ids[:-1].tolist()
     return block_forward(model, adapter, preamble_ids, [list(c) for c in sample.chunk_ids], tail,
-                         logits_tokens=answer_ids.numel(), linked=linked)
+                         logits_tokens=answer_ids.numel())
 
 
 def linear_lr(peak: float, step: int, total: int) -> float:
@@ -206,7 +205,7 @@ class Trainer:
         for i in batch:
             teacher = self.teacher[i]
             logits = student_logits(self.model, adapter, self.preamble_ids, self.samples[i],
-                                    teacher.answer_ids.to(self.model.device), linked=self.config.link)
+                                    teacher.answer_ids.to(self.model.device))
             loss = teacher.kl(logits).sum() / tokens
             loss.backward()
             total += float(loss.detach())
@@ -235,7 +234,7 @@ class Trainer:
         c = self.config
         settings = c.to_dict()
         keys = ("init_adapter", "data", "max_chunks", "samples", "split", "epochs", "batch_size", "lr", "seed",
-                "prefix", "link", "answer_cap", "teacher_top_k", "system_prompt", "gradient_checkpointing", "device", "threads")
+                "prefix", "answer_cap", "teacher_top_k", "system_prompt", "gradient_checkpointing", "device", "threads")
         answers = [t.length for t in self.teacher]
         return {
             "model": self.model.name, "dtype": str(self.model.dtype).removeprefix("torch."),

@@ -12,11 +12,6 @@ Packet paper; ``"preamble"`` builds it right after the engine's chat preamble
 the real prompt, so that packets share the one attention sink of the preamble
 instead of each bringing its own. Packets stay independent of each other and of
 the question either way.
-
-An adapter may also carry link tokens ``link [n_link, hidden]`` for the
-`kv_link` method: they are not part of any packet, but run at question time
-after each packet, attending to the whole context before them. They do not enter
-the fingerprint, so adding or retraining them keeps every stored packet valid.
 """
 
 from __future__ import annotations
@@ -50,23 +45,19 @@ class PacketAdapter(torch.nn.Module):
         model_fingerprint: fingerprint of the model the adapter belongs to.
         card: free-form JSON-serialisable metadata (training data, hyperparameters, ...).
         prefix: what every packet is built after: ``"none"`` (position 0) or ``"preamble"``.
-        link: float tensor ``[n_link, hidden]`` of the `kv_link` method's link tokens (default: none).
     """
 
     def __init__(self, header: torch.Tensor, trailer: torch.Tensor, model_fingerprint: str, card: dict | None = None,
-                 prefix: str = PREFIX_NONE, link: torch.Tensor | None = None):
+                 prefix: str = PREFIX_NONE):
         super().__init__()
-        link = header.new_zeros(0, header.shape[-1]) if link is None else link
-        for name, tensor in (("header", header), ("trailer", trailer), ("link", link)):
-            if tensor.dim() != 2 or tensor.shape[1] != header.shape[-1]:
-                raise ValueError(f"{name} must be [n, hidden] with the header's hidden size, got {tuple(tensor.shape)}")
-            if not tensor.is_floating_point():
-                raise ValueError(f"{name} must be floating point, got {tensor.dtype}")
+        if header.dim() != 2 or trailer.dim() != 2 or header.shape[1] != trailer.shape[1]:
+            raise ValueError(f"header/trailer must be [n, hidden] with the same hidden size, got {tuple(header.shape)} and {tuple(trailer.shape)}")
+        if not header.is_floating_point() or not trailer.is_floating_point():
+            raise ValueError(f"header/trailer must be floating point, got {header.dtype} and {trailer.dtype}")
         if prefix not in PREFIXES:
             raise ValueError(f"adapter prefix must be one of {', '.join(PREFIXES)}, got {prefix!r}")
         self.header = torch.nn.Parameter(header.detach().clone())
         self.trailer = torch.nn.Parameter(trailer.detach().clone())
-        self.link = torch.nn.Parameter(link.detach().clone())
         self.model_fingerprint = model_fingerprint
         self.card = dict(card or {})
         self.prefix = prefix
@@ -91,19 +82,11 @@ class PacketAdapter(torch.nn.Module):
 
     def with_prefix(self, prefix: str) -> "PacketAdapter":
         """The same soft tokens (copied) for packets built after ``prefix`` (a new fingerprint unless unchanged)."""
-        return PacketAdapter(self.header, self.trailer, self.model_fingerprint, self.card, prefix, self.link)
-
-    def with_link(self, link: torch.Tensor) -> "PacketAdapter":
-        """The same packet adapter (copied, same fingerprint) with the link tokens ``link [n_link, hidden]``."""
-        return PacketAdapter(self.header, self.trailer, self.model_fingerprint, self.card, self.prefix, link)
+        return PacketAdapter(self.header, self.trailer, self.model_fingerprint, self.card, prefix)
 
     @property
     def n_header(self) -> int:
         return self.header.shape[0]
-
-    @property
-    def n_link(self) -> int:
-        return self.link.shape[0]
 
     @property
     def n_trailer(self) -> int:
@@ -112,17 +95,14 @@ class PacketAdapter(torch.nn.Module):
     @property
     def fingerprint(self) -> str:
         """``none`` for a 0+0 adapter (``none+preamble`` with the preamble prefix), else sha256 hex over
-        sizes, prefix and float32 values (adapters of prefix ``none`` keep their format-1 fingerprint).
-        Link tokens are left out: they are not part of any packet."""
+        sizes, prefix and float32 values (adapters of prefix ``none`` keep their format-1 fingerprint)."""
         if self.n_header == 0 and self.n_trailer == 0:
             return NO_ADAPTER if self.prefix == PREFIX_NONE else f"{NO_ADAPTER}+{self.prefix}"
         prefix = "" if self.prefix == PREFIX_NONE else f"prefix={self.prefix}|"
-        return _digest(f"{self.n_header}|{self.n_trailer}|{prefix}", self.header, self.trailer)
-
-    @property
-    def link_digest(self) -> str:
-        """sha256 hex over the link tokens (their checksum in the file)."""
-        return _digest(f"link|{self.n_link}|", self.link)
+        digest = hashlib.sha256(f"{self.n_header}|{self.n_trailer}|{prefix}".encode())
+        for tensor in (self.header, self.trailer):
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def check_model(self, model: LoadedModel) -> None:
         """Raise IncompatiblePacketError unless the adapter was made for ``model``."""
@@ -147,14 +127,12 @@ class PacketAdapter(torch.nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {"format": FORMAT, "model_fingerprint": self.model_fingerprint, "prefix": self.prefix,
                     "fingerprint": self.fingerprint, "card": json.dumps(self.card, default=str)}
-        names = ("header", "trailer", "link") if self.n_link else ("header", "trailer")
-        tensors = {name: getattr(self, name).detach().to("cpu", torch.float32).contiguous() for name in names}
-        if self.n_link:
-            metadata["link_digest"] = self.link_digest
+        tensors = {"header": self.header.detach().to("cpu", torch.float32).contiguous(),
+                   "trailer": self.trailer.detach().to("cpu", torch.float32).contiguous()}
         # safetensors creates owner-only files; an adapter is shared like a model file
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), mode=0o644)
         card = {**self.card, "model_fingerprint": self.model_fingerprint, "fingerprint": self.fingerprint,
-                "n_header": self.n_header, "n_trailer": self.n_trailer, "n_link": self.n_link, "prefix": self.prefix}
+                "n_header": self.n_header, "n_trailer": self.n_trailer, "prefix": self.prefix}
         path.with_suffix(".json").write_text(json.dumps(card, indent=2, default=str) + "\n")
         return path
 
@@ -188,23 +166,14 @@ class PacketAdapter(torch.nn.Module):
             if not isinstance(card, dict):
                 raise ValueError("the card is not a JSON object")
             adapter = cls(tensors["header"], tensors["trailer"], metadata["model_fingerprint"], card,
-                          prefix=metadata.get("prefix", PREFIX_NONE) if file_format == FORMAT else PREFIX_NONE,
-                          link=tensors.get("link"))
+                          prefix=metadata.get("prefix", PREFIX_NONE) if file_format == FORMAT else PREFIX_NONE)
         except ValueError as error:
             raise CorruptPacketError(f"adapter file {path} is malformed ({error}); re-train it") from error
-        if metadata.get("fingerprint") != adapter.fingerprint or (
-                adapter.n_link and metadata.get("link_digest") != adapter.link_digest):
+        if metadata.get("fingerprint") != adapter.fingerprint:
             raise CorruptPacketError(f"adapter file {path} fails its checksum; it was altered or truncated")
         if model is not None:
             adapter.check_model(model)
         return adapter
-
-
-def _digest(head: str, *tensors: torch.Tensor) -> str:
-    digest = hashlib.sha256(head.encode())
-    for tensor in tensors:
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 SHIPPED_ADAPTERS = {DEFAULT_MODEL: Path(__file__).parent / "adapters" / "smollm2-135m-instruct.safetensors"}

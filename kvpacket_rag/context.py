@@ -58,9 +58,6 @@ class ContextSource(Protocol):
     def chunk_ids(self, text: str) -> list[int]:
         """Token ids of one chunk as it appears in the context."""
 
-    def adapter_for(self, kind: PacketKind) -> "PacketAdapter":
-        """The adapter whose packets ``kind`` names (0+0 for ``bare``)."""
-
     def packets_for(self, chunks: Sequence[str], kind: PacketKind = "adapted") -> PacketFetch:
         """The packets of ``chunks`` of ``kind``, read from the store (missing ones are built and stored)."""
 

@@ -140,10 +140,6 @@ class PacketEngine:
         builder = self.builder_for(kind)
         return builder.key_for(builder.chunk_ids(text))
 
-    def adapter_for(self, kind: PacketKind) -> PacketAdapter:
-        """The adapter whose packets ``kind`` names (0+0 for ``bare``), link tokens included."""
-        return kind if isinstance(kind, PacketAdapter) else self.builder_for(kind).adapter
-
     def builder_for(self, kind: PacketKind) -> PacketBuilder:
         """The builder of packets of ``kind`` (see `build_packets`)."""
         if kind == "adapted":

@@ -9,8 +9,6 @@ instead of re-concatenating the whole context.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -104,32 +102,28 @@ def assemble(
     blocks: list[tuple[torch.Tensor, torch.Tensor]],
     rope: RopeSpec,
     reserve: int = 0,
-    positions: Sequence[int] | None = None,
 ) -> PacketCache:
     """Concatenate KV blocks into ``buffer``, moving each block's keys to its global start.
 
     Args:
         buffer: destination; grown to hold all blocks plus ``reserve`` positions.
         blocks: ``(keys, values)`` pairs ``[layers, kv_heads, T_i, head_dim]``, each at local positions
-            ``0..T_i-1`` (the preamble first). Block ``i`` fills cache slots ``sum(T_j, j < i)`` onwards.
+            ``0..T_i-1`` (the preamble first). Block ``i`` lands at ``start_i = sum(T_j, j < i)``.
         rope: the model's RoPE description.
         reserve: positions to keep free for the question and the answer.
-        positions: global position of each block's first token (default: its first cache slot, i.e. blocks
-            at contiguous positions). Larger starts leave position gaps for tokens appended later.
 
     Returns:
-        A `PacketCache` of length ``sum(T_i)`` whose keys equal those computed at the global positions.
+        A `PacketCache` of length ``sum(T_i)`` whose keys equal those computed at global positions.
     """
     total = sum(keys.shape[2] for keys, _ in blocks)
     buffer.reserve(total + reserve)
     staged = _stage_on_device(blocks, buffer.device) if buffer.device.type != "cpu" else blocks
-    slot = 0
-    for n, (keys, values) in enumerate(staged):
-        end = slot + keys.shape[2]
-        position = slot if positions is None else positions[n]
-        rotate_keys(keys.to(buffer.dtype), position, rope, out=buffer.keys[:, 0, :, slot:end])
-        buffer.values[:, 0, :, slot:end] = values
-        slot = end
+    start = 0
+    for keys, values in staged:
+        end = start + keys.shape[2]
+        rotate_keys(keys.to(buffer.dtype), start, rope, out=buffer.keys[:, 0, :, start:end])
+        buffer.values[:, 0, :, start:end] = values
+        start = end
     return PacketCache(buffer, total)
 
 

@@ -12,11 +12,6 @@ one forward then holds such a copy before each wrapped chunk, at the positions
 just before the chunk's global start, visible to that chunk only: the relative
 positions inside each block are those the packet was built with, and the tail
 sees the real preamble and every wrapped chunk, never the copies.
-
-With ``linked=True`` (the `kv_link` method) the adapter's link tokens follow
-every wrapped chunk, at the next positions; they attend like the tail, to
-everything before them (never to the preamble copies), so that they summarise
-their packet in the context of the packets before it.
 """
 
 from __future__ import annotations
@@ -30,12 +25,11 @@ from .models import LoadedModel
 
 
 def block_causal_mask(block_lengths: Sequence[int], tail_length: int, dtype: torch.dtype,
-                      device: torch.device | str = "cpu", hidden: Sequence[tuple[int, int]] = (),
-                      global_rows: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
+                      device: torch.device | str = "cpu", hidden: Sequence[tuple[int, int]] = ()) -> torch.Tensor:
     """Additive 4-D mask ``[1, 1, N, N]`` (0 allowed, -inf masked), ``N = sum(blocks) + tail``.
 
-    Each block attends causally within itself; tail tokens, and the rows of the ``(start, end)`` spans
-    in ``global_rows``, attend causally to everything except the spans listed in ``hidden``.
+    Each block attends causally within itself; tail tokens attend causally to everything except the
+    ``(start, end)`` position spans listed in ``hidden``.
     """
     total = sum(block_lengths) + tail_length
     allowed = torch.zeros(total, total, dtype=torch.bool, device=device)
@@ -43,13 +37,9 @@ def block_causal_mask(block_lengths: Sequence[int], tail_length: int, dtype: tor
     for length in block_lengths:
         allowed[start : start + length, start : start + length] = True
         start += length
-    rows = torch.zeros(total, dtype=torch.bool, device=device)
-    rows[start:] = True
-    for first, end in global_rows:
-        rows[first:end] = True
-    allowed[rows] = True
+    allowed[start:, :] = True
     for first, end in hidden:
-        allowed[rows, first:end] = False
+        allowed[start:, first:end] = False
     allowed &= torch.ones_like(allowed).tril()
     mask = torch.zeros(total, total, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
@@ -57,9 +47,8 @@ def block_causal_mask(block_lengths: Sequence[int], tail_length: int, dtype: tor
 
 
 def packed_layout(model: LoadedModel, adapter: PacketAdapter, preamble_ids: Sequence[int],
-                  chunk_ids: Sequence[Sequence[int]], tail_ids: Sequence[int], linked: bool = False):
-    """Embeddings ``[1, N, hidden]``, position ids ``[1, N]`` and mask ``[1, 1, N, N]`` of the packet path
-    (with ``linked``: of the `kv_link` path, the adapter's link tokens after every wrapped chunk).
+                  chunk_ids: Sequence[Sequence[int]], tail_ids: Sequence[int]):
+    """Embeddings ``[1, N, hidden]``, position ids ``[1, N]`` and mask ``[1, 1, N, N]`` of the packet path.
 
     Gradients flow into ``adapter`` (the embedding matrix is frozen).
     """
@@ -67,12 +56,10 @@ def packed_layout(model: LoadedModel, adapter: PacketAdapter, preamble_ids: Sequ
     preamble = embed(preamble_ids)
     n_pre = preamble.shape[0]
     conditioned = adapter.prefix == PREFIX_PREAMBLE
-    pieces, positions, blocks, hidden, links = [preamble], [torch.arange(n_pre)], [n_pre], [], []
+    pieces, positions, blocks, hidden = [preamble], [torch.arange(n_pre)], [n_pre], []
     start, offset = n_pre, n_pre  # global position of the next wrapped chunk; its offset in the sequence
     for ids in chunk_ids:
         block = adapter.wrap(embed(ids))
-        if linked:
-            block = torch.cat([block, adapter.link.to(block.device, block.dtype)])
         length = block.shape[0]
         if conditioned:  # the preamble copy the packet was built after: seen by this block only
             pieces.append(preamble)
@@ -81,27 +68,23 @@ def packed_layout(model: LoadedModel, adapter: PacketAdapter, preamble_ids: Sequ
         pieces.append(block)
         positions.append(torch.arange(start, start + length))
         blocks.append(length + n_pre * conditioned)
-        if linked:
-            links.append((offset + blocks[-1] - adapter.n_link, offset + blocks[-1]))
         start += length
         offset += blocks[-1]
     pieces.append(embed(tail_ids))
     positions.append(torch.arange(start, start + len(tail_ids)))
     embeds = torch.cat(pieces)[None]
-    mask = block_causal_mask(blocks, len(tail_ids), embeds.dtype, embeds.device, hidden, links)
+    mask = block_causal_mask(blocks, len(tail_ids), embeds.dtype, embeds.device, hidden)
     return embeds, torch.cat(positions)[None].to(embeds.device), mask
 
 
 def block_forward(model: LoadedModel, adapter: PacketAdapter, preamble_ids: Sequence[int],
-                  chunk_ids: Sequence[Sequence[int]], tail_ids: Sequence[int], logits_tokens: int | None = None,
-                  linked: bool = False) -> torch.Tensor:
+                  chunk_ids: Sequence[Sequence[int]], tail_ids: Sequence[int], logits_tokens: int | None = None) -> torch.Tensor:
     """Logits ``[len(tail) or logits_tokens, vocab]`` of the tail tokens under the packet path's block mask.
 
     Args:
         logits_tokens: keep only the last this-many positions (default: the whole tail).
-        linked: the `kv_link` path: the adapter's link tokens follow every wrapped chunk.
     """
-    embeds, positions, mask = packed_layout(model, adapter, preamble_ids, chunk_ids, tail_ids, linked)
+    embeds, positions, mask = packed_layout(model, adapter, preamble_ids, chunk_ids, tail_ids)
     keep = logits_tokens if logits_tokens is not None else len(tail_ids)
     output = model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=keep)
     return output.logits[0]

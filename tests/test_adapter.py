@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from kvpacket_rag.adapter import NO_ADAPTER, PacketAdapter
 from kvpacket_rag.errors import CorruptPacketError, IncompatiblePacketError
@@ -61,16 +59,6 @@ def _write(path, tensors, metadata):
 
     save_file(tensors, str(path), metadata=metadata)
     return path
-
-
-def test_altered_link_tokens_fail_the_checksum(tiny_llama, tmp_path):
-    adapter = PacketAdapter.initialize(tiny_llama, 4, 4, seed=5)
-    path = adapter.with_link(adapter.trailer[:2]).save(tmp_path / "a.safetensors")
-    tensors, metadata = load_file(str(path)), safe_open(str(path), "pt").metadata()
-    tensors["link"] = tensors["link"] + 1
-    save_file(tensors, str(path), metadata=metadata)
-    with pytest.raises(CorruptPacketError, match="checksum"):
-        PacketAdapter.load(path, tiny_llama)
 
 
 def test_preamble_prefix_round_trip_and_fingerprint(tiny_llama, tmp_path):

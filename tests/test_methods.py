@@ -14,9 +14,8 @@ CHUNKS = ["Ada Lovelace was born in London.", "Alan Turing studied at Cambridge.
 
 
 def test_registry_names_every_method_with_its_packet_kinds():
-    assert set(METHODS) == {"kv_packet", "kv_link", "no_recompute", "full_recompute", "closed_book", "cacheblend",
-                            "epic"}
-    assert get_method("kv_packet").packet_kinds == get_method("kv_link").packet_kinds == ("adapted",)
+    assert set(METHODS) == {"kv_packet", "no_recompute", "full_recompute", "closed_book", "cacheblend", "epic"}
+    assert get_method("kv_packet").packet_kinds == ("adapted",)
     assert get_method("no_recompute").packet_kinds == ("bare",)
     assert isinstance(get_method("cacheblend:0.2"), CacheBlend) and get_method("cacheblend:0.2").packet_kinds == ("bare",)
     assert isinstance(get_method("epic:4"), Epic) and get_method("epic:4").name == "epic:4"

@@ -1,8 +1,7 @@
 """Quality frontier of adapter designs: fidelity, KL, recall, F1 and TTFT ratio per variant and dataset.
 
 Every variant is ``NAME=ADAPTER``: ``none`` (bare packets), ``default`` (the shipped adapter) or an adapter
-file, optionally with ``+preamble`` (its packets built after the chat preamble instead of from position 0)
-and ``+link`` (the `kv_link` method: the packets' trailers recomputed at question time).
+file, optionally with ``+preamble`` (its packets built after the chat preamble instead of from position 0).
 All variants and baselines answer the same questions in one harness run per dataset
 (`kvpacket_rag.evaluation.harness.evaluate`: the product path, full recompute as the reference, packets built
 before timing), so their fidelity, KL and TTFT ratios share one reference and one clock.
@@ -30,7 +29,7 @@ from kvpacket_rag.datasets import load_samples
 from kvpacket_rag.adapter import resolve_adapter
 from kvpacket_rag.engine import PacketEngine
 from kvpacket_rag.evaluation.harness import EvalConfig, evaluate
-from kvpacket_rag.methods import LinkMethod, PacketMethod
+from kvpacket_rag.methods import PacketMethod
 from kvpacket_rag.models import load_model
 from kvpacket_rag.tuning import set_threads, tune_malloc
 
@@ -38,11 +37,9 @@ FIELDS = ("fidelity", "kl", "recall", "f1", "ttft_vs_full", "ttft_s")
 
 
 def variant_method(model, variant: str) -> PacketMethod:
-    """``NAME=ADAPTER[+preamble][+link]`` as a packet method (`kv_link` with ``+link``) named ``NAME``."""
+    """``NAME=ADAPTER[+preamble]`` as a packet method named ``NAME``."""
     name, _, spec = variant.partition("=")
-    link = spec.endswith("+link")
-    adapter = resolve_adapter(model, spec.removesuffix("+link"))
-    return LinkMethod(adapter, name) if link else PacketMethod(adapter=adapter, name=name)
+    return PacketMethod(adapter=resolve_adapter(model, spec), name=name)
 
 
 def run_set(model, spec: str, methods: list, seed: int, max_new_tokens: int) -> dict:
@@ -92,7 +89,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", nargs="+", required=True, help="NAME=ADAPTER[+preamble][+link] ...")
+    parser.add_argument("--variants", nargs="+", required=True, help="NAME=ADAPTER[+preamble] ...")
     parser.add_argument("--baselines", nargs="*", default=["no_recompute"], help="other methods, e.g. cacheblend:0.15")
     parser.add_argument("--sets", nargs="+", default=["biography:30", "hotpotqa:20"], help="DATASET[:N] ...")
     parser.add_argument("--seed", type=int, default=1, help="validation draw (the reported questions use seed 0)")

@@ -32,9 +32,6 @@ def register(subparsers) -> None:
     parser.add_argument("--prefix", choices=PREFIXES, default=PREFIX_NONE,
                         help="build every packet after the chat preamble ('preamble') or from position 0 ('none', "
                              "the paper's layout) (default: %(default)s)")
-    parser.add_argument("--n-link", type=int, default=0,
-                        help="train this many link tokens for the kv_link method on top of --init-adapter, whose "
-                             "packets stay valid (default: 0, train the packet adapter)")
     parser.add_argument("--init-adapter", type=Path, default=None,
                         help="start from this adapter file instead of a random initialisation")
     parser.add_argument("--seed", type=int, default=0)
@@ -73,7 +70,7 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig(
         out=args.out, model=args.model, data=args.data, data_options=args.data_options or {},
         max_chunks=args.max_chunks, samples=args.samples, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, n_header=args.n_header, n_trailer=args.n_trailer, prefix=args.prefix, n_link=args.n_link, init_adapter=args.init_adapter,
+        lr=args.lr, n_header=args.n_header, n_trailer=args.n_trailer, prefix=args.prefix, init_adapter=args.init_adapter,
         seed=args.seed, answer_cap=args.answer_cap,
         teacher_top_k=args.teacher_top_k, system_prompt=args.system_prompt,
         gradient_checkpointing=args.gradient_checkpointing, device=args.device, dtype=args.dtype,

@@ -21,7 +21,7 @@ from kvpacket_rag.fileio import atomic_write
 
 FORMAT = "kvpacket-train-checkpoint/1"
 _NAME = re.compile(r"checkpoint-(\d+)\.json$")
-PARAMS = ("header", "trailer", "link")
+PARAMS = ("header", "trailer")
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Checkpoint:
 
     Attributes:
         step: optimizer steps done.
-        tensors: ``adapter.<p>``, ``optim.<p>.<state>`` for p in header/trailer/link, and ``rng.torch``.
+        tensors: ``adapter.<p>``, ``optim.<p>.<state>`` for p in header/trailer, and ``rng.torch``.
         info: the JSON part (``signature``, ``model_fingerprint``, ``log``, ``elapsed_s``, ...).
     """
 
@@ -82,8 +82,6 @@ def restore(checkpoint: Checkpoint, adapter: PacketAdapter, optimizer: torch.opt
     with torch.no_grad():
         for name in PARAMS:
             param = getattr(adapter, name)
-            if f"adapter.{name}" not in checkpoint.tensors:  # checkpoints written before link tokens existed
-                continue
             param.copy_(checkpoint.tensors[f"adapter.{name}"].to(param.device))
             prefix = f"optim.{name}."
             state = {k[len(prefix):]: v.to(param.device) if v.dim() else v

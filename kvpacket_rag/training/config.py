@@ -19,7 +19,7 @@ DEFAULT_DATA_OPTIONS: dict[str, dict[str, Any]] = {"biography": {"docs_per_sampl
 
 # Settings whose change makes a checkpoint of an earlier run invalid (the rest may change on --resume).
 RESUME_KEYS = ("model", "data", "data_options", "max_chunks", "samples", "split", "epochs", "batch_size", "lr",
-               "n_header", "n_trailer", "prefix", "n_link", "seed", "answer_cap", "teacher_top_k", "system_prompt", "dtype", "init_adapter")
+               "n_header", "n_trailer", "prefix", "seed", "answer_cap", "teacher_top_k", "system_prompt", "dtype", "init_adapter")
 
 
 class TrainingConfigError(KVPacketError, ValueError):
@@ -47,9 +47,6 @@ class TrainConfig:
         n_header, n_trailer: adapter soft tokens before and after every chunk.
         prefix: what every packet is built after: ``"preamble"`` (the chat preamble, the prompt's own prefix of
             every chunk) or ``"none"`` (position 0, as in the KV Packet paper).
-        n_link: train this many link tokens for the `kv_link` method (0: train the packet adapter). They run at
-            question time after every packet, over the whole context before them. Link training starts from
-            ``init_adapter`` and keeps its header and trailer frozen, so its stored packets stay valid.
         init_adapter: start from this adapter file (same model and sizes) instead of a random initialisation,
             e.g. to continue training with more data or a new schedule (None: draw from the embedding statistics).
         seed: adapter initialisation, sample draw and per-epoch shuffling.
@@ -82,7 +79,6 @@ class TrainConfig:
     n_header: int = 8
     n_trailer: int = 8
     prefix: str = PREFIX_NONE
-    n_link: int = 0
     init_adapter: Path | None = None
     seed: int = 0
     answer_cap: int = 64
@@ -108,15 +104,13 @@ class TrainConfig:
         self.init_adapter = Path(self.init_adapter) if self.init_adapter is not None else None
         for name in ("samples", "epochs", "batch_size", "answer_cap"):
             _require(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
-        for name in ("n_header", "n_trailer", "n_link", "checkpoint_every"):
+        for name in ("n_header", "n_trailer", "checkpoint_every"):
             _require(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
         _require(self.n_header + self.n_trailer > 0, "n_header + n_trailer", "at least 1 (there is nothing to train)")
         for name in ("max_chunks", "teacher_top_k", "threads", "stop_after_steps"):
             value = getattr(self, name)
             _require(value is None or (isinstance(value, int) and value >= 1), name, "None or an integer >= 1")
         _require(self.prefix in PREFIXES, "prefix", f"one of {', '.join(PREFIXES)}")
-        _require(self.n_link == 0 or self.init_adapter is not None, "n_link",
-                 "0 unless init_adapter names the trained packet adapter the link tokens extend")
         _require(isinstance(self.lr, (int, float)) and 0 < self.lr < 1, "lr", "a float in (0, 1)")
         _require(self.split in ("train", "test"), "split", "'train' or 'test'")
         _require(self.dtype is None or self.dtype in DTYPES, "dtype", f"None or one of {', '.join(DTYPES)}")

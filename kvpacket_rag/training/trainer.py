@@ -64,15 +64,14 @@ class TrainResult:
 
 
 def student_logits(model: LoadedModel, adapter: PacketAdapter, preamble_ids: list[int], sample: TokenizedSample,
-                   answer_ids: torch.Tensor, linked: bool = False) -> torch.Tensor:
+                   answer_ids: torch.Tensor) -> torch.Tensor:
     """Student logits ``[A, vocab]`` predicting each of the ``A`` answer tokens (differentiable in ``adapter``).
 
     The tail is ``question suffix | answer[:-1]``; its last ``A`` positions predict ``answer[0..A-1]``.
-    ``linked``: the `kv_link` path (trailers recomputed over the context) instead of the packet path.
     """
     tail = list(sample.suffix_ids) + answer_ids[:-1].tolist()
     return block_forward(model, adapter, preamble_ids, [list(c) for c in sample.chunk_ids], tail,
-                         logits_tokens=answer_ids.numel(), linked=linked)
+                         logits_tokens=answer_ids.numel())
 
 
 def linear_lr(peak: float, step: int, total: int) -> float:
@@ -114,7 +113,7 @@ class Trainer:
     def prepare(self) -> None:
         """Load and tokenize the samples, then run (or read from cache) the teacher on each."""
         c = self.config
-        adapter_tokens = c.n_header + c.n_trailer + c.n_link
+        adapter_tokens = c.n_header + c.n_trailer
         self.samples = [tokenize_sample(s, self.formatter, self.model, adapter_tokens, c.answer_cap)
                         for s in self.raw_samples]
         start = time.perf_counter()
@@ -146,8 +145,7 @@ class Trainer:
         if not self.samples:
             self.prepare()
         adapter = self._initial_adapter().to(self.model.device)
-        trained = [p for p in adapter.parameters() if p.requires_grad and p.numel()]
-        optimizer = torch.optim.AdamW(trained, lr=c.lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(adapter.parameters(), lr=c.lr, weight_decay=0.0)
         step, log, previous_s = 0, [], 0.0
         if checkpoints:
             step, log, previous_s = self._resume(load_checkpoint(checkpoints[-1]), adapter, optimizer)
@@ -160,7 +158,7 @@ class Trainer:
             for step, batch in self._batches(step, end):
                 optimizer.param_groups[0]["lr"] = lr = linear_lr(c.lr, step, c.total_steps)
                 loss, tokens = self._accumulate(adapter, batch)
-                grad_norm = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in trained))
+                grad_norm = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in adapter.parameters()))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 log.append({"step": step + 1, "epoch": step // c.steps_per_epoch, "loss": loss, "lr": lr,
@@ -191,25 +189,7 @@ class Trainer:
                                       f"tokens but the run asks for {c.n_header}+{c.n_trailer}; pass matching "
                                       "--n-header/--n-trailer")
         self.init_fingerprint = adapter.fingerprint
-        if c.n_link == 0:
-            return PacketAdapter(adapter.header, adapter.trailer, adapter.model_fingerprint, prefix=c.prefix)  # no card
-        if adapter.prefix != c.prefix:
-            raise TrainingConfigError(f"init_adapter {c.init_adapter} builds packets with prefix {adapter.prefix!r}; "
-                                      f"train its link tokens with --prefix {adapter.prefix}")
-        adapter = adapter.with_link(self._initial_link(adapter))
-        adapter.header.requires_grad_(False)  # the packets stay those of init_adapter
-        adapter.trailer.requires_grad_(False)
-        return adapter
-
-    def _initial_link(self, adapter: PacketAdapter) -> torch.Tensor:
-        """The adapter's own link tokens when it has ``n_link`` of them, else its trailer tokens repeated (a
-        summary token of the packet is what a link token becomes), else a draw like `PacketAdapter.initialize`."""
-        n = self.config.n_link
-        if adapter.n_link == n:
-            return adapter.link.detach()
-        if adapter.n_trailer:
-            return adapter.trailer.detach()[torch.arange(n) % adapter.n_trailer]
-        return PacketAdapter.initialize(self.model, 0, n, seed=self.config.seed).trailer.detach()
+        return PacketAdapter(adapter.header, adapter.trailer, adapter.model_fingerprint, prefix=c.prefix)  # no card
 
     def _batches(self, start_step: int, end_step: int) -> Iterator[tuple[int, list[int]]]:
         c = self.config
@@ -225,7 +205,7 @@ class Trainer:
         for i in batch:
             teacher = self.teacher[i]
             logits = student_logits(self.model, adapter, self.preamble_ids, self.samples[i],
-                                    teacher.answer_ids.to(self.model.device), linked=self.config.n_link > 0)
+                                    teacher.answer_ids.to(self.model.device))
             loss = teacher.kl(logits).sum() / tokens
             loss.backward()
             total += float(loss.detach())
@@ -254,7 +234,7 @@ class Trainer:
         c = self.config
         settings = c.to_dict()
         keys = ("init_adapter", "data", "max_chunks", "samples", "split", "epochs", "batch_size", "lr", "seed",
-                "prefix", "n_link", "answer_cap", "teacher_top_k", "system_prompt", "gradient_checkpointing", "device", "threads")
+                "prefix", "answer_cap", "teacher_top_k", "system_prompt", "gradient_checkpointing", "device", "threads")
         answers = [t.length for t in self.teacher]
         return {
             "model": self.model.name, "dtype": str(self.model.dtype).removeprefix("torch."),

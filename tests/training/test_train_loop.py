@@ -156,23 +156,3 @@ def test_preamble_prefix_training_writes_a_preamble_adapter(tiny_llama, tmp_path
     assert loaded.prefix == "preamble" and loaded.card["prefix"] == "preamble"
     assert not torch.equal(loaded.header, PacketAdapter.load(start, tiny_llama).header)  # it trained
     assert loaded.fingerprint != PacketAdapter(loaded.header, loaded.trailer, loaded.model_fingerprint).fingerprint
-
-
-def test_link_training_trains_only_the_link_tokens(tiny_llama, tmp_path):
-    """Link tokens on top of a packet adapter: the header and trailer (so the packets) do not change."""
-    start = PacketAdapter.initialize(tiny_llama, 4, 4, seed=2).save(tmp_path / "start.safetensors")
-    config = _config(tmp_path, init_adapter=start, n_link=3, epochs=3, lr=5e-2)
-    trainer = Trainer(config, tiny_llama)
-    trainer.prepare()
-    before = trainer._initial_adapter()
-    result = trainer.run()
-    loaded = PacketAdapter.load(config.out, tiny_llama)
-    assert loaded.n_link == 3 and loaded.card["n_link"] == 3
-    assert loaded.fingerprint == PacketAdapter.load(start, tiny_llama).fingerprint
-    assert not torch.equal(loaded.link, before.link.detach())
-    with torch.no_grad():
-        kl = lambda a: float(torch.cat([t.kl(student_logits(trainer.model, a, trainer.preamble_ids, s, t.answer_ids,  # noqa: E731
-                                                             linked=True)) for s, t in zip(trainer.samples, trainer.teacher)]).mean())
-        assert kl(result.adapter) < kl(before)
-    with pytest.raises(TrainingConfigError, match="n_link"):
-        _config(tmp_path, n_link=2)  # link tokens extend a trained packet adapter

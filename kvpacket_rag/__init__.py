@@ -13,7 +13,7 @@ from .builder import PacketBuilder
 from .chunker import Chunker, ChunkerConfig
 from .context import ContextMethod, ContextSource, PreparedContext
 from .embedder import Embedder
-from .engine import Answer, AnswerStream, PacketEngine
+from .engine import Answer, AnswerStream, AsyncAnswerStream, PacketEngine
 from .errors import (ContextTooLongError, CorruptPacketError, EmptyInputError, IncompatiblePacketError,
                      KVPacketError, PacketNotFoundError, UnsupportedModelError)
 from .generation import GenerationConfig
@@ -28,7 +28,7 @@ from .store import InMemoryStore, LocalStore, PacketStore, StoreError, open_stor
 
 __version__ = "0.1.0"
 __all__ = [
-    "Answer", "AnswerStream", "ChatTurn", "Chunker", "ChunkerConfig", "ChunkRecord", "ContextMethod", "ContextSource",
+    "Answer", "AnswerStream", "AsyncAnswerStream", "ChatTurn", "Chunker", "ChunkerConfig", "ChunkRecord", "ContextMethod", "ContextSource",
     "ContextTooLongError", "CorruptPacketError", "DEFAULT_MODEL", "Document", "Embedder", "EmptyInputError",
     "EngineSettings", "GenerationConfig", "IncompatiblePacketError", "IngestReport", "InMemoryStore", "KVPacket",
     "KVPacketError", "LoadedModel", "LocalStore", "METHODS", "PACKET_KEY", "PacketAdapter", "PacketBuilder",

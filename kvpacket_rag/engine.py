@@ -6,6 +6,9 @@ Example:
     >>> answer.text, answer.timings["ttft_s"]
     >>> for piece in engine.stream("Where was Ada born?", chunks):
     ...     print(piece, end="")
+    >>> answer = await engine.aanswer("Where was Ada born?", chunks)   # in a coroutine
+    >>> async for piece in engine.astream("Where was Ada born?", chunks):
+    ...     print(piece, end="")
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from contextlib import aclosing
+from typing import AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 
 from .adapter import PacketAdapter, resolve_adapter
+from .aio import iterate_in_thread
 from .builder import PacketBuilder
 from .context import ContextMethod, PacketFetch, PacketKind, PreparedContext
 from .errors import EmptyInputError
@@ -89,6 +94,45 @@ class AnswerStream:
         return self.answer
 
 
+class AsyncAnswerStream:
+    """Iterate with ``async for`` to receive the answer text piece by piece; `answer` is set once iteration ends.
+
+    The model runs in a worker thread, so the event loop keeps serving other coroutines. Stopping early
+    (``break``, ``aclose()`` or cancelling the task) stops the generation and returns the engine's buffer.
+    """
+
+    def __init__(self, open_stream: Callable[[], AnswerStream]):
+        self._open = open_stream
+        self.answer: Answer | None = None
+        self._pieces = self._run()
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._pieces
+
+    async def aclose(self) -> None:
+        """Stop the generation (if still running) and free its buffer."""
+        await self._pieces.aclose()
+
+    async def _run(self) -> AsyncIterator[str]:
+        opened: list[AnswerStream] = []
+
+        def start() -> AnswerStream:
+            opened.append(self._open())
+            return opened[0]
+
+        async with aclosing(iterate_in_thread(start)) as pieces:
+            async for piece in pieces:
+                yield piece
+        self.answer = opened[0].answer
+
+    async def collect(self) -> Answer:
+        """Consume the stream and return the final `Answer`."""
+        async for _ in self._pieces:
+            pass
+        assert self.answer is not None
+        return self.answer
+
+
 class PacketEngine:
     """Answers questions over chunks through KV packets (or a baseline method).
 
@@ -99,7 +143,10 @@ class PacketEngine:
         system_prompt: system message of the cached preamble.
         device, dtype: where and how to load ``model`` when it is not already loaded.
 
-    Not thread-safe: use one engine per thread (concurrent streams get separate buffers).
+    Thread-safe: one engine may serve several threads and coroutines at once. Each stream has its own cache
+    buffer; model work (packet builds, prefill, every decode step) runs under one engine lock, one step at a
+    time, so concurrent answers interleave token by token and take as long together as one after the other.
+    Streams never hold the lock between pieces, so one thread may also interleave several streams.
     """
 
     def __init__(self, model: LoadedModel | str | None = None, adapter: PacketAdapter | str | Path | None = "default",
@@ -115,7 +162,8 @@ class PacketEngine:
         self.counters = {"packets_built": 0, "packets_loaded": 0}
         self._preamble: tuple[torch.Tensor, torch.Tensor] | None = None
         self._buffers: list[KVBuffer] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the buffer pool
+        self._compute = threading.RLock()  # model work: one step at a time
         self._stop_ids = eos_ids(self.model.tokenizer, self.model.config)
 
     # ---- packets -------------------------------------------------------------------------
@@ -148,12 +196,17 @@ class PacketEngine:
             return self.bare_builder
         if not isinstance(kind, PacketAdapter):
             raise ValueError(f"packet kind must be 'adapted', 'bare' or a PacketAdapter, got {kind!r}")
-        if kind.fingerprint not in self._builders:
-            kind.check_model(self.model)
-            self._builders[kind.fingerprint] = PacketBuilder(self.model, kind, self.formatter)
-        return self._builders[kind.fingerprint]
+        with self._compute:
+            if kind.fingerprint not in self._builders:
+                kind.check_model(self.model)
+                self._builders[kind.fingerprint] = PacketBuilder(self.model, kind, self.formatter)
+            return self._builders[kind.fingerprint]
 
     def _fetch(self, chunks, builder: PacketBuilder, progress) -> PacketFetch:
+        with self._compute:
+            return self._fetch_unlocked(chunks, builder, progress)
+
+    def _fetch_unlocked(self, chunks, builder: PacketBuilder, progress) -> PacketFetch:
         ids = [builder.chunk_ids(chunk) for chunk in chunks]
         keys = [builder.key_for(i) for i in ids]
         found = self.store.get_many(keys)
@@ -183,6 +236,10 @@ class PacketEngine:
 
     def preamble_block(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values ``[layers, kv_heads, P, head_dim]`` of the chat preamble, computed once."""
+        with self._compute:
+            return self._preamble_unlocked()
+
+    def _preamble_unlocked(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._preamble is None:
             ids = self.preamble_ids()
             cache = PacketCache(KVBuffer(self.model, len(ids)), 0)
@@ -222,9 +279,26 @@ class PacketEngine:
         if not question or not question.strip():
             raise EmptyInputError("the question is empty; pass the text to answer")
         stream = AnswerStream(iter(()))
-        stream._pieces = self._run(stream, question, list(chunks), get_method(method), tuple(history),
-                                   generation or GenerationConfig())
+        stream._pieces = self._serialized(self._run(stream, question, list(chunks), get_method(method),
+                                                    tuple(history), generation or GenerationConfig()))
         return stream
+
+    def astream(self, question: str, chunks: Sequence[str], method: str | ContextMethod = "kv_packet",
+                history: Sequence[ChatTurn] = (), generation: GenerationConfig | None = None) -> AsyncAnswerStream:
+        """`stream` for asyncio: ``async for piece in engine.astream(...)``; the model runs in a worker thread.
+
+        Gives the same pieces and `Answer` as `stream` with the same arguments (greedy decoding). Errors that
+        `stream` raises before the first token are raised by the first ``__anext__`` (an empty question at once).
+        """
+        if not question or not question.strip():
+            raise EmptyInputError("the question is empty; pass the text to answer")
+        chunks, history = list(chunks), tuple(history)
+        return AsyncAnswerStream(lambda: self.stream(question, chunks, method, history, generation))
+
+    async def aanswer(self, question: str, chunks: Sequence[str], method: str | ContextMethod = "kv_packet",
+                      history: Sequence[ChatTurn] = (), generation: GenerationConfig | None = None) -> Answer:
+        """`answer` for asyncio, without blocking the event loop (see `astream`)."""
+        return await self.astream(question, chunks, method, history, generation).collect()
 
     def chat(self, messages: Sequence[tuple[str, str]], generation: GenerationConfig | None = None) -> AnswerStream:
         """Stream a plain generation: the whole chat prompt runs through the model (no packets, no cached preamble).
@@ -243,8 +317,27 @@ class PacketEngine:
         ids = self.formatter.chat_ids(messages)
         self.model.check_context(len(ids) + generation.max_new_tokens, "prompt plus answer")
         stream = AnswerStream(iter(()))
-        stream._pieces = self._run_plain(stream, ids, generation)
+        stream._pieces = self._serialized(self._run_plain(stream, ids, generation))
         return stream
+
+    def achat(self, messages: Sequence[tuple[str, str]], generation: GenerationConfig | None = None
+              ) -> AsyncAnswerStream:
+        """`chat` for asyncio (``async for piece in engine.achat(...)``); the model runs in a worker thread."""
+        messages = list(messages)
+        return AsyncAnswerStream(lambda: self.chat(messages, generation))
+
+    def _serialized(self, pieces: Iterator[str]) -> Iterator[str]:
+        """Run each step of ``pieces`` under the engine lock, releasing it before handing the piece out."""
+        try:
+            while True:
+                with self._compute:
+                    try:
+                        piece = next(pieces)
+                    except StopIteration:
+                        return
+                yield piece
+        finally:
+            pieces.close()  # a consumer that stops early returns the buffer now
 
     def _run(self, stream: AnswerStream, question, chunks, method, history, generation) -> Iterator[str]:
         start = time.perf_counter()

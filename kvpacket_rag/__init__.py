@@ -28,7 +28,8 @@ from .store import InMemoryStore, LocalStore, PacketStore, StoreError, open_stor
 
 __version__ = "0.1.0"
 __all__ = [
-    "Answer", "AnswerStream", "AsyncAnswerStream", "ChatTurn", "Chunker", "ChunkerConfig", "ChunkRecord", "ContextMethod", "ContextSource",
+    "Answer", "AnswerStream", "AsyncAnswerStream", "ChatTurn", "Chunker", "ChunkerConfig", "ChunkRecord",
+    "ContextMethod", "ContextSource",
     "ContextTooLongError", "CorruptPacketError", "DEFAULT_MODEL", "Document", "Embedder", "EmptyInputError",
     "EngineSettings", "GenerationConfig", "IncompatiblePacketError", "IngestReport", "InMemoryStore", "KVPacket",
     "KVPacketError", "LoadedModel", "LocalStore", "METHODS", "PACKET_KEY", "PacketAdapter", "PacketBuilder",

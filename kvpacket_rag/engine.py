@@ -93,6 +93,12 @@ class AnswerStream:
         assert self.answer is not None
         return self.answer
 
+    def close(self) -> None:
+        """Stop the generation early and return the engine's buffer (no `answer` is set)."""
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
+
 
 class AsyncAnswerStream:
     """Iterate with ``async for`` to receive the answer text piece by piece; `answer` is set once iteration ends.

@@ -112,9 +112,12 @@ class RAGAnswerStream:
 
     def _run(self) -> Iterator[str]:
         pieces: list[str] = []
-        for piece in self._stream:
-            pieces.append(piece)
-            yield piece
+        try:
+            for piece in self._stream:
+                pieces.append(piece)
+                yield piece
+        finally:
+            self._stream.close()  # stopped early: the engine's buffer goes back now
         answer = self._stream.answer
         timings = dict(answer.timings)
         offset = answer.timings["total_s"]
@@ -131,6 +134,10 @@ class RAGAnswerStream:
             pass
         assert self.result is not None
         return self.result
+
+    def close(self) -> None:
+        """Stop the generation early and return the engine's buffer (no `result` is set)."""
+        self._pieces.close()
 
 
 def ensure_packets(engine: "PacketEngine", texts: Sequence[str], recorded_keys: Sequence[str | None] | None = None,

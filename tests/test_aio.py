@@ -14,6 +14,7 @@ from kvpacket_rag.aio import iterate_in_thread
 from kvpacket_rag.engine import PacketEngine
 from kvpacket_rag.errors import ContextTooLongError, EmptyInputError
 from kvpacket_rag.generation import GenerationConfig
+from kvpacket_rag.testing import make_tiny_model
 
 CHUNKS = ["Ada Lovelace was born in London.", "Alan Turing studied at Cambridge.", "Grace Hopper served in the navy."]
 QUESTIONS = ["Where was Ada born?", "Who studied at Cambridge?", "Who served in the navy?", "Name one person."]
@@ -21,9 +22,15 @@ GREEDY = GenerationConfig(max_new_tokens=12)
 LONG = GenerationConfig(max_new_tokens=200)
 
 
+@pytest.fixture(scope="module")
+def untied_llama(tokenizer):
+    """A tiny Llama with an untied LM head: its greedy answers vary with the question."""
+    return make_tiny_model("llama", tokenizer, tie_word_embeddings=False)
+
+
 @pytest.fixture
-def engine(tiny_llama) -> PacketEngine:
-    return PacketEngine(tiny_llama, adapter=PacketAdapter.initialize(tiny_llama, 4, 4, seed=3))
+def engine(untied_llama) -> PacketEngine:
+    return PacketEngine(untied_llama, adapter=PacketAdapter.initialize(untied_llama, 4, 4, seed=3))
 
 
 def stream_threads() -> list[threading.Thread]:
@@ -161,6 +168,7 @@ def test_async_errors_are_raised_by_the_first_piece(engine):
 
 def test_one_engine_serves_many_threads_with_the_answers_of_one(engine):
     alone = {q: engine.answer(q, CHUNKS, generation=GREEDY).token_ids for q in QUESTIONS}
+    assert len({tuple(ids) for ids in alone.values()}) > 1  # the answers differ: a mix-up would show
     shared = PacketEngine(engine.model, adapter=engine.adapter)  # cold: packets and preamble built concurrently
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda q: shared.answer(q, CHUNKS, generation=GREEDY).token_ids, QUESTIONS * 2))

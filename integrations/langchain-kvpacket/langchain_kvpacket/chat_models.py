@@ -8,16 +8,18 @@ it answers the last human message through the documents' packets; earlier turns 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterator, Literal, Sequence
+from contextlib import aclosing
+from typing import Any, AsyncIterator, Iterator, Literal, Sequence
 
-from kvpacket_rag.engine import Answer, PacketEngine
+from kvpacket_rag.aio import iterate_in_thread
+from kvpacket_rag.engine import Answer, AnswerStream, PacketEngine
 from kvpacket_rag.generation import GenerationConfig
 from kvpacket_rag.models import DEFAULT_MODEL
 from kvpacket_rag.rag import (PACKET_KEY, RAGAnswer, RAGAnswerStream, looks_like_pasted_documents, split_turns,
                               stream_answer)
 from kvpacket_rag.settings import from_environment, shared_engine
 from kvpacket_rag.store import PacketStore
-from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.documents import Document
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
@@ -76,6 +78,15 @@ def _usage(input_tokens: int, output_tokens: int, cache_read: int = 0, cache_cre
             "input_token_details": {"cache_read": cache_read, "cache_creation": cache_creation}}
 
 
+def _pieces(stream: AnswerStream | RAGAnswerStream) -> Iterator[ChatGenerationChunk]:
+    """The stream's pieces as chunks; a consumer that stops early stops the generation at once."""
+    try:
+        for piece in stream:
+            yield ChatGenerationChunk(message=AIMessageChunk(content=piece))
+    finally:
+        stream.close()
+
+
 class ChatKVPacket(BaseChatModel):
     """Chat model on a `kvpacket_rag.PacketEngine`.
 
@@ -92,6 +103,10 @@ class ChatKVPacket(BaseChatModel):
         temperature, max_tokens, top_p, stop: decoding.
         missing_packets: a document without ``packet_key`` metadata, or whose packet is not in the store:
             ``build`` it on demand (default) or raise (``error``).
+
+    The async methods (``ainvoke``, ``astream``, ``abatch``) run the model in a worker thread and never block the
+    event loop; stopping an async stream early stops the generation. One engine serves concurrent calls (threads
+    of ``batch``, coroutines of ``abatch``) one model step at a time.
 
     Every response carries ``usage_metadata`` (with ``input_token_details.cache_read``: context tokens served from
     cached KV, and ``cache_creation``: tokens of packets built for the call), a ``finish_reason`` (``length`` when
@@ -184,7 +199,7 @@ class ChatKVPacket(BaseChatModel):
         documents = kwargs.pop("documents", None)
         if documents is not None:
             stream = self.answer_documents(messages, documents, stop, **kwargs)
-            yield from (ChatGenerationChunk(message=AIMessageChunk(content=piece)) for piece in stream)
+            yield from _pieces(stream)
             result: RAGAnswer = stream.result
             answer = result.answer
             info = {**result.metadata(), "sources": [dict(d.metadata) for d in documents]}
@@ -194,7 +209,7 @@ class ChatKVPacket(BaseChatModel):
         else:
             pairs = _pairs(messages)
             plain = self.engine.chat(pairs, self.generation(stop, **kwargs))
-            yield from (ChatGenerationChunk(message=AIMessageChunk(content=piece)) for piece in plain)
+            yield from _pieces(plain)
             answer = plain.answer
             self._warn_if_pasted(pairs, answer)
             info = {"method": "plain", "closed_book": None, "ttft_s": answer.timings["ttft_s"], "packets_hit": 0,
@@ -218,6 +233,17 @@ class ChatKVPacket(BaseChatModel):
             chunks = list(self._stream(messages, stop, run_manager, **kwargs))
         else:
             chunks = list(self._chunks(messages, stop, **kwargs))
+        return self._result(chunks)
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
+        if self.streaming:
+            return self._result([chunk async for chunk in self._astream(messages, stop, run_manager, **kwargs)])
+        async with aclosing(iterate_in_thread(lambda: self._chunks(messages, stop, **kwargs))) as chunks:
+            return self._result([chunk async for chunk in chunks])
+
+    @staticmethod
+    def _result(chunks: list[ChatGenerationChunk]) -> ChatResult:
         text = "".join(c.message.content for c in chunks)
         last = chunks[-1].message
         message = AIMessage(content=text, response_metadata=last.response_metadata,
@@ -231,3 +257,12 @@ class ChatKVPacket(BaseChatModel):
             if run_manager and chunk.message.content:
                 run_manager.on_llm_new_token(chunk.message.content, chunk=chunk)
             yield chunk
+
+    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None, **kwargs: Any
+                       ) -> AsyncIterator[ChatGenerationChunk]:
+        async with aclosing(iterate_in_thread(lambda: self._chunks(messages, stop, **kwargs))) as chunks:
+            async for chunk in chunks:
+                if run_manager and chunk.message.content:
+                    await run_manager.on_llm_new_token(chunk.message.content, chunk=chunk)
+                yield chunk

@@ -40,3 +40,15 @@ def engine(loaded_model) -> PacketEngine:
     """A fresh engine (fresh store and counters) per test; the model is shared."""
     return PacketEngine(loaded_model, adapter=adapter_for(loaded_model), store=InMemoryStore())
 
+
+
+@pytest.fixture
+def tiny_engine() -> PacketEngine:
+    """An engine on a tiny random Llama (untied head: varied tokens; seeded adapter): fast, for concurrency tests."""
+    from transformers import AutoTokenizer
+
+    from kvpacket_rag.models import default_model_dir
+    from kvpacket_rag.testing import make_tiny_model
+
+    model = make_tiny_model("llama", AutoTokenizer.from_pretrained(default_model_dir()), tie_word_embeddings=False)
+    return PacketEngine(model, adapter=PacketAdapter.initialize(model, 4, 4, seed=3), store=InMemoryStore())

@@ -8,15 +8,18 @@ model. Called with ``nodes=`` (retrieved ``NodeWithScore``/``BaseNode`` objects)
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterator, Sequence
+from contextlib import aclosing
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 from kvpacket_rag import Answer, AnswerStream, ChatTurn, GenerationConfig, PacketEngine, PacketStore
+from kvpacket_rag.aio import iterate_in_thread
 from kvpacket_rag.models import DEFAULT_MODEL
 from kvpacket_rag.rag import (PACKET_KEY, RAGAnswer, RAGAnswerStream, looks_like_pasted_documents, split_turns,
                               stream_answer)
 from kvpacket_rag.settings import from_environment, shared_engine
-from llama_index.core.base.llms.types import (ChatMessage, ChatResponse, ChatResponseGen, CompletionResponse,
-                                              CompletionResponseGen, LLMMetadata, MessageRole)
+from llama_index.core.base.llms.types import (ChatMessage, ChatResponse, ChatResponseAsyncGen, ChatResponseGen,
+                                              CompletionResponse, CompletionResponseAsyncGen, CompletionResponseGen,
+                                              LLMMetadata, MessageRole)
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
@@ -217,7 +220,7 @@ class KVPacketLLM(CustomLLM):
     def _stream_packets(self, stream: RAGAnswerStream) -> CompletionResponseGen:
         info: dict = {"kvpacket": {"closed_book": stream.closed_book}}
         text = ""
-        for piece in stream:
+        for piece in _closing(stream):
             text += piece
             yield CompletionResponse(text=text, delta=piece, additional_kwargs=info)
         raw = usage_raw(stream.result.answer, stream.result)
@@ -228,7 +231,7 @@ class KVPacketLLM(CustomLLM):
         stream: AnswerStream = self.engine.chat(messages, self.generation(**kwargs))
         info: dict = {"kvpacket": {"closed_book": None}}
         text = ""
-        for piece in stream:
+        for piece in _closing(stream):
             text += piece
             yield CompletionResponse(text=text, delta=piece, additional_kwargs=info)
         if looks_like_pasted_documents(messages[-1][1], stream.answer.question_tokens):
@@ -265,11 +268,53 @@ class KVPacketLLM(CustomLLM):
             completions = self._stream_plain(self._chat_messages(messages), **kwargs)
         return _as_chat(completions)
 
+    # ---- async: the model runs in a worker thread, the event loop stays free ---------------------------------
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        """`complete` without blocking the event loop."""
+        last = await _last(iterate_in_thread(lambda: self._completions(prompt, formatted, **kwargs)))
+        return CompletionResponse(text=last.text, additional_kwargs=last.additional_kwargs, raw=last.raw)
+
+    @llm_completion_callback()
+    async def astream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any
+                               ) -> CompletionResponseAsyncGen:
+        """`stream_complete` without blocking the event loop; stopping early stops the generation."""
+        return iterate_in_thread(lambda: self._completions(prompt, formatted, **kwargs))
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        """`chat` without blocking the event loop."""
+        last = await _last(iterate_in_thread(lambda: self._chats(messages, **kwargs)))
+        return ChatResponse(message=last.message, additional_kwargs=last.additional_kwargs, raw=last.raw)
+
+    @llm_chat_callback()
+    async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
+        """`stream_chat` without blocking the event loop; stopping early stops the generation."""
+        return iterate_in_thread(lambda: self._chats(messages, **kwargs))
+
     def _chat_messages(self, messages: Sequence[ChatMessage]) -> list[tuple[str, str]]:
         system = []
         if self.system_prompt and not any(m.role == MessageRole.SYSTEM for m in messages):
             system.append(("system", self.system_prompt))
         return system + _pairs(messages)
+
+
+def _closing(stream: AnswerStream | RAGAnswerStream) -> Iterator[str]:
+    """The stream's pieces; a consumer that stops early stops the generation at once."""
+    try:
+        yield from stream
+    finally:
+        stream.close()
+
+
+async def _last(responses: AsyncIterator[Any]) -> Any:
+    last = None
+    async with aclosing(responses):
+        async for last in responses:
+            pass
+    assert last is not None
+    return last
 
 
 def _as_chat(completions: Iterator[CompletionResponse]) -> ChatResponseGen:

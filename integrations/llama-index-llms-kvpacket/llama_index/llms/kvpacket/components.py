@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import warnings
-from typing import Any, AsyncGenerator, Generator, List, Optional, Sequence
+from typing import Any, Generator, List, Optional, Sequence
 
 from kvpacket_rag import ChatTurn, Embedder
+from kvpacket_rag.aio import iterate_in_thread
 from kvpacket_rag.rag import PACKET_KEY, ensure_packets
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.base.embeddings.base import BaseEmbedding, Embedding
@@ -138,6 +139,9 @@ class KVPacketSynthesizer(BaseSynthesizer):
         return iter(stream) if self._streaming else stream.collect().text
 
     async def aget_response(self, query_str: str, text_chunks: Sequence[str], **response_kwargs: Any):
+        """`get_response` off the event loop; an async generator when streaming."""
+        if self._streaming:
+            return iterate_in_thread(lambda: self.get_response(query_str, text_chunks, **response_kwargs))
         return await asyncio.to_thread(self.get_response, query_str, text_chunks, **response_kwargs)
 
     def synthesize(self, query, nodes: List[NodeWithScore], additional_source_nodes=None,
@@ -180,8 +184,8 @@ class KVPacketSynthesizer(BaseSynthesizer):
                           **response_kwargs: Any) -> RESPONSE_TYPE:
         response = await asyncio.to_thread(self.synthesize, query, nodes, additional_source_nodes, **response_kwargs)
         if isinstance(response, StreamingResponse):
-            return AsyncStreamingResponse(_to_async(response.response_gen), source_nodes=response.source_nodes,
-                                          metadata=response.metadata)
+            return AsyncStreamingResponse(iterate_in_thread(lambda: response.response_gen),
+                                          source_nodes=response.source_nodes, metadata=response.metadata)
         return response
 
 
@@ -194,11 +198,6 @@ class BaseNodeText:
 
     def get_content(self, metadata_mode: MetadataMode = MetadataMode.NONE) -> str:
         return self.text
-
-
-async def _to_async(generator) -> AsyncGenerator[str, None]:
-    for piece in generator:
-        yield piece
 
 
 def as_kvpacket_query_engine(index, llm: KVPacketLLM, streaming: bool = False, similarity_top_k: int = 4,
@@ -301,13 +300,8 @@ class KVPacketChatEngine(BaseChatEngine):
     async def astream_chat(self, message: str, chat_history: Optional[List[ChatMessage]] = None
                            ) -> StreamingAgentChatResponse:
         response = await asyncio.to_thread(self.stream_chat, message, chat_history)
-
-        async def stream():
-            for reply in response.chat_stream:
-                yield reply
-
-        return StreamingAgentChatResponse(achat_stream=stream(), source_nodes=response.source_nodes,
-                                          is_writing_to_memory=False)
+        return StreamingAgentChatResponse(achat_stream=iterate_in_thread(lambda: response.chat_stream),
+                                          source_nodes=response.source_nodes, is_writing_to_memory=False)
 
 
 class KVPacketEmbedding(BaseEmbedding):

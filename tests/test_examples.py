@@ -117,3 +117,17 @@ def test_benchmark_plots_script_plots_what_exists_and_skips_the_rest(kind, tmp_p
         assert "skipping" in done.stdout and "broken.json" in done.stdout
     else:
         assert written == [] and done.stdout.count("no ") >= 3
+
+
+def test_redis_workers_example_second_worker_reads_every_packet(example_env):
+    """Two worker processes over one real redis-server (started by the example): the second builds nothing."""
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; ./run.sh setup does it)")
+    pytest.importorskip("redis")
+    run = subprocess.run([sys.executable, str(EXAMPLES / "redis_workers.py")], env={**os.environ, **example_env},
+                         capture_output=True, text=True, timeout=CELL_TIMEOUT_S)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "built 0" in run.stdout and "worker 2 read every packet worker 1 built" in run.stdout
+    assert run.stdout.count("  A: ") == 2

@@ -144,7 +144,7 @@ class PacketIndex:
             ``build`` (default) builds it, ``error`` raises `PacketNotFoundError`.
 
     Writes (``add_documents``/``delete_document``) must not run concurrently with anything else; ``search`` may run
-    from several threads; answering follows the engine's rules (one engine per thread).
+    from several threads; answering may run from several threads and coroutines (see `PacketEngine`).
     """
 
     def __init__(self, engine: "PacketEngine", embedder: "Embedder | None" = None,

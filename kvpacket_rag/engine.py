@@ -16,9 +16,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
-from contextlib import aclosing
 from typing import AsyncIterator, Callable, Iterator, Sequence
 
 import torch
@@ -209,32 +209,31 @@ class PacketEngine:
             return self._builders[kind.fingerprint]
 
     def _fetch(self, chunks, builder: PacketBuilder, progress) -> PacketFetch:
-        with self._compute:
-            return self._fetch_unlocked(chunks, builder, progress)
-
-    def _fetch_unlocked(self, chunks, builder: PacketBuilder, progress) -> PacketFetch:
-        ids = [builder.chunk_ids(chunk) for chunk in chunks]
-        keys = [builder.key_for(i) for i in ids]
-        found = self.store.get_many(keys)
-        missing = [n for n, packet in enumerate(found) if packet is None]
-        start = time.perf_counter()
-        if missing:
-            built = builder.build_many([ids[n] for n in missing], progress=progress)
-            unsaved = None
-            for n, packet in zip(missing, built):
-                try:
-                    self.store.put(packet)
-                except StoreError as error:  # disk full, read-only, server refused: the packet is in hand
-                    unsaved = unsaved or error
-                found[n] = packet
-            if unsaved is not None:
-                log.warning("could not store %d new packets (%s); answering with them anyway", len(built), unsaved)
-            self.counters["packets_built"] += len(built)
-        build_s = time.perf_counter() - start if missing else 0.0
-        for packet in found:
-            packet.check_compatible(self.model.fingerprint, self.model.tokenizer_fingerprint, builder.adapter_fingerprint)
-        self.counters["packets_loaded"] += len(found) - len(missing)
-        return PacketFetch(found, keys, build_s, len(missing), sum(len(ids[n]) for n in missing))
+        with self._compute:  # builds run the model; counters change
+            ids = [builder.chunk_ids(chunk) for chunk in chunks]
+            keys = [builder.key_for(i) for i in ids]
+            found = self.store.get_many(keys)
+            missing = [n for n, packet in enumerate(found) if packet is None]
+            start = time.perf_counter()
+            if missing:
+                built = builder.build_many([ids[n] for n in missing], progress=progress)
+                unsaved = None
+                for n, packet in zip(missing, built):
+                    try:
+                        self.store.put(packet)
+                    except StoreError as error:  # disk full, read-only, server refused: the packet is in hand
+                        unsaved = unsaved or error
+                    found[n] = packet
+                if unsaved is not None:
+                    log.warning("could not store %d new packets (%s); answering with them anyway", len(built),
+                                unsaved)
+                self.counters["packets_built"] += len(built)
+            build_s = time.perf_counter() - start if missing else 0.0
+            for packet in found:
+                packet.check_compatible(self.model.fingerprint, self.model.tokenizer_fingerprint,
+                                        builder.adapter_fingerprint)
+            self.counters["packets_loaded"] += len(found) - len(missing)
+            return PacketFetch(found, keys, build_s, len(missing), sum(len(ids[n]) for n in missing))
 
     def preamble_ids(self) -> list[int]:
         """Token ids of the cached chat preamble."""
@@ -243,15 +242,12 @@ class PacketEngine:
     def preamble_block(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values ``[layers, kv_heads, P, head_dim]`` of the chat preamble, computed once."""
         with self._compute:
-            return self._preamble_unlocked()
-
-    def _preamble_unlocked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._preamble is None:
-            ids = self.preamble_ids()
-            cache = PacketCache(KVBuffer(self.model, len(ids)), 0)
-            self.forward_context(ids, cache)
-            self._preamble = cache.to_block()
-        return self._preamble
+            if self._preamble is None:
+                ids = self.preamble_ids()
+                cache = PacketCache(KVBuffer(self.model, len(ids)), 0)
+                self.forward_context(ids, cache)
+                self._preamble = cache.to_block()
+            return self._preamble
 
     @torch.no_grad()
     def forward_context(self, ids: Sequence[int], cache) -> None:

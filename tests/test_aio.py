@@ -183,3 +183,11 @@ def test_one_thread_may_interleave_several_streams(engine):
     list(first), list(second)
     assert first.answer.token_ids == engine.answer(QUESTIONS[0], CHUNKS, generation=GREEDY).token_ids
     assert second.answer.token_ids == engine.answer(QUESTIONS[1], CHUNKS, generation=GREEDY).token_ids
+
+
+def test_closing_a_sync_stream_early_returns_its_buffer(engine):
+    stream = engine.stream(QUESTIONS[0], CHUNKS, generation=LONG)
+    next(iter(stream))
+    assert not engine._buffers  # in use
+    stream.close()
+    assert len(engine._buffers) == 1 and stream.answer is None

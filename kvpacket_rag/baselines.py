@@ -218,7 +218,7 @@ class SelectiveRecompute(ContextMethod):
         packets, build_s, keys = engine.packets_for(chunks, builder=engine.bare_builder)
         loaded = time.perf_counter()
         preamble = engine.preamble_block()
-        cache = assemble(buffer, [preamble] + [(p.keys, p.values) for p in packets], engine.model.rope, reserve)
+        cache = assemble(buffer, [preamble, *packets], engine.model.rope, reserve)
         _synchronize(engine.model.device)
         assembled = time.perf_counter()
         offset, lengths = preamble[0].shape[2], [p.length for p in packets]

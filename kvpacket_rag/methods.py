@@ -97,7 +97,7 @@ class PacketMethod(ContextMethod):
         packets, build_s, keys = engine.packets_for(chunks, builder=self.packet_builders(engine)[0])
         loaded = time.perf_counter()
         preamble = engine.preamble_block()
-        blocks = [preamble] + [(p.keys, p.values) for p in packets]
+        blocks = [preamble, *packets]  # packets are decoded (if quantized) and rotated into the buffer in one pass
         cache = assemble(buffer, blocks, engine.model.rope, reserve)
         _synchronize(engine.model.device)
         done = time.perf_counter()

@@ -31,8 +31,7 @@ import redis as redis_lib
 import torch
 import xxhash
 
-from ..packet import KVPacket
-from ..quantize import encode_packet, reconstruction_error
+from ..packet import KVPacket, encode_packet, reconstruction_error
 from ..store import LocalStore, MemoryCache
 from ..tuning import set_threads, tune_malloc
 from .common import machine_info, median, peak_rss_mb, write_outputs

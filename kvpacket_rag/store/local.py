@@ -35,8 +35,8 @@ from pathlib import Path
 
 from ..errors import CorruptPacketError, PacketNotFoundError
 from ..fileio import fsync_dir
-from ..packet import KVPacket
-from ..quantize import check_quantization, encode_packet
+from ..packet import KVPacket, encode_packet
+from ..quantize import check_quantization
 from .base import PacketStore, StoreError, resolve_signing_key, validate_key
 from .entries import EntryInfo, decode_entry, entry_name, header_info, parse_entry_name, summarize
 

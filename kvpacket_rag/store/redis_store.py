@@ -25,8 +25,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..errors import CorruptPacketError, PacketNotFoundError
-from ..packet import KVPacket
-from ..quantize import check_quantization, encode_packet
+from ..packet import KVPacket, encode_packet
+from ..quantize import check_quantization
 from .base import PacketStore, StoreError, StoreUnavailableError, resolve_signing_key, validate_key
 from .entries import EntryInfo, decode_entry, entry_name, header_info, parse_entry_name, summarize
 from .local import BadEntry

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import os
 import tempfile
 import threading
 from pathlib import Path
@@ -178,7 +179,9 @@ def table(result: dict) -> str:
     lines = [f"TTFT, {result['model']} ({result['dtype']}, {result['device']}), {result['machine']['threads']} threads, "
              f"{result['machine']['cpu']}, {result['machine']['date']}",
              f"command: `{result['machine']['command']}`",
-             f"median of {result['config']['repeats']} calls after one warm-up; packets in a {result['store']}", "",
+             f"median of {result['config']['repeats']} calls after one warm-up; packets in a {result['store']}"
+             + (f"; load average (1 min) at start / end {result['load_average'][0]:.1f} / {result['load_average'][1]:.1f}"
+                if "load_average" in result else ""), "",
              "| chunks × tokens | context | " + " | ".join(f"{m} TTFT" for m in methods)
              + " | full / kv_packet | load+assembly share of kv_packet |",
              "|---|---|" + "---|" * (len(methods) + 2)]
@@ -249,6 +252,7 @@ def plot(result: dict, path: str) -> None:
 def run(args: argparse.Namespace) -> dict:
     tune_malloc()
     threads = set_threads(args.threads)
+    load_start = os.getloadavg()[0]
     sizes = sorted(args.sizes, key=lambda s: s[0] * s[1])
     with tempfile.TemporaryDirectory(prefix="kvpacket-bench-") as tmp:
         store = _store(args.store or tmp)
@@ -262,7 +266,8 @@ def run(args: argparse.Namespace) -> dict:
               "machine": machine_info(threads),
               "config": {"sizes": sizes, "methods": args.methods, "repeats": args.repeats, "forms": forms,
                          "forms_size": args.forms_size},
-              "runs": runs, "forms": by_form, "peak_rss_mb": peak_rss_mb()}
+              "runs": runs, "forms": by_form, "peak_rss_mb": peak_rss_mb(),
+              "load_average": [load_start, os.getloadavg()[0]]}
     write_outputs(result, table(result), args.json)
     if args.plot:
         plot(result, args.plot)

@@ -204,7 +204,7 @@ class SelectiveRecompute(ContextMethod):
         packets = fetched.packets
         loaded = time.perf_counter()
         preamble = source.preamble_block()
-        cache = assemble(buffer, [preamble] + [(p.keys, p.values) for p in packets], source.model.rope, reserve)
+        cache = assemble(buffer, [preamble, *packets], source.model.rope, reserve)
         synchronize(source.model.device)
         assembled = time.perf_counter()
         offset, lengths = preamble[0].shape[2], [p.length for p in packets]

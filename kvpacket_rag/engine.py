@@ -401,3 +401,8 @@ class PacketEngine:
     def _release_buffer(self, buffer: KVBuffer) -> None:
         with self._lock:
             self._buffers.append(buffer)
+
+    def release_buffers(self) -> None:
+        """Drop the KV buffers kept for reuse between questions (the next question allocates afresh)."""
+        with self._lock:
+            self._buffers.clear()

@@ -13,7 +13,10 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .models import LoadedModel
+from .packet import KVPacket, QuantizedPacket
 from .rope import RopeSpec, rotate_keys
+
+Block = tuple[torch.Tensor, torch.Tensor] | KVPacket
 
 
 class KVBuffer:
@@ -29,6 +32,7 @@ class KVBuffer:
         self.dtype, self.device = model.dtype, model.device
         self.keys = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         self.values = torch.empty_like(self.keys)
+        self._scratch: dict[torch.dtype, torch.Tensor] = {}
         self.reserve(capacity)
 
     @property
@@ -43,6 +47,17 @@ class KVBuffer:
         capacity = max(capacity, int(self.capacity * 1.5))
         self.keys = torch.empty(layers, batch, heads, capacity, dim, dtype=self.dtype, device=self.device)
         self.values = torch.empty_like(self.keys)
+
+    def scratch(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A reusable tensor of ``shape`` (contents undefined), kept between questions so that decoding
+        quantized packets touches no fresh memory."""
+        count = 1
+        for dim in shape:
+            count *= dim
+        held = self._scratch.get(dtype)
+        if held is None or held.numel() < count:
+            held = self._scratch[dtype] = torch.empty(count, dtype=dtype, device=self.device)
+        return held[:count].view(shape)
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -99,32 +114,69 @@ class PacketCache(Cache):
 
 def assemble(
     buffer: KVBuffer,
-    blocks: list[tuple[torch.Tensor, torch.Tensor]],
+    blocks: list[Block],
     rope: RopeSpec,
     reserve: int = 0,
 ) -> PacketCache:
     """Concatenate KV blocks into ``buffer``, moving each block's keys to its global start.
 
+    Each block is written in one pass from where it lies (a mapped file, a Redis reply, memory)
+    into the buffer: values are copied, keys rotated on the way. A `QuantizedPacket` is decoded on
+    the way too: values straight into the buffer, keys through a reused scratch tensor.
+
     Args:
         buffer: destination; grown to hold all blocks plus ``reserve`` positions.
-        blocks: ``(keys, values)`` pairs ``[layers, kv_heads, T_i, head_dim]``, each at local positions
-            ``0..T_i-1`` (the preamble first). Block ``i`` lands at ``start_i = sum(T_j, j < i)``.
+        blocks: packets or ``(keys, values)`` pairs ``[layers, kv_heads, T_i, head_dim]``, each at local
+            positions ``0..T_i-1`` (the preamble first). Block ``i`` lands at ``start_i = sum(T_j, j < i)``.
         rope: the model's RoPE description.
         reserve: positions to keep free for the question and the answer.
 
     Returns:
-        A `PacketCache` of length ``sum(T_i)`` whose keys equal those computed at global positions.
+        A `PacketCache` of length ``sum(T_i)`` whose keys equal those computed at global positions
+        (for quantized packets: those of the dequantized packet, bit for bit).
     """
-    total = sum(keys.shape[2] for keys, _ in blocks)
+    if buffer.device.type != "cpu":
+        blocks = _stage_on_device([_tensors(block) for block in blocks], buffer.device)
+    total = sum(_length(block) for block in blocks)
     buffer.reserve(total + reserve)
-    staged = _stage_on_device(blocks, buffer.device) if buffer.device.type != "cpu" else blocks
     start = 0
-    for keys, values in staged:
-        end = start + keys.shape[2]
-        rotate_keys(keys.to(buffer.dtype), start, rope, out=buffer.keys[:, 0, :, start:end])
-        buffer.values[:, 0, :, start:end] = values
+    for block in blocks:
+        end = start + _length(block)
+        keys_out, values_out = buffer.keys[:, 0, :, start:end], buffer.values[:, 0, :, start:end]
+        if isinstance(block, QuantizedPacket):
+            _decode_into(block, start, rope, buffer, keys_out, values_out)
+        else:
+            keys, values = _tensors(block)
+            rotate_keys(keys.to(buffer.dtype), start, rope, out=keys_out)
+            values_out.copy_(values)
         start = end
     return PacketCache(buffer, total)
+
+
+def _decode_into(packet: QuantizedPacket, start: int, rope: RopeSpec, buffer: KVBuffer,
+                 keys_out: torch.Tensor, values_out: torch.Tensor) -> None:
+    """Dequantize ``packet`` into the buffer slices: values directly, keys via scratch and rotation.
+
+    Keys are first restored in the packet's dtype, exactly as `QuantizedPacket.keys` would, so the
+    result equals assembling the dequantized packet.
+    """
+    shape = packet.quantized_keys.shape
+    work = buffer.scratch(shape, torch.float32)
+    if packet.dtype == values_out.dtype:
+        packet.quantized_values.dequantize(out=values_out, work=work)
+    else:
+        values_out.copy_(packet.quantized_values.dequantize(packet.dtype, work=work))
+    keys = work if packet.dtype == torch.float32 else buffer.scratch(shape, packet.dtype)
+    packet.quantized_keys.dequantize(out=keys, work=work)
+    rotate_keys(keys.to(buffer.dtype), start, rope, out=keys_out)
+
+
+def _tensors(block: Block) -> tuple[torch.Tensor, torch.Tensor]:
+    return (block.keys, block.values) if isinstance(block, KVPacket) else block
+
+
+def _length(block: Block) -> int:
+    return block.length if isinstance(block, KVPacket) else block[0].shape[2]
 
 
 def _stage_on_device(blocks: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device):

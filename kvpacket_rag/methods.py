@@ -41,7 +41,7 @@ class PacketMethod(ContextMethod):
         fetched = source.packets_for(chunks, self.packet_kinds[0])
         loaded = time.perf_counter()
         preamble = source.preamble_block()
-        blocks = [preamble] + [(p.keys, p.values) for p in fetched.packets]
+        blocks = [preamble, *fetched.packets]  # packets are decoded (if quantized) and rotated into the buffer in one pass
         cache = assemble(buffer, blocks, source.model.rope, reserve)
         synchronize(source.model.device)
         done = time.perf_counter()

@@ -14,6 +14,14 @@ dtype, shape and bytes, so a header that lies about shapes or adapter sizes is c
 byte. Files written before the digest carry a ``checksum`` of the tensor bytes only and are still
 read. A store with a signing key adds ``signature``: an HMAC-SHA256 of the same content.
 Decoding validates every header field before it maps tensors onto the given buffer without copying.
+
+Quantized files (``quantization`` int8 / int4, math in `kvpacket_rag.quantize`) have the same
+header; ``dtype`` is the dtype the packet is restored to and ``head_dim`` the unpacked width. Their
+tensors are ``keys`` / ``values`` uint8 codes ``[layers, kv_heads, T, head_dim]`` (int8) or
+``[..., head_dim / 2]`` (int4, two codes per byte), float32 ``key_scale``, ``key_zero``,
+``value_scale``, ``value_zero`` ``[layers, kv_heads, 1, head_dim]`` and ``token_ids``. They decode to a
+`QuantizedPacket`: codes stay views of the buffer and are dequantized where they are used (straight
+into the assembly buffer at question time), under the key of the packet that was quantized.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import xxhash
 from safetensors.torch import save
 
 from .errors import CorruptPacketError, IncompatiblePacketError, UntrustedPacketError
+from .quantize import BITS, QuantizedTensor, check_quantization, quantize
 
 FORMAT = "kvpacket/1"
 FORMAT_VERSION = 1
@@ -77,7 +86,8 @@ class KVPacket:
         token_ids: int64 ``[L]``, the chunk tokens (adapter positions excluded).
         n_header, n_trailer: adapter sizes; ``T == n_header + L + n_trailer``.
         model_fingerprint, tokenizer_fingerprint, adapter_fingerprint: what built it.
-        quantization: ``none`` for plain tensors (quantized forms are decoded by the store).
+        quantization: ``none``: the key names the exact packet (a `QuantizedPacket` keeps the key
+            of the packet it approximates).
     """
 
     keys: torch.Tensor
@@ -114,7 +124,13 @@ class KVPacket:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the tensors the packet holds."""
         return self.keys.nbytes + self.values.nbytes + self.token_ids.nbytes
+
+    @property
+    def encoding(self) -> str:
+        """How the tensors are held: ``none`` (plain keys/values), ``int8`` or ``int4`` (`QuantizedPacket`)."""
+        return "none"
 
     @property
     def key(self) -> str:
@@ -156,10 +172,10 @@ class KVPacket:
         """Decode ``kvpacket/1`` bytes without copying tensor data.
 
         The returned tensors view ``buffer`` (keep it alive; treat them as read-only). Quantized
-        files (``quantization`` int8/int4, see `kvpacket_rag.quantize`) are dequantized into new
-        tensors and returned as a plain packet with the original key. Every header field is
-        checked (types, shapes, offsets, names) before a tensor is made; files written before the
-        header digest existed are still read, their tensors checked by the older tensor checksum.
+        files give a `QuantizedPacket` whose codes view ``buffer`` and whose ``key`` is the key of
+        the packet that was quantized. Every header field is checked (types, shapes, offsets,
+        names) before a tensor is made; files written before the header digest existed are still
+        read, their tensors checked by the older tensor checksum.
 
         Args:
             verify: check the digest (skip only for bytes already verified).
@@ -171,10 +187,8 @@ class KVPacket:
         """
         meta, specs, chunks = read_sealed(buffer, verify=verify, signing_key=signing_key)
         tensors = {name: _tensor_from(chunks[name], _DTYPES[spec.dtype], spec.shape) for name, spec in specs.items()}
-        if meta.get("quantization", "none") != "none":  # int8/int4 codes + scales: decoded (copied) there
-            from .quantize import dequantize_packet
-
-            return dequantize_packet(tensors, meta)
+        if meta.get("quantization", "none") != "none":
+            return QuantizedPacket.from_tensors(tensors, meta)
         if set(tensors) != {"keys", "values", "token_ids"}:
             raise CorruptPacketError(f"packet holds tensors {[n[:20] for n in sorted(tensors)][:8]}, expected keys, "
                                      "values, token_ids; "
@@ -205,6 +219,183 @@ class KVPacket:
         if not path.is_file():
             raise FileNotFoundError(f"packet file {path} does not exist; build it with `kvpacket build`")
         return cls.from_bytes(path.read_bytes(), verify=verify)
+
+
+class QuantizedPacket(KVPacket):
+    """A packet held in its stored int8 / int4 form: codes and per-channel scales.
+
+    It stands for the packet it approximates: same ``key``, ``dtype``, ``length`` and metadata. The
+    codes usually view a file's bytes (zero copy); `keys` and `values` dequantize into new tensors
+    on each access, and assembly decodes them straight into its buffer (see
+    `kvpacket_rag.kvcache.assemble`). `nbytes` counts the quantized bytes actually held, so a memory
+    tier fits two (int8) or four (int4) times more of them than of plain bf16 packets.
+
+    Args:
+        quantized_keys, quantized_values: the two tensors (same shape and bits).
+        dtype: the dtype the packet is restored to.
+        token_ids, n_header, n_trailer, fingerprints, extra: as for `KVPacket`.
+    """
+
+    def __init__(self, quantized_keys: QuantizedTensor, quantized_values: QuantizedTensor, dtype: torch.dtype,
+                 token_ids: torch.Tensor, n_header: int, n_trailer: int, model_fingerprint: str,
+                 tokenizer_fingerprint: str, adapter_fingerprint: str, extra: dict | None = None):
+        fields = {"quantized_keys": quantized_keys, "quantized_values": quantized_values, "_dtype": dtype,
+                  "token_ids": token_ids, "n_header": n_header, "n_trailer": n_trailer,
+                  "model_fingerprint": model_fingerprint, "tokenizer_fingerprint": tokenizer_fingerprint,
+                  "adapter_fingerprint": adapter_fingerprint, "quantization": "none", "extra": extra or {}}
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+        if quantized_keys.shape != quantized_values.shape or quantized_keys.bits != quantized_values.bits:
+            raise CorruptPacketError("quantized keys and values differ in shape or bits")
+        if dtype not in _DTYPE_NAMES:
+            raise CorruptPacketError(f"quantized packet restores to unsupported dtype {dtype}")
+        self._check_sizes(quantized_keys.shape[2])
+
+    def _check_sizes(self, positions: int) -> None:
+        if self.n_header < 0 or self.n_trailer < 0 or self.token_ids.dim() != 1:
+            raise CorruptPacketError(f"packet adapter sizes must be >= 0 and token_ids a vector, got n_header "
+                                     f"{self.n_header}, n_trailer {self.n_trailer}, token_ids {tuple(self.token_ids.shape)}")
+        if positions != self.n_header + self.token_ids.numel() + self.n_trailer:
+            raise CorruptPacketError(f"packet length {positions} != n_header + tokens + n_trailer "
+                                     f"({self.n_header} + {self.token_ids.numel()} + {self.n_trailer})")
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> "QuantizedPacket":
+        """The packet of a (digest-verified) quantized file's tensors and metadata; nothing is copied.
+
+        Raises:
+            CorruptPacketError: missing or extra tensors, bad metadata, or shapes that do not fit together.
+        """
+        quantization = meta.get("quantization")
+        if quantization not in BITS:
+            raise CorruptPacketError(f"unknown packet quantization {str(quantization)[:20]!r}; rebuild the packet")
+        if set(tensors) != _QUANTIZED_TENSORS:
+            raise CorruptPacketError(f"quantized packet holds tensors {[n[:20] for n in sorted(tensors)][:8]}, "
+                                     f"expected {sorted(_QUANTIZED_TENSORS)}; rebuild the packet")
+        dtype = _NAMED_DTYPES.get(meta.get("dtype", ""))
+        if dtype is None:
+            raise CorruptPacketError(f"quantized packet restores to unknown dtype {str(meta.get('dtype'))[:20]!r}; "
+                                     "rebuild the packet")
+        check_token_ids(tensors["token_ids"])
+        bits = BITS[quantization]
+        _check_quantized_shapes(tensors, meta, bits)
+        parts = [QuantizedTensor(tensors[name], tensors[f"{prefix}_scale"], tensors[f"{prefix}_zero"], bits)
+                 for name, prefix in (("keys", "key"), ("values", "value"))]
+        n_header, n_trailer, model, tokenizer, adapter, _, extra = packet_fields(meta)
+        return cls(*parts, dtype, tensors["token_ids"], n_header, n_trailer, model, tokenizer, adapter, extra)
+
+    @property
+    def keys(self) -> torch.Tensor:  # type: ignore[override]
+        """Dequantized keys (a new tensor on each access)."""
+        return self.quantized_keys.dequantize(self._dtype)
+
+    @property
+    def values(self) -> torch.Tensor:  # type: ignore[override]
+        """Dequantized values (a new tensor on each access)."""
+        return self.quantized_values.dequantize(self._dtype)
+
+    @property
+    def length(self) -> int:
+        return self.quantized_keys.shape[2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.quantized_keys.nbytes + self.quantized_values.nbytes + self.token_ids.nbytes
+
+    @property
+    def encoding(self) -> str:
+        return "int8" if self.quantized_keys.bits == 8 else "int4"
+
+    def dequantized(self) -> KVPacket:
+        """The plain packet these codes stand for (new tensors)."""
+        return KVPacket(self.keys, self.values, self.token_ids, self.n_header, self.n_trailer, self.model_fingerprint,
+                        self.tokenizer_fingerprint, self.adapter_fingerprint, extra=self.extra)
+
+    def to_bytes(self, signing_key: bytes | None = None) -> bytes:
+        """Plain ``kvpacket/1`` bytes of the dequantized packet (`encode_packet` re-encodes the codes as they are)."""
+        return self.dequantized().to_bytes(signing_key)
+
+    def __repr__(self) -> str:
+        return (f"QuantizedPacket({self.encoding}, key={self.key[:12]}, positions={self.length}, "
+                f"dtype={dtype_name(self._dtype)})")
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+
+def encode_packet(packet: KVPacket, quantization: str = "none", signing_key: bytes | None = None) -> bytes:
+    """``kvpacket/1`` bytes of ``packet``, quantized as asked (``none`` gives `KVPacket.to_bytes`).
+
+    A `QuantizedPacket` is written from its codes when asked for its own form (no re-quantization),
+    and dequantized first otherwise.
+
+    Args:
+        signing_key: sign the file with this key (see `KVPacket.to_bytes`).
+
+    Raises:
+        ValueError: unknown quantization, or a packet whose ``quantization`` is not ``none``.
+    """
+    check_quantization(quantization)
+    if packet.quantization != "none":
+        raise ValueError(f"packet {packet.key[:12]} is already {packet.quantization}; store the original packet")
+    if quantization == "none":
+        return packet.to_bytes(signing_key)
+    if isinstance(packet, QuantizedPacket) and packet.encoding == quantization:
+        keys, values = packet.quantized_keys, packet.quantized_values
+    else:
+        bits = BITS[quantization]
+        keys, values = quantize(packet.keys, bits), quantize(packet.values, bits)
+    tensors = {"keys": keys.codes, "values": values.codes, "key_scale": keys.scale, "key_zero": keys.zero,
+               "value_scale": values.scale, "value_zero": values.zero,
+               "token_ids": packet.token_ids.to(torch.int64).contiguous().cpu()}
+    metadata = {**packet.metadata(), "quantization": quantization, "head_dim": str(keys.shape[-1])}
+    return seal(tensors, metadata, signing_key)
+
+
+def reconstruction_error(packet: KVPacket, quantization: str) -> dict[str, float]:
+    """Errors of a quantize/dequantize round trip of ``packet`` (computed in float32).
+
+    Returns:
+        ``{keys,values}_{max_abs,rel_rms}``: max absolute error and RMS error / RMS of the tensor.
+    """
+    restored = KVPacket.from_bytes(encode_packet(packet, quantization))
+    out = {}
+    for name in ("keys", "values"):
+        want = getattr(packet, name).float()
+        diff = getattr(restored, name).float() - want
+        out[f"{name}_max_abs"] = float(diff.abs().max()) if diff.numel() else 0.0
+        rms = float(want.pow(2).mean().sqrt()) if want.numel() else 0.0
+        out[f"{name}_rel_rms"] = float(diff.pow(2).mean().sqrt()) / rms if rms else 0.0
+    return out
+
+
+_QUANTIZED_TENSORS = {"keys", "values", "key_scale", "key_zero", "value_scale", "value_zero", "token_ids"}
+_NAMED_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+
+
+def _check_quantized_shapes(tensors: dict[str, torch.Tensor], meta: dict[str, str], bits: int) -> None:
+    """CorruptPacketError unless codes and scales fit one ``[layers, kv_heads, T, head_dim]`` packet."""
+    codes = tensors["keys"]
+    head_dim = int_field(meta, "head_dim", limit=1 << 20) if "head_dim" in meta else codes.shape[-1] * (8 // bits)
+    problem = None
+    if codes.dim() != 4 or tensors["values"].shape != codes.shape:
+        problem = f"codes of shapes {tuple(codes.shape)} / {tuple(tensors['values'].shape)} are not one 4-D shape"
+    elif codes.shape[-1] * (8 // bits) != head_dim:
+        problem = f"codes of width {codes.shape[-1]} do not hold head_dim {head_dim} at {bits} bits"
+    else:
+        want = (*codes.shape[:2], 1, head_dim)
+        for name in ("key_scale", "key_zero", "value_scale", "value_zero"):
+            if tensors[name].shape != want or tensors[name].dtype != torch.float32:
+                problem = f"'{name}' is {tensors[name].dtype} {tuple(tensors[name].shape)}, expected float32 {want}"
+    for name in ("keys", "values"):
+        if tensors[name].dtype != torch.uint8:
+            problem = f"codes '{name}' are {tensors[name].dtype}, expected uint8"
+    if problem:
+        raise CorruptPacketError(f"quantized packet tensors do not fit together: {problem}; rebuild the packet")
 
 
 class TensorSpec(NamedTuple):

@@ -1,23 +1,13 @@
-"""Packet quantization: int8 and 4-bit keys/values with per-(layer, head, channel) scales.
+"""Packet quantization math: int8 and 4-bit keys/values with per-(layer, head, channel) scales.
 
-A quantized packet file is an ordinary ``kvpacket/1`` safetensors file whose metadata says
-``quantization = int8 | int4`` and whose ``dtype`` is the dtype the packet is restored to. Its
-tensors are
+Each (layer, head, channel) of a ``[layers, kv_heads, T, head_dim]`` tensor is quantized
+asymmetrically over the packet's positions: ``code = round((x - zero) / scale)`` with
+``zero = min``, ``scale = (max - min) / (2**bits - 1)``, so ``|x - dequantize(code)| <= scale / 2``
+before the final cast to the packet dtype. 4-bit codes are packed two per byte (channel ``2i`` in
+the low nibble).
 
-- ``keys``, ``values``: uint8 codes ``[layers, kv_heads, T, head_dim]`` (int8), or two 4-bit codes
-  per byte ``[layers, kv_heads, T, head_dim / 2]`` (int4; channel ``2i`` in the low nibble);
-- ``key_scale``, ``key_zero``, ``value_scale``, ``value_zero``: float32 ``[layers, kv_heads, 1, head_dim]``;
-- ``token_ids``: int64 ``[L]``,
-
-sealed like plain packets: the ``digest`` covers the metadata (``head_dim`` included) and every tensor.
-
-Each (layer, head, channel) is quantized asymmetrically over the packet's positions:
-``code = round((x - zero) / scale)`` with ``zero = min``, ``scale = (max - min) / (2**bits - 1)``,
-so ``|x - dequantize(code)| <= scale / 2`` before the final cast to the packet dtype.
-
-Decoding (`KVPacket.from_bytes` / `KVPacket.load` hand quantized files to `dequantize_packet`)
-returns a plain packet (``quantization == "none"``) in the recorded dtype; its ``key`` is the key of
-the packet that was quantized. Dequantized tensors are new memory, not views of the file.
+This module holds the tensor math only; the file layout of quantized packets is part of the
+packet format (`kvpacket_rag.packet`).
 """
 
 from __future__ import annotations
@@ -26,12 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import CorruptPacketError
-from .packet import KVPacket, check_token_ids, int_field, packet_fields, seal
-
 QUANTIZATIONS = ("none", "int8", "int4")
 BITS = {"int8": 8, "int4": 4}
-_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def check_quantization(name: str) -> str:
@@ -56,17 +42,57 @@ class QuantizedTensor:
     zero: torch.Tensor
     bits: int
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The approximated tensor ``[layers, kv_heads, T, head_dim]`` in ``dtype``."""
-        codes = self.codes
-        if self.bits == 4:
-            out = torch.empty(*codes.shape[:-1], codes.shape[-1] * 2, dtype=torch.float32)
-            out[..., 0::2] = codes & 0x0F
-            out[..., 1::2] = codes >> 4
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """Shape of the dequantized tensor."""
+        layers, heads, positions, width = self.codes.shape
+        return layers, heads, positions, width * (8 // self.bits)
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scale.nbytes + self.zero.nbytes
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
+                   work: torch.Tensor | None = None) -> torch.Tensor:
+        """The approximated tensor ``[layers, kv_heads, T, head_dim]`` in ``dtype``.
+
+        Computes ``float32(code) * scale + zero`` in float32, then casts once to ``dtype``; every
+        path (new tensor, ``out``, ``work``) gives the same bits.
+
+        Args:
+            dtype: result dtype (ignored when ``out`` is given: the result takes ``out``'s dtype).
+            out: write the result here (any strides, e.g. a slice of an assembly buffer) instead of
+                a new tensor.
+            work: a float32 scratch tensor with at least as many elements as the result, reused
+                across calls so that decoding touches no fresh memory. When ``out`` is float32 it
+                is used directly and ``work`` is not needed.
+
+        Returns:
+            ``out`` when given, else a new tensor.
+        """
+        shape = self.shape
+        if out is not None and out.dtype == torch.float32:
+            target = out
+        elif work is not None:
+            target = work.reshape(-1)[: _count(shape)].view(shape)
         else:
-            out = codes.to(torch.float32)
-        out.mul_(self.scale).add_(self.zero)
-        return out if dtype == torch.float32 else out.to(dtype)
+            target = torch.empty(shape, dtype=torch.float32, device=self.codes.device)
+        if self.bits == 4:
+            target[..., 0::2] = self.codes & 0x0F
+            target[..., 1::2] = self.codes >> 4
+        else:
+            target.copy_(self.codes)
+        target.mul_(self.scale).add_(self.zero)
+        if out is not None:
+            return out if target is out else out.copy_(target)
+        return target if dtype == torch.float32 and work is None else target.to(dtype, copy=work is not None)
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
 
 
 def quantize(x: torch.Tensor, bits: int) -> QuantizedTensor:
@@ -96,97 +122,4 @@ def quantize(x: torch.Tensor, bits: int) -> QuantizedTensor:
     return QuantizedTensor(codes.contiguous(), scale.contiguous(), zero.contiguous(), bits)
 
 
-def encode_packet(packet: KVPacket, quantization: str = "none", signing_key: bytes | None = None) -> bytes:
-    """``kvpacket/1`` bytes of ``packet``, quantized as asked (``none`` gives `KVPacket.to_bytes`).
-
-    Args:
-        signing_key: sign the file with this key (see `KVPacket.to_bytes`).
-
-    Raises:
-        ValueError: unknown quantization, or a packet that is already quantized.
-    """
-    check_quantization(quantization)
-    if packet.quantization != "none":
-        raise ValueError(f"packet {packet.key[:12]} is already {packet.quantization}; store the original packet")
-    if quantization == "none":
-        return packet.to_bytes(signing_key)
-    bits = BITS[quantization]
-    keys, values = quantize(packet.keys, bits), quantize(packet.values, bits)
-    tensors = {"keys": keys.codes, "values": values.codes, "key_scale": keys.scale, "key_zero": keys.zero,
-               "value_scale": values.scale, "value_zero": values.zero,
-               "token_ids": packet.token_ids.to(torch.int64).contiguous().cpu()}
-    metadata = {**packet.metadata(), "quantization": quantization, "head_dim": str(packet.keys.shape[-1])}
-    return seal(tensors, metadata, signing_key)
-
-
-_QUANTIZED_TENSORS = {"keys", "values", "key_scale", "key_zero", "value_scale", "value_zero", "token_ids"}
-
-
-def dequantize_packet(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> KVPacket:
-    """Restore a plain packet from the (digest-verified) tensors and metadata of a quantized file.
-
-    Every tensor's dtype and shape is checked against the others before anything is computed.
-
-    Raises:
-        CorruptPacketError: missing or extra tensors, bad metadata, or shapes that do not fit together.
-    """
-    quantization = meta.get("quantization")
-    if quantization not in BITS:
-        raise CorruptPacketError(f"unknown packet quantization {str(quantization)[:20]!r}; rebuild the packet")
-    if set(tensors) != _QUANTIZED_TENSORS:
-        raise CorruptPacketError(f"quantized packet holds tensors {[n[:20] for n in sorted(tensors)][:8]}, expected "
-                                 f"{sorted(_QUANTIZED_TENSORS)}; rebuild the packet")
-    dtype = _NAMES.get(meta.get("dtype", ""))
-    if dtype is None:
-        raise CorruptPacketError(f"quantized packet restores to unknown dtype {str(meta.get('dtype'))[:20]!r}; "
-                                 "rebuild the packet")
-    check_token_ids(tensors["token_ids"])
-    _check_quantized_shapes(tensors, meta, BITS[quantization])
-    parts = {}
-    for name, prefix in (("keys", "key"), ("values", "value")):
-        quantized = QuantizedTensor(tensors[name], tensors[f"{prefix}_scale"], tensors[f"{prefix}_zero"],
-                                    BITS[quantization])
-        parts[name] = quantized.dequantize(dtype)
-    return KVPacket(parts["keys"], parts["values"], tensors["token_ids"], *packet_fields(meta))
-
-
-def _check_quantized_shapes(tensors: dict[str, torch.Tensor], meta: dict[str, str], bits: int) -> None:
-    """CorruptPacketError unless codes and scales fit one ``[layers, kv_heads, T, head_dim]`` packet."""
-    codes = tensors["keys"]
-    head_dim = int_field(meta, "head_dim", limit=1 << 20) if "head_dim" in meta else codes.shape[-1] * (8 // bits)
-    problem = None
-    if codes.dim() != 4 or tensors["values"].shape != codes.shape:
-        problem = f"codes of shapes {tuple(codes.shape)} / {tuple(tensors['values'].shape)} are not one 4-D shape"
-    elif codes.shape[-1] * (8 // bits) != head_dim:
-        problem = f"codes of width {codes.shape[-1]} do not hold head_dim {head_dim} at {bits} bits"
-    else:
-        want = (*codes.shape[:2], 1, head_dim)
-        for name in ("key_scale", "key_zero", "value_scale", "value_zero"):
-            if tensors[name].shape != want or tensors[name].dtype != torch.float32:
-                problem = f"'{name}' is {tensors[name].dtype} {tuple(tensors[name].shape)}, expected float32 {want}"
-    for name in ("keys", "values"):
-        if tensors[name].dtype != torch.uint8:
-            problem = f"codes '{name}' are {tensors[name].dtype}, expected uint8"
-    if problem:
-        raise CorruptPacketError(f"quantized packet tensors do not fit together: {problem}; rebuild the packet")
-
-
-def reconstruction_error(packet: KVPacket, quantization: str) -> dict[str, float]:
-    """Errors of a quantize/dequantize round trip of ``packet`` (computed in float32).
-
-    Returns:
-        ``{keys,values}_{max_abs,rel_rms}``: max absolute error and RMS error / RMS of the tensor.
-    """
-    restored = KVPacket.from_bytes(encode_packet(packet, quantization))
-    out = {}
-    for name in ("keys", "values"):
-        want = getattr(packet, name).float()
-        diff = getattr(restored, name).float() - want
-        out[f"{name}_max_abs"] = float(diff.abs().max()) if diff.numel() else 0.0
-        rms = float(want.pow(2).mean().sqrt()) if want.numel() else 0.0
-        out[f"{name}_rel_rms"] = float(diff.pow(2).mean().sqrt()) / rms if rms else 0.0
-    return out
-
-
-__all__ = ["QUANTIZATIONS", "QuantizedTensor", "check_quantization", "dequantize_packet", "encode_packet",
-           "quantize", "reconstruction_error"]
+__all__ = ["BITS", "QUANTIZATIONS", "QuantizedTensor", "check_quantization", "quantize"]

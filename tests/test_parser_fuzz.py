@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from kvpacket_rag.errors import CorruptIndexError, CorruptPacketError
 from kvpacket_rag.index_files import INDEX_FORMAT, read_manifest, save_index_files
 from kvpacket_rag.packet import KVPacket
-from kvpacket_rag.quantize import encode_packet
+from kvpacket_rag.packet import encode_packet
 
 FUZZ = settings(max_examples=400, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

@@ -5,8 +5,12 @@ What is measured, in one run on one clock:
 - write throughput of `LocalStore` (encode + write + fsync + rename + index) and `RedisStore`;
 - read throughput (GB/s of stored bytes, packets/s) of `LocalStore` warm (page cache) and cold
   (pages evicted with ``posix_fadvise(DONTNEED)``, or ``drop_caches`` when permitted),
-  `MemoryCache` hits, `RedisStore.get_many` on loopback, and int8/int4 `LocalStore` reads
-  (dequantization included), each against a raw ``readinto`` of the same files;
+  `MemoryCache` hits, `RedisStore.get_many` over loopback TCP and a Unix socket (server with two
+  I/O threads) against a parser-free socket ``GET`` of the same values, and int8/int4 `LocalStore`
+  reads, each against a raw ``readinto`` of the same files;
+- the question path per form: read plus assembly (decode, rotate, copy) into a model-shaped
+  buffer, bf16 vs int8 vs int4 from the same kind of store;
+- `RedisStore.put_many` against a parser-free socket ``SET`` of the same bytes (write ceiling);
 - bytes per token for fp32 / bf16 / int8 / int4 packets and the reconstruction error of int8 / int4.
 
 Packets: ``--real`` packets built by the default model (SmolLM2-135M, bare: no adapter) from NIAH
@@ -24,20 +28,23 @@ import socket
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import redis as redis_lib
 import torch
 import xxhash
 
-from ..packet import KVPacket
-from ..quantize import encode_packet, reconstruction_error
+from ..kvcache import KVBuffer, assemble
+from ..packet import KVPacket, encode_packet, reconstruction_error
 from ..store import LocalStore, MemoryCache
 from ..tuning import set_threads, tune_malloc
 from .common import machine_info, median, peak_rss_mb, write_outputs
 
 FORMS = ("fp32", "bf16", "int8", "int4")
+REDIS_SERVER_OPTIONS = ("--io-threads", "2", "--io-threads-do-reads", "yes")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,22 +58,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workdir", default=None, help="directory for the stores (default: a temporary directory)")
     parser.add_argument("--redis-url", default=None,
-                        help="Redis to use (default: start redis-server on a free loopback port; skipped if absent)")
+                        help="Redis to use (default: start redis-server on a free loopback port and a Unix socket; "
+                             "skipped if absent)")
     parser.add_argument("--json", default=None, help="write the result here (and a .md table beside it)")
 
 
 # ---- packets --------------------------------------------------------------------------------
 
 
-def real_packets(n: int, tokens: int) -> tuple[list[KVPacket], str]:
-    """``n`` bare packets of the default model over ``tokens`` tokens of essay text each."""
+def real_packets(n: int, tokens: int) -> tuple[list[KVPacket], object]:
+    """``n`` bare packets of the default model over ``tokens`` tokens of essay text each, and the model."""
     from ..datasets import load_samples
     from ..engine import PacketEngine
 
     engine = PacketEngine(adapter=None)
     sample = load_samples("niah", "test", 1, n_chunks=n, chunk_words=int(tokens * 1.2))[0]
     ids = [engine.model.tokenizer(text, add_special_tokens=False)["input_ids"][:tokens] for text in sample.chunks]
-    return engine.builder.build_many(ids), engine.model.name
+    return engine.builder.build_many(ids), engine.model
 
 
 def replicas(base: KVPacket, n: int, dtype: torch.dtype) -> list[KVPacket]:
@@ -153,7 +161,7 @@ def resident_fraction(paths: list[Path]) -> float | None:
 # ---- measurements ---------------------------------------------------------------------------
 
 
-def measure_local(packets: list[KVPacket], root: Path, batch: int, repeats: int) -> dict:
+def measure_local(packets: list[KVPacket], root: Path, batch: int, repeats: int, model) -> dict:
     store = LocalStore(root)
     start = time.perf_counter()
     keys = [store.put(p) for p in packets]
@@ -167,6 +175,7 @@ def measure_local(packets: list[KVPacket], root: Path, batch: int, repeats: int)
     out["raw_read_warm"] = rate(timed_passes(lambda: raw_read(paths, buffer), repeats), total, len(keys))
     out["raw_read_xxh3_warm"] = rate(timed_passes(lambda: raw_read(paths, buffer, True), repeats), total, len(keys))
     out["local_warm"] = rate(timed_passes(lambda: read_all(store, keys, batch), repeats), total, len(keys))
+    out["local_assemble_warm"] = measure_assembly(store, keys, batch, repeats, model, total)
     cold_raw, cold_local, residency = [], [], []
     for _ in range(repeats):
         out["eviction"] = evict(paths)
@@ -190,7 +199,8 @@ def measure_local(packets: list[KVPacket], root: Path, batch: int, repeats: int)
     return out
 
 
-def measure_quantized(packets: list[KVPacket], root: Path, form: str, batch: int, repeats: int) -> dict:
+def measure_quantized(packets: list[KVPacket], root: Path, form: str, batch: int, repeats: int, model) -> dict:
+    """Writes, warm reads and reads + assembly of ``packets`` in a LocalStore of one form."""
     store = LocalStore(root, quantization=form)
     start = time.perf_counter()
     keys = [store.put(p) for p in packets]
@@ -199,47 +209,79 @@ def measure_quantized(packets: list[KVPacket], root: Path, form: str, batch: int
     read_all(store, keys, batch)
     return {"bytes": total, "write": rate(write_s, total, len(keys)),
             "read_warm": rate(timed_passes(lambda: read_all(store, keys, batch), repeats), total, len(keys)),
+            "read_assemble_warm": measure_assembly(store, keys, batch, repeats, model, total),
             "bytes_per_token": store.stats()["bytes_per_token"]}
 
 
-def measure_redis(packets: list[KVPacket], url: str, batch: int, repeats: int, raw_warm_s: float) -> dict:
+def measure_assembly(store, keys: list[str], batch: int, repeats: int, model, total: int) -> dict:
+    """Read ``batch`` packets at a time and assemble them into one reused buffer of the model's
+    shape in the packets' dtype: what a question pays for its packets."""
+    dtype = store.get(keys[0]).dtype
+    shape = SimpleNamespace(num_layers=model.num_layers, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
+                            dtype=dtype, device=torch.device("cpu"))
+    buffer = KVBuffer(shape)
+
+    def go() -> None:
+        for group in batches(keys, batch):
+            assemble(buffer, store.get_many(group), model.rope, reserve=64)
+
+    go()
+    return rate(timed_passes(go, repeats), total, len(keys))
+
+
+def measure_redis(packets: list[KVPacket], urls: dict[str, str], batch: int, repeats: int, raw_warm_s: float) -> dict:
+    """Writes and reads through `RedisStore` on each transport in ``urls``, each against a parser-free
+    socket client on the same transport (the ceiling)."""
     from ..store.redis_store import RedisStore
 
-    store = RedisStore(url, prefix="bench:", socket_timeout=60)
-    store.gc(max_bytes=0)  # a clean slate under the prefix
-    start = time.perf_counter()
-    keys = store.put_many(packets, batch=batch)
-    write_s = time.perf_counter() - start
-    names = [store.prefix + k for k in keys]
-    client = store._client
-    total = sum(sizes_of(client, names))
-
-    def raw_get() -> None:
-        for group in batches(names, batch):
-            pipe = client.pipeline(transaction=False)
-            for name in group:
-                pipe.get(name)
-            pipe.execute()
-
-    read_all(store, keys, batch)
-    out = {"bytes": total, "write": rate(write_s, total, len(keys)),
-           "redis_get_many": rate(timed_passes(lambda: read_all(store, keys, batch), repeats), total, len(keys)),
-           "redis_pipelined_get_no_decode": rate(timed_passes(raw_get, repeats), total, len(keys)),
-           "client": f"redis-py {redis_lib.__version__}, hiredis parser: {bool(redis_lib.utils.HIREDIS_AVAILABLE)}"}
-    parts = urlsplit(url)
-    if parts.scheme == "redis" and parts.hostname:
-        with socket.create_connection((parts.hostname, parts.port or 6379)) as sock:
-            if parts.password:
-                resp_call(sock, bytearray(64), b"AUTH", *([parts.username.encode()] if parts.username else []),
-                          parts.password.encode())
-            buffer = bytearray(max(sizes_of(client, names)) + 64)
-            plain = timed_passes(lambda: [resp_call(sock, buffer, b"GET", n.encode()) for n in names], repeats)
-        out["plain_socket_resp_get"] = rate(plain, total, len(keys))
-        out["get_many_vs_plain_socket"] = round(plain / out["redis_get_many"]["s"], 3)
-    out["get_many_vs_raw_file_read"] = round(raw_warm_s / out["redis_get_many"]["s"], 3)
-    client.delete(*names)
-    store.close()
+    first = RedisStore(next(iter(urls.values())), prefix="bench:", socket_timeout=60)
+    first.gc(max_bytes=0)  # a clean slate under the prefix
+    data = [encode_packet(p) for p in packets]
+    names = [first.prefix + p.key for p in packets]
+    total = sum(len(d) for d in data)
+    out: dict = {"bytes": total, "client": f"redis-py {redis_lib.__version__}, hiredis parser: "
+                                           f"{bool(redis_lib.utils.HIREDIS_AVAILABLE)}"}
+    for transport, url in urls.items():
+        store = RedisStore(url, prefix="bench:", socket_timeout=60)
+        first._client.delete(*names)
+        start = time.perf_counter()
+        keys = store.put_many(packets, batch=batch)
+        put_s = time.perf_counter() - start
+        with raw_socket(url) as sock:
+            buffer = bytearray(max(len(d) for d in data) + 64)
+            first._client.delete(*names)
+            set_s = timed_passes(lambda: [resp_call(sock, buffer, b"SET", n.encode(), d) for n, d in zip(names, data)], 1)
+            read_all(store, keys, batch)
+            get_s = timed_passes(lambda: [resp_call(sock, buffer, b"GET", n.encode()) for n in names], repeats)
+        many_s = timed_passes(lambda: read_all(store, keys, batch), repeats)
+        out[transport] = {"write": rate(put_s, total, len(keys)), "plain_socket_set": rate(set_s, total, len(keys)),
+                          "put_many_vs_plain_socket": round(set_s / put_s, 3),
+                          "redis_get_many": rate(many_s, total, len(keys)),
+                          "plain_socket_get": rate(get_s, total, len(keys)),
+                          "get_many_vs_plain_socket": round(get_s / many_s, 3),
+                          "get_many_vs_raw_file_read": round(raw_warm_s / many_s, 3)}
+        store.close()
+    first._client.delete(*names)
+    first.close()
     return out
+
+
+@contextmanager
+def raw_socket(url: str):
+    """A plain socket to the server at ``url`` (``redis://host:port`` or ``unix:///path``), authenticated if needed."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(parts.path)
+    else:
+        sock = socket.create_connection((parts.hostname, parts.port or 6379))
+    try:
+        if parts.password:
+            resp_call(sock, bytearray(64), b"AUTH", *([parts.username.encode()] if parts.username else []),
+                      parts.password.encode())
+        yield sock
+    finally:
+        sock.close()
 
 
 def sizes_of(client, names: list[str]) -> list[int]:
@@ -299,23 +341,27 @@ def _cast_error(exact: KVPacket, cast: KVPacket) -> dict:
     return out
 
 
-def start_redis(workdir: Path) -> tuple[subprocess.Popen | None, str | None]:
+def start_redis(workdir: Path) -> tuple[subprocess.Popen | None, dict[str, str]]:
+    """A private redis-server (no persistence, two I/O threads, reads included) on a free loopback
+    port and a Unix socket; returns it and its URLs by transport (none when redis-server is absent)."""
     binary = shutil.which("redis-server")
     if binary is None:
-        return None, None
+        return None, {}
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    unix = workdir / "redis.sock"
     process = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                "--unixsocket", str(unix), "--unixsocketperm", "700", *REDIS_SERVER_OPTIONS,
                                 "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(200):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            return process, f"redis://127.0.0.1:{port}/0"
+            return process, {"tcp": f"redis://127.0.0.1:{port}/0", "unix": f"unix://{unix}"}
         except OSError:
             time.sleep(0.05)
     process.kill()
-    return None, None
+    return None, {}
 
 
 # ---- report ---------------------------------------------------------------------------------
@@ -329,47 +375,54 @@ def table(result: dict) -> str:
               f"{m['date']}"),
              f"command: `{m['command']}`", f"packets: {cfg['packet_source']}",
              (f"load average (1 min) at start / end: {result['load_average'][0]:.1f} / "
-              f"{result['load_average'][1]:.1f} (other processes share the 2 cores; figures are noisy)"),
+              f"{result['load_average'][1]:.1f}"),
              f"cold: {local['eviction']}; workdir filesystem: {cfg['workdir_filesystem']}", "",
-             "| read path | GB/s | packets/s | vs ceiling (same run) |", "|---|---|---|---|"]
+             "| read path | GB/s (stored bytes) | packets/s | vs ceiling (same run) |", "|---|---|---|---|"]
     rows = [("raw file read, warm (ceiling)", local["raw_read_warm"], None),
             ("raw file read + xxh3, warm", local["raw_read_xxh3_warm"], None),
             ("LocalStore warm (mmap + checksum + key check)", local["local_warm"], f"{local['warm_local_vs_raw']:.0%} of warm raw"),
             ("raw file read, cold (ceiling)", local["raw_read_cold"], None),
             ("LocalStore cold", local["local_cold"], f"{local['cold_local_vs_raw']:.0%} of cold raw"),
             ("MemoryCache hits (no copy: returns cached tensors)", local["memory_cache_hits"], None)]
-    if result.get("redis"):
-        redis = result["redis"]
-        vs = f"{redis['get_many_vs_raw_file_read']:.0%} of warm raw"
-        if "plain_socket_resp_get" in redis:
-            vs += f"; {redis['get_many_vs_plain_socket']:.0%} of plain socket"
-            rows.append(("Redis GET over a plain socket, no parser (transport ceiling)", redis["plain_socket_resp_get"], None))
-        rows += [("Redis pipelined GET via redis-py, no decode", redis["redis_pipelined_get_no_decode"], None),
-                 ("RedisStore.get_many, loopback", redis["redis_get_many"], vs)]
     for form, q in result["quantized"].items():
-        rows.append((f"LocalStore {form} warm (dequantize to {cfg['dtype']})", q["read_warm"], None))
+        rows.append((f"LocalStore {form} warm (codes stay quantized)", q["read_warm"], None))
+    redis = result.get("redis") or {}
+    for transport in (t for t in ("tcp", "unix", "given") if t in redis):
+        r = redis[transport]
+        rows += [(f"Redis GET, {transport}, plain socket, no parser (ceiling)", r["plain_socket_get"], None),
+                 (f"RedisStore.get_many, {transport}", r["redis_get_many"],
+                  f"{r['get_many_vs_plain_socket']:.0%} of plain socket; {r['get_many_vs_raw_file_read']:.0%} of warm raw")]
     for name, r, vs in rows:
         gbps = "n/a" if name.startswith("MemoryCache") else f"{r['GB_per_s']:.2f}"
         lines.append(f"| {name} | {gbps} | {r['packets_per_s']:.0f} | {vs or ''} |")
-    lines += ["", "| write path | GB/s | packets/s |", "|---|---|---|",
-              f"| LocalStore put (encode, write, fsync, rename, index) | {local['write']['GB_per_s']:.2f} | {local['write']['packets_per_s']:.0f} |"]
-    if result.get("redis"):
-        lines.append(f"| RedisStore put_many (SET NX, pipelined) | {result['redis']['write']['GB_per_s']:.2f} | "
-                     f"{result['redis']['write']['packets_per_s']:.0f} |")
+    bf16 = local["local_assemble_warm"]["packets_per_s"]
+    lines += ["", f"Question path: read + assembly (decode, rotate, copy) into a reused {cfg['dtype']} buffer of the "
+              "model's shape, warm LocalStore:", "",
+              "| form | packets/s | vs bf16 (same run) |", "|---|---|---|",
+              f"| {cfg['dtype']} (mapped file → rotate → buffer) | {bf16:.0f} | 100% |"]
     for form, q in result["quantized"].items():
-        lines.append(f"| LocalStore {form} put (quantize + write) | {q['write']['GB_per_s']:.2f} | {q['write']['packets_per_s']:.0f} |")
+        rate_ = q["read_assemble_warm"]["packets_per_s"]
+        lines.append(f"| {form} (mapped codes → dequantize → rotate → buffer) | {rate_:.0f} | {rate_ / bf16:.0%} |")
+    lines += ["", "| write path | GB/s | packets/s | vs ceiling (same run) |", "|---|---|---|---|",
+              f"| LocalStore put (encode, write, fsync, rename, index) | {local['write']['GB_per_s']:.2f} | "
+              f"{local['write']['packets_per_s']:.0f} | |"]
+    for transport in (t for t in ("tcp", "unix", "given") if t in redis):
+        r = redis[transport]
+        lines += [f"| Redis SET, {transport}, plain socket, bytes ready (ceiling) | {r['plain_socket_set']['GB_per_s']:.2f} | "
+                  f"{r['plain_socket_set']['packets_per_s']:.0f} | |",
+                  f"| RedisStore put_many, {transport} (encode + seal + SET NX, pipelined) | {r['write']['GB_per_s']:.2f} | "
+                  f"{r['write']['packets_per_s']:.0f} | {r['put_many_vs_plain_socket']:.0%} of plain socket |"]
+    for form, q in result["quantized"].items():
+        lines.append(f"| LocalStore {form} put (quantize + write) | {q['write']['GB_per_s']:.2f} | "
+                     f"{q['write']['packets_per_s']:.0f} | |")
     lines += ["", f"Sizes and reconstruction error (mean over {cfg['real']} real packets, from fp32):", "",
               "| form | bytes/token | vs bf16 | keys rel. RMS err | keys max abs err | values rel. RMS err | values max abs err |",
               "|---|---|---|---|---|---|---|"]
     for form, f in result["forms"].items():
         lines.append(f"| {form} | {f['bytes_per_token']:.0f} | {f['vs_bf16']:.1%} | {f['keys_rel_rms']:.2e} | "
                      f"{f['keys_max_abs']:.3g} | {f['values_rel_rms']:.2e} | {f['values_max_abs']:.3g} |")
-    redis_target = (f"RedisStore.get_many ≥ 25 % of raw: {result['redis']['get_many_vs_raw_file_read']:.0%} "
-                    f"({result['redis']['client']})"
-                    if result.get("redis") else "RedisStore: not measured (no redis-server)")
-    lines += ["", (f"targets: warm LocalStore ≥ 50 % of raw: {local['warm_local_vs_raw']:.0%}; {redis_target}; "
-                   f"int8 ≤ 52 % of bf16: {result['forms']['int8']['vs_bf16']:.1%}. "
-                   f"Peak RSS {result['peak_rss_mb']:.0f} MiB.")]
+    lines += ["", f"Redis: {cfg.get('redis_server', 'not measured')}; {redis.get('client', 'no redis-server')}. "
+              f"Peak RSS {result['peak_rss_mb']:.0f} MiB."]
     return "\n".join(lines)
 
 
@@ -384,13 +437,14 @@ def run(args: argparse.Namespace) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     redis_process = None
     try:
-        local = measure_local(packets, work / "local", args.batch, args.repeats)
+        local = measure_local(packets, work / "local", args.batch, args.repeats, model)
         quantized = {form: measure_quantized(packets[: args.quantized_packets], work / f"local-{form}", form,
-                                             args.batch, args.repeats) for form in ("int8", "int4")}
-        url = args.redis_url
-        if url is None:
-            redis_process, url = start_redis(work)
-        redis = measure_redis(packets, url, args.batch, args.repeats, local["raw_read_warm"]["s"]) if url else None
+                                             args.batch, args.repeats, model) for form in ("int8", "int4")}
+        if args.redis_url:
+            urls = {"given": args.redis_url}
+        else:
+            redis_process, urls = start_redis(work)
+        redis = measure_redis(packets, urls, args.batch, args.repeats, local["raw_read_warm"]["s"]) if urls else None
         forms = measure_forms(real)
     finally:
         if redis_process is not None:
@@ -400,11 +454,13 @@ def run(args: argparse.Namespace) -> dict:
             shutil.rmtree(work, ignore_errors=True)
     local.pop("keys")
     local.pop("paths")
-    result = {"model": model, "machine": machine_info(threads),
+    result = {"model": model.name, "machine": machine_info(threads),
               "config": {"packets": args.packets, "tokens": args.tokens, "dtype": args.dtype, "batch": args.batch,
                          "repeats": args.repeats, "real": args.real, "quantized_packets": args.quantized_packets,
                          "workdir_filesystem": _filesystem(work.parent),
-                         "packet_source": f"{args.real} real bare packets of {model} built from NIAH essay text "
+                         "redis_server": "given URL" if args.redis_url else
+                         f"redis-server {' '.join(REDIS_SERVER_OPTIONS)}, loopback TCP and a Unix socket",
+                         "packet_source": f"{args.real} real bare packets of {model.name} built from NIAH essay text "
                                           f"({args.tokens} tokens); the throughput set reuses the first one's tensors "
                                           f"in {args.dtype} with distinct token ids ({args.packets} distinct keys)"},
               "local": local, "quantized": quantized, "redis": redis, "forms": forms, "peak_rss_mb": peak_rss_mb(),

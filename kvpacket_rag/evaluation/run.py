@@ -52,7 +52,7 @@ def run_evaluation(engine: PacketEngine, dataset: str, n: int, config: EvalConfi
                   "layers": engine.model.num_layers},
         "adapter": {"spec": adapter_spec, "fingerprint": adapter.fingerprint[:16], "n_header": adapter.n_header,
                     "n_trailer": adapter.n_trailer, "card": _json_safe(adapter.card)},
-        "store": type(engine.store).__name__, "quantization": getattr(engine.store, "quantization", "none"),
+        "store": type(engine.store).__name__, "quantization": engine.store.quantization,
         "machine": machine_info(threads),
         "wall_s": time.perf_counter() - started, "process_peak_rss_mb": peak_rss_mb(), "records_text": keep_text,
         **result,

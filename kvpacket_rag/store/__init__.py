@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 
-from .base import SIGNING_KEY_ENV, InMemoryStore, PacketStore, StoreError, StoreUnavailableError, validate_key
-from .local import BadEntry, LocalStore
+from .base import (SIGNING_KEY_ENV, BadEntry, InMemoryStore, PacketStore, PersistentStore, StoreError,
+                   StoreUnavailableError, select_garbage, validate_key)
+from .local import LocalStore
 from .memory import MemoryCache
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -51,5 +52,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["SIGNING_KEY_ENV", "BadEntry", "InMemoryStore", "LocalStore", "MemoryCache", "PacketStore", "RedisStore", "StoreError",
+__all__ = ["SIGNING_KEY_ENV", "BadEntry", "InMemoryStore", "LocalStore", "MemoryCache", "PacketStore", "PersistentStore",
+           "RedisStore", "StoreError", "select_garbage",
            "StoreUnavailableError", "open_store", "validate_key"]

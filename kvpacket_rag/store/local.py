@@ -30,14 +30,13 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CorruptPacketError, PacketNotFoundError
 from ..fileio import fsync_dir
-from ..packet import KVPacket
-from ..quantize import check_quantization, encode_packet
-from .base import PacketStore, StoreError, resolve_signing_key, validate_key
+from ..packet import KVPacket, encode_packet
+from ..quantize import check_quantization
+from .base import BadEntry, PersistentStore, StoreError, check_form, resolve_signing_key, validate_key
 from .entries import EntryInfo, decode_entry, entry_name, header_info, parse_entry_name, summarize
 
 log = logging.getLogger(__name__)
@@ -61,16 +60,6 @@ _READ_ONLY = {errno.EROFS, errno.EACCES, errno.EPERM}
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
-@dataclass(frozen=True)
-class BadEntry:
-    """An entry `verify` found wrong: ``reason`` says what, ``action`` what was done about it."""
-
-    key: str
-    quantization: str
-    reason: str
-    action: str = "reported"
-
-
 class _Vanished(Exception):
     """The entry's file disappeared (removed by `delete` or `gc` in another thread or process)."""
 
@@ -84,7 +73,7 @@ class _Damaged(CorruptPacketError):
         self.kind = kind  # the error to raise: CorruptPacketError or UntrustedPacketError
 
 
-class LocalStore(PacketStore):
+class LocalStore(PersistentStore):
     """Packets in a local directory: atomic writes, checksummed zero-copy reads, safe for many processes.
 
     Args:
@@ -193,12 +182,6 @@ class LocalStore(PacketStore):
         """Close the index connection (packets already returned stay valid)."""
         with self._lock:
             self._db.close()
-
-    def __enter__(self) -> LocalStore:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r}, quantization={self.quantization!r})"
@@ -485,8 +468,10 @@ class LocalStore(PacketStore):
         return iter([row[0] for row in self._query("SELECT key FROM packets WHERE quantization = ? ORDER BY key", (form,))])
 
     def entries(self) -> list[dict]:
-        """Every index entry of every form, as dicts of the index columns."""
-        return [dict(zip(_COLUMNS, row)) for row in self._query(f"SELECT {', '.join(_COLUMNS)} FROM packets ORDER BY key")]
+        """Every index entry of every form, as dicts of the index columns plus ``idle_s``."""
+        now = time.time()
+        rows = self._query(f"SELECT {', '.join(_COLUMNS)} FROM packets ORDER BY key")
+        return [{**entry, "idle_s": max(0.0, now - entry["last_used"])} for entry in (dict(zip(_COLUMNS, r)) for r in rows)]
 
     def stats(self) -> dict:
         """Packets, bytes, positions and bytes per token (total and per quantization), counters, state."""
@@ -550,59 +535,25 @@ class LocalStore(PacketStore):
                 return f"file {field} differs from the index", None
         return None, None
 
-    def gc(self, max_age_s: float | None = None, max_bytes: int | None = None,
-           keep_model: str | None = None, keep_adapters: Sequence[str] | None = None,
-           keep_tokenizer: str | None = None, dry_run: bool = False) -> dict:
-        """Remove entries and leftovers.
-
-        Args:
-            max_age_s: remove entries not used for this many seconds.
-            max_bytes: then remove least recently used entries until the store holds at most this.
-            keep_model, keep_tokenizer, keep_adapters: when given, remove entries built by any
-                other model / tokenizer / adapter (fingerprints).
-            dry_run: only report what would go.
-
-        Also removes stale temp files (writer gone or older than an hour) and quarantined files.
-
-        Returns:
-            ``{"removed": n, "bytes": freed, "temp_files": n, "quarantined_files": n, "dry_run": bool}``.
-        """
+    def _collect(self, doomed: list[dict], dry_run: bool) -> dict:
+        """Delete the doomed entries, stale temp files (writer gone or older than an hour) and quarantined files."""
         if self.read_only and not dry_run:
             raise StoreError(f"packet store {self.root} is read-only; cannot gc")
         now = time.time()
-        doomed: dict[tuple[str, str], int] = {}
-        live = []
-        for entry in sorted(self.entries(), key=lambda e: e["last_used"]):
-            ident = (entry["key"], entry["quantization"])
-            foreign = ((keep_model is not None and entry["model_fingerprint"] != keep_model)
-                       or (keep_tokenizer is not None and entry["tokenizer_fingerprint"] != keep_tokenizer)
-                       or (keep_adapters is not None and entry["adapter_fingerprint"] not in keep_adapters))
-            if foreign or (max_age_s is not None and now - entry["last_used"] > max_age_s):
-                doomed[ident] = entry["size"]
-            else:
-                live.append(entry)
-        if max_bytes is not None:
-            total = sum(entry["size"] for entry in live)
-            for entry in live:  # least recently used first
-                if total <= max_bytes:
-                    break
-                doomed[(entry["key"], entry["quantization"])] = entry["size"]
-                total -= entry["size"]
         temp = [p for p in (self.root / "tmp").glob("*.tmp") if _stale_temp(p, now)]
         quarantined = list((self.root / "quarantine").iterdir())
         if not dry_run:
-            for key, form in doomed:
-                self.delete(key, quantization=form)
+            for entry in doomed:
+                self.delete(entry["key"], quantization=entry["quantization"])
             for path in temp + quarantined:
                 with suppress(FileNotFoundError):
                     path.unlink()
-        return {"removed": len(doomed), "bytes": sum(doomed.values()), "temp_files": len(temp),
-                "quarantined_files": len([p for p in quarantined if p.suffix == ".kvp"]), "dry_run": dry_run}
+        return {"temp_files": len(temp), "quarantined_files": len([p for p in quarantined if p.suffix == ".kvp"])}
 
     # ---- helpers ---------------------------------------------------------------------------
 
     def _form(self, quantization: str | None) -> str:
-        return self.quantization if quantization is None else check_quantization(quantization)
+        return check_form(self, quantization)
 
     def _query(self, sql: str, params: tuple = ()) -> list[tuple]:
         try:

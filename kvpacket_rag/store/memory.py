@@ -21,7 +21,9 @@ class MemoryCache(PacketStore):
             but not cached.
 
     Invariants: the cache never holds a packet the inner store did not return or accept; a
-    ``quantization=`` argument is passed through to ``inner`` and is part of the cache key.
+    ``quantization=`` argument is passed through to ``inner`` and is part of the cache key. Packets
+    read in a quantized form are cached quantized (`QuantizedPacket`): the budget counts their
+    quantized bytes.
     Thread-safe. Counters: ``hits``, ``misses`` (lookups the inner store answered or missed),
     ``evictions``.
 
@@ -41,6 +43,11 @@ class MemoryCache(PacketStore):
 
     def __repr__(self) -> str:
         return f"MemoryCache({self.inner!r}, max_bytes={self.max_bytes})"
+
+    @property
+    def quantization(self) -> str:  # type: ignore[override]
+        """The inner store's default form."""
+        return self.inner.quantization
 
     def __len__(self) -> int:
         """Packets held in memory now."""
@@ -67,7 +74,7 @@ class MemoryCache(PacketStore):
                 out.append(packet)
             self.counters["misses"] += len(missing)
         if missing:
-            fetched = self.inner.get_many([keys[n] for n in missing], **_form(quantization))
+            fetched = self.inner.get_many([keys[n] for n in missing], quantization=quantization)
             with self._lock:
                 for n, packet in zip(missing, fetched):
                     out[n] = packet
@@ -77,10 +84,10 @@ class MemoryCache(PacketStore):
 
     def put(self, packet: KVPacket, *, quantization: str | None = None) -> str:
         """Write through to ``inner``; cache the packet as a later `get` returns it."""
-        key = self.inner.put(packet, **_form(quantization))
+        key = self.inner.put(packet, quantization=quantization)
         with self._lock:
             cached = (key, quantization) in self._entries
-        exact = (quantization or getattr(self.inner, "quantization", "none")) == "none"
+        exact = (quantization or self.inner.quantization) == "none"
         if not cached and exact:
             with self._lock:
                 self._admit((key, quantization), packet)  # exact form: what get would return
@@ -104,14 +111,14 @@ class MemoryCache(PacketStore):
         with self._lock:
             if (validate_key(key), quantization) in self._entries:
                 return True
-        return self.inner.contains(key, **_form(quantization))
+        return self.inner.contains(key, quantization=quantization)
 
     def delete(self, key: str, *, quantization: str | None = None) -> bool:
         with self._lock:
             old = self._entries.pop((validate_key(key), quantization), None)
             if old is not None:
                 self._bytes -= old.nbytes
-        return self.inner.delete(key, **_form(quantization)) or old is not None
+        return self.inner.delete(key, quantization=quantization) or old is not None
 
     def clear(self) -> None:
         """Drop every cached packet (the inner store is untouched)."""
@@ -119,8 +126,8 @@ class MemoryCache(PacketStore):
             self._entries.clear()
             self._bytes = 0
 
-    def keys(self, **kwargs) -> Iterator[str]:
-        return self.inner.keys(**kwargs)
+    def keys(self, *, quantization: str | None = None) -> Iterator[str]:
+        return self.inner.keys(quantization=quantization)
 
     def stats(self) -> dict:
         """The inner store's stats plus ``cache``: packets, bytes, max_bytes, hits, misses, evictions, hit_rate."""
@@ -131,13 +138,6 @@ class MemoryCache(PacketStore):
         return {**self.inner.stats(), "cache": cache}
 
     def close(self) -> None:
-        """Drop the cache and close the inner store if it can be closed."""
+        """Drop the cache and close the inner store."""
         self.clear()
-        close = getattr(self.inner, "close", None)
-        if close is not None:
-            close()
-
-
-def _form(quantization: str | None) -> dict:
-    """Keyword arguments for the inner store: nothing unless a form was asked (InMemoryStore has none)."""
-    return {} if quantization is None else {"quantization": quantization}
+        self.inner.close()

@@ -7,7 +7,7 @@ import torch
 
 from kvpacket_rag.errors import CorruptPacketError, UntrustedPacketError
 from kvpacket_rag.packet import KVPacket
-from kvpacket_rag.quantize import encode_packet
+from kvpacket_rag.packet import encode_packet
 from kvpacket_rag.store import LocalStore, open_store
 
 from packet_lies import DEEP_JSON, LIES, QUANTIZED_LIES, join, legacy_bytes, rewrite, split

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from kvpacket_rag.errors import CorruptPacketError
-from kvpacket_rag.packet import KVPacket
-from kvpacket_rag.quantize import encode_packet, quantize, reconstruction_error
+from kvpacket_rag.packet import KVPacket, QuantizedPacket
+from kvpacket_rag.packet import encode_packet, reconstruction_error
+from kvpacket_rag.quantize import quantize
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -61,3 +62,43 @@ def test_bad_arguments(make_packet):
         encode_packet(make_packet(0), "int3")
     with pytest.raises(ValueError, match="even head_dim"):
         quantize(torch.zeros(1, 1, 4, 5), 4)
+
+
+def reference_dequantize(q, dtype):
+    """The definition, spelled out: unpack nibbles (channel 2i low), float32 code * scale + zero, one cast."""
+    codes = q.codes.to(torch.int64)
+    if q.bits == 4:
+        codes = torch.stack((codes & 0x0F, codes >> 4), dim=-1).flatten(-2)
+    return (codes.to(torch.float32) * q.scale + q.zero).to(dtype)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_decode_path_gives_the_reference_bits(bits, dtype, make_packet):
+    q = quantize(make_packet(3, tokens=40, head_dim=16).keys, bits)
+    want = reference_dequantize(q, dtype)
+    assert torch.equal(q.dequantize(dtype), want)
+    work = torch.full((q.codes.numel() * 8 // bits + 7,), float("nan"))  # larger than needed, dirty
+    assert torch.equal(q.dequantize(dtype, work=work), want)
+    buffer = torch.zeros(q.shape[0], 1, q.shape[1], q.shape[2] + 9, q.shape[3], dtype=dtype)  # an assembly buffer
+    out = buffer[:, 0, :, 5 : 5 + q.shape[2]]  # strided slice, as assembly writes
+    assert q.dequantize(out=out, work=work) is out
+    assert torch.equal(out, want) and not buffer[:, 0, :, :5].any() and not buffer[:, 0, :, 5 + q.shape[2] :].any()
+
+
+@pytest.mark.parametrize("form", ["int8", "int4"])
+def test_quantized_file_decodes_without_copying_the_codes(form, make_packet):
+    packet = make_packet(5, tokens=200, dtype=torch.bfloat16)
+    data = bytearray(encode_packet(packet, form))
+    restored = KVPacket.from_bytes(data)
+    assert isinstance(restored, QuantizedPacket) and restored.encoding == form
+    assert restored.key == packet.key and restored.length == packet.length and restored.dtype == torch.bfloat16
+    codes = restored.quantized_keys.codes
+    offset = codes.data_ptr() - torch.frombuffer(data, dtype=torch.uint8).data_ptr()
+    assert 0 < offset < len(data)  # the codes are a view of the file's bytes
+    assert restored.nbytes < packet.nbytes * (0.6 if form == "int8" else 0.35)
+    assert torch.equal(restored.keys, reference_dequantize(restored.quantized_keys, torch.bfloat16))
+    again = KVPacket.from_bytes(encode_packet(restored, form))  # written back from its codes, not re-quantized
+    assert torch.equal(again.quantized_values.codes, restored.quantized_values.codes) and again.key == packet.key
+    plain = restored.dequantized()
+    assert type(plain) is KVPacket and plain.key == packet.key and torch.equal(plain.values, restored.values)

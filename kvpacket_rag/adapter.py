@@ -232,10 +232,27 @@ SHIPPED_ADAPTERS = {DEFAULT_MODEL: Path(__file__).parent / "adapters" / "smollm2
 """The trained adapter that ships with the package, per model name."""
 
 
-def shipped_adapter(model_name: str) -> Path | None:
-    """The file of the adapter shipped for ``model_name``, or None when none ships."""
-    path = SHIPPED_ADAPTERS.get(model_name)
-    return path if path is not None and path.is_file() else None
+def shipped_adapter(model: "LoadedModel | str") -> Path | None:
+    """The file of the adapter shipped for ``model`` (a name, or a loaded model: matched by name or, when its
+    weights were loaded from elsewhere, by the model fingerprint the adapter records), or None."""
+    name = model if isinstance(model, str) else model.name
+    path = SHIPPED_ADAPTERS.get(name)
+    if path is not None and path.is_file():
+        return path
+    if isinstance(model, str):
+        return None
+    for path in SHIPPED_ADAPTERS.values():
+        if path.is_file() and _recorded_model_fingerprint(path) == model.fingerprint:
+            return path
+    return None
+
+
+def _recorded_model_fingerprint(path: Path) -> str | None:
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return (handle.metadata() or {}).get("model_fingerprint")
+    except (SafetensorError, OSError):
+        return None
 
 
 def resolve_adapter(model: LoadedModel, adapter: "PacketAdapter | str | Path | None") -> PacketAdapter:
@@ -257,7 +274,7 @@ def resolve_adapter(model: LoadedModel, adapter: "PacketAdapter | str | Path | N
     if spec == NO_ADAPTER:
         resolved = PacketAdapter.empty(model)
     elif spec == "default":
-        shipped = shipped_adapter(model.name)
+        shipped = shipped_adapter(model)
         if shipped is None:
             raise IncompatiblePacketError(
                 f"no trained adapter ships for {model.name}; train one with "

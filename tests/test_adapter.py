@@ -138,3 +138,14 @@ def test_from_pretrained_without_folder_or_network_is_a_clear_error(tiny_llama, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         PacketAdapter.from_pretrained("someone/no-such-adapter", tiny_llama)
+
+
+def test_shipped_adapter_is_found_for_the_same_weights_under_another_name(tiny_llama, tmp_path, monkeypatch):
+    from kvpacket_rag import adapter as adapter_module
+
+    shipped = PacketAdapter.initialize(tiny_llama, 4, 4, seed=8).save(tmp_path / "shipped.safetensors")
+    monkeypatch.setitem(adapter_module.SHIPPED_ADAPTERS, "org/tiny", shipped)
+    assert adapter_module.shipped_adapter("org/tiny") == shipped
+    assert tiny_llama.name != "org/tiny" and adapter_module.shipped_adapter(tiny_llama) == shipped  # by fingerprint
+    loaded = adapter_module.resolve_adapter(tiny_llama, "default")
+    assert loaded.fingerprint == PacketAdapter.load(shipped).fingerprint

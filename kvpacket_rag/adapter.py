@@ -34,6 +34,7 @@ PREFIX_PREAMBLE = "preamble"
 PREFIXES = (PREFIX_NONE, PREFIX_PREAMBLE)
 FORMAT_V1 = "kvpacket-adapter/1"  # header/trailer only: packets built from position 0
 FORMAT = "kvpacket-adapter/2"  # adds the packet prefix
+PRETRAINED_FILE = "adapter.safetensors"  # the adapter in a save_pretrained folder
 
 
 class PacketAdapter(torch.nn.Module):
@@ -136,6 +137,45 @@ class PacketAdapter(torch.nn.Module):
         path.with_suffix(".json").write_text(json.dumps(card, indent=2, default=str) + "\n")
         return path
 
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write a Hub-style folder: ``adapter.safetensors``, its ``adapter.json`` card and a ``README.md``
+        model card (upload it with ``huggingface-cli upload``); returns the folder."""
+        directory = Path(directory)
+        self.save(directory / PRETRAINED_FILE)
+        (directory / "README.md").write_text(self._model_card())
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory_or_repo: str | Path, model: LoadedModel | None = None,
+                        revision: str | None = None) -> "PacketAdapter":
+        """Load the adapter of a `save_pretrained` folder, or of a Hugging Face Hub repository holding one.
+
+        Raises:
+            FileNotFoundError: neither a folder with ``adapter.safetensors`` nor a reachable repository.
+            CorruptPacketError, IncompatiblePacketError: as `load`.
+        """
+        folder = Path(directory_or_repo)
+        if not folder.is_dir():
+            folder = _download(str(directory_or_repo), revision)
+        return cls.load(folder / PRETRAINED_FILE, model)
+
+    def _model_card(self) -> str:
+        base = self.card.get("model", "")
+        front = ["---", "library_name: kvpacket-rag", "tags: [kv-cache, rag, kv-packet]"]
+        front += [f"base_model: {base}"] if "/" in base else []
+        lines = front + ["---", "", f"# KV packet adapter{f' for {base}' if base else ''}", "",
+                         f"Header/trailer soft tokens ({self.n_header} + {self.n_trailer}) that make independently "
+                         "computed KV caches of retrieved chunks (KV packets) work together without recomputation.",
+                         f"Packets are built {'after the chat preamble' if self.prefix == PREFIX_PREAMBLE else 'from position 0'}.",
+                         "", "```python", "from kvpacket_rag import PacketEngine, PacketAdapter", "",
+                         "adapter = PacketAdapter.from_pretrained(\"THIS_FOLDER_OR_REPO\")",
+                         f"engine = PacketEngine({base!r}, adapter=adapter)" if base else "engine = PacketEngine(MODEL, adapter=adapter)",
+                         "```", "", f"- adapter fingerprint: `{self.fingerprint}`",
+                         f"- model fingerprint: `{self.model_fingerprint}`"]
+        lines += [f"- {key}: {self.card[key]}" for key in ("data", "samples", "epochs", "lr", "final_loss", "steps")
+                  if key in self.card]
+        return "\n".join(lines) + "\n"
+
     @classmethod
     def load(cls, path: str | Path, model: LoadedModel | None = None) -> "PacketAdapter":
         """Read an adapter file (format 1 or 2); with ``model``, also check it belongs to that model.
@@ -176,19 +216,48 @@ class PacketAdapter(torch.nn.Module):
         return adapter
 
 
+def _download(repo_id: str, revision: str | None) -> Path:
+    """The local snapshot of a Hub repository's adapter files."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, revision=revision,
+                                      allow_patterns=[PRETRAINED_FILE, "adapter.json", "README.md"]))
+    except Exception as error:  # offline, unknown repository, bad revision: one clear message
+        raise FileNotFoundError(f"{repo_id} is neither a folder with {PRETRAINED_FILE} nor a reachable Hugging Face "
+                                f"repository ({type(error).__name__}); pass a folder written by save_pretrained") from error
+
+
 SHIPPED_ADAPTERS = {DEFAULT_MODEL: Path(__file__).parent / "adapters" / "smollm2-135m-instruct.safetensors"}
 """The trained adapter that ships with the package, per model name."""
 
 
-def shipped_adapter(model_name: str) -> Path | None:
-    """The file of the adapter shipped for ``model_name``, or None when none ships."""
-    path = SHIPPED_ADAPTERS.get(model_name)
-    return path if path is not None and path.is_file() else None
+def shipped_adapter(model: "LoadedModel | str") -> Path | None:
+    """The file of the adapter shipped for ``model`` (a name, or a loaded model: matched by name or, when its
+    weights were loaded from elsewhere, by the model fingerprint the adapter records), or None."""
+    name = model if isinstance(model, str) else model.name
+    path = SHIPPED_ADAPTERS.get(name)
+    if path is not None and path.is_file():
+        return path
+    if isinstance(model, str):
+        return None
+    for path in SHIPPED_ADAPTERS.values():
+        if path.is_file() and _recorded_model_fingerprint(path) == model.fingerprint:
+            return path
+    return None
+
+
+def _recorded_model_fingerprint(path: Path) -> str | None:
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return (handle.metadata() or {}).get("model_fingerprint")
+    except (SafetensorError, OSError):
+        return None
 
 
 def resolve_adapter(model: LoadedModel, adapter: "PacketAdapter | str | Path | None") -> PacketAdapter:
     """The adapter an option names: an object, ``None``/``"none"`` (0+0, bare packets), ``"default"`` (the shipped
-    adapter of the model) or a file path; a name may end in ``+preamble`` (its packets built after the chat
+    adapter of the model), a file path or a `PacketAdapter.save_pretrained` folder; a name may end in ``+preamble`` (its packets built after the chat
     preamble, see `PacketAdapter.with_prefix`), e.g. ``"none+preamble"``.
 
     Raises:
@@ -205,13 +274,15 @@ def resolve_adapter(model: LoadedModel, adapter: "PacketAdapter | str | Path | N
     if spec == NO_ADAPTER:
         resolved = PacketAdapter.empty(model)
     elif spec == "default":
-        shipped = shipped_adapter(model.name)
+        shipped = shipped_adapter(model)
         if shipped is None:
             raise IncompatiblePacketError(
                 f"no trained adapter ships for {model.name}; train one with "
                 f"`kvpacket train --model {model.name} --out adapter.safetensors` and pass its path, "
                 "or pass adapter=None for bare packets (lower quality).")
         resolved = PacketAdapter.load(shipped, model)
+    elif Path(spec).is_dir():
+        resolved = PacketAdapter.from_pretrained(spec, model)
     else:
         resolved = PacketAdapter.load(spec, model)
     return resolved.with_prefix(prefix) if prefix else resolved

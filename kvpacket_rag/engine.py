@@ -38,6 +38,11 @@ from .store import InMemoryStore, PacketStore, StoreError
 
 log = logging.getLogger(__name__)
 
+DEFAULT_STORE_BYTES = 4 << 30
+"""Byte budget of the default in-process packet store (4 GiB: about 180 packets of 512 tokens of the
+embedded model in float32)."""
+
+
 @dataclass
 class Answer:
     """One generated answer and how it was produced.
@@ -145,7 +150,8 @@ class PacketEngine:
     Args:
         model: a `LoadedModel`, a Hugging Face id/directory, or None for the embedded default.
         adapter: see `resolve_adapter` (default: the shipped adapter of the default model).
-        store: where packets are read and written (default: an in-process `InMemoryStore`).
+        store: where packets are read and written (default: an in-process `InMemoryStore` of at most
+            `DEFAULT_STORE_BYTES`, least recently used packets dropped and rebuilt when needed again).
         system_prompt: system message of the cached preamble.
         device, dtype: where and how to load ``model`` when it is not already loaded.
 
@@ -160,7 +166,7 @@ class PacketEngine:
                  device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None):
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
         self.adapter = resolve_adapter(self.model, adapter)
-        self.store = store if store is not None else InMemoryStore()
+        self.store = store if store is not None else InMemoryStore(max_bytes=DEFAULT_STORE_BYTES)
         self.formatter = PromptFormatter(self.model.tokenizer, system_prompt)
         self.builder = PacketBuilder(self.model, self.adapter, self.formatter)
         self.bare_builder = PacketBuilder(self.model, None, self.formatter)

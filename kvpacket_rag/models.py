@@ -50,7 +50,8 @@ class LoadedModel:
         model: the Hugging Face causal LM, in eval mode, gradients off.
         tokenizer: its tokenizer.
         name: model id, directory or ``smollm2-135m-instruct``.
-        fingerprint: sha256 hex over (name, config hash, weights hash); packets record it.
+        fingerprint: sha256 hex over (config hash, weights hash), not the name or path: the same weights
+            loaded from anywhere share their adapters and packets. Packets record it.
         tokenizer_fingerprint: sha256 hex over the tokenizer's vocabulary and special tokens.
         rope: the verified RoPE description used for delta rotation.
     """
@@ -238,7 +239,7 @@ def wrap_model(model: PreTrainedModel, tokenizer, name: str) -> LoadedModel:
         model.set_attn_implementation(attention.NAME)  # same math, no repeated KV heads
     model.eval()
     model.requires_grad_(False)
-    fingerprint = _sha256_hex(f"{name}|{_config_hash(model.config)}|{weights_hash(model)}".encode())
+    fingerprint = _sha256_hex(f"{_config_hash(model.config)}|{weights_hash(model)}".encode())
     return LoadedModel(model, tokenizer, name, fingerprint, tokenizer_fingerprint(tokenizer), rope)
 
 

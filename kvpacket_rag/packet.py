@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import struct
 import warnings
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ import xxhash
 from safetensors.torch import save
 
 from .errors import CorruptPacketError, IncompatiblePacketError, UntrustedPacketError
+from .fileio import atomic_write
 from .quantize import BITS, QuantizedTensor, check_quantization, quantize
 
 FORMAT = "kvpacket/1"
@@ -201,16 +201,11 @@ class KVPacket:
         return cls(tensors["keys"], tensors["values"], tensors["token_ids"], *packet_fields(meta))
 
     def save(self, path: str | Path) -> Path:
-        """Write atomically (temp file, fsync, rename)."""
+        """Write atomically (temp file, fsync, rename, directory fsync)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as handle:
-            handle.write(self.to_bytes())
-            handle.flush()
-            os.fsync(handle.fileno())
-        tmp.replace(path)
-        return path
+        data = self.to_bytes()
+        return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = True) -> "KVPacket":

@@ -77,7 +77,7 @@ class EngineSettings:
             store = open_store(self.store)
         model = load_model(self.model, device=self.device or "cpu", dtype=self.dtype)
         adapter = self.adapter
-        if adapter == "default" and shipped_adapter(model.name) is None:
+        if adapter == "default" and shipped_adapter(model) is None:
             warnings.warn(f"no trained adapter ships for {model.name or DEFAULT_MODEL}: packets are bare (lower answer "
                           "quality through documents; plain chat is unaffected). Train one with `kvpacket train` and "
                           "pass its file as the adapter setting.", UserWarning, stacklevel=3)

@@ -120,3 +120,32 @@ def test_resolve_adapter_names_default_none_files_and_preamble(tiny_llama, tmp_p
     assert resolve_adapter(tiny_llama, trained) is trained
     with pytest.raises(IncompatiblePacketError, match="no trained adapter ships"):
         resolve_adapter(tiny_llama, "default")
+
+
+def test_save_pretrained_folder_round_trip(tiny_llama, tmp_path):
+    from kvpacket_rag.adapter import resolve_adapter
+
+    adapter = PacketAdapter.initialize(tiny_llama, 4, 4, seed=6, prefix="preamble")
+    adapter.card = {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "samples": 384}
+    folder = adapter.save_pretrained(tmp_path / "hub")
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: kvpacket-rag") and adapter.fingerprint in card and "samples: 384" in card
+    for loaded in (PacketAdapter.from_pretrained(folder, tiny_llama), resolve_adapter(tiny_llama, str(folder))):
+        assert loaded.fingerprint == adapter.fingerprint and loaded.prefix == "preamble"
+
+
+def test_from_pretrained_without_folder_or_network_is_a_clear_error(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        PacketAdapter.from_pretrained("someone/no-such-adapter", tiny_llama)
+
+
+def test_shipped_adapter_is_found_for_the_same_weights_under_another_name(tiny_llama, tmp_path, monkeypatch):
+    from kvpacket_rag import adapter as adapter_module
+
+    shipped = PacketAdapter.initialize(tiny_llama, 4, 4, seed=8).save(tmp_path / "shipped.safetensors")
+    monkeypatch.setitem(adapter_module.SHIPPED_ADAPTERS, "org/tiny", shipped)
+    assert adapter_module.shipped_adapter("org/tiny") == shipped
+    assert tiny_llama.name != "org/tiny" and adapter_module.shipped_adapter(tiny_llama) == shipped  # by fingerprint
+    loaded = adapter_module.resolve_adapter(tiny_llama, "default")
+    assert loaded.fingerprint == PacketAdapter.load(shipped).fingerprint

@@ -35,3 +35,15 @@ def test_loading_keeps_the_users_progress_bar_setting_and_passes_model_kwargs(to
     finally:
         hf_logging.enable_progress_bar()
     assert loaded.dtype == torch.float32 and loaded.config.hidden_size == tiny.config.hidden_size
+
+
+def test_the_same_weights_from_another_directory_keep_their_fingerprint(tokenizer, tmp_path):
+    """Packets and adapters are keyed by config and weights, never by where the model was loaded from."""
+    tiny = make_tiny_model("llama", tokenizer, seed=4)
+    for folder in ("a", "b"):
+        tiny.model.save_pretrained(tmp_path / folder)
+        tokenizer.save_pretrained(tmp_path / folder)
+    first, second = load_model(str(tmp_path / "a")), load_model(str(tmp_path / "b"))
+    assert first.name != second.name and first.fingerprint == second.fingerprint == tiny.fingerprint
+    other = make_tiny_model("llama", tokenizer, seed=5)
+    assert other.fingerprint != tiny.fingerprint

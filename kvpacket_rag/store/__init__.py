@@ -1,6 +1,6 @@
 """Packet stores: where packets live between ingestion and questions.
 
-- `InMemoryStore`: an unbounded dict in this process (the engine's default).
+- `InMemoryStore`: a dict in this process, optionally with a byte budget (the engine's default, bounded).
 - `LocalStore`: a directory of checksummed, memory-mapped files with a SQLite index (the embedded default).
 - `RedisStore`: one packet set shared by many processes or machines.
 - `MemoryCache`: an LRU tier with a byte budget in front of any of them.
@@ -36,19 +36,27 @@ def open_store(spec: str | os.PathLike, *, cache_bytes: int = 0, **options) -> P
     if not text:
         raise ValueError("empty store spec: pass a directory path or a redis:// URL")
     if text.startswith(_REDIS_SCHEMES):
-        from .redis_store import RedisStore  # the redis client is imported only when used
-
-        store: PacketStore = RedisStore(text, **options)
+        store: PacketStore = _redis_store_class()(text, **options)
     else:
         store = LocalStore(text, **options)
     return MemoryCache(store, cache_bytes) if cache_bytes > 0 else store
 
 
+def _redis_store_class() -> type:
+    """`RedisStore`, importing the redis client only when a Redis store is used."""
+    try:
+        from .redis_store import RedisStore
+    except ModuleNotFoundError as error:
+        if error.name is None or error.name.split(".")[0] != "redis":
+            raise
+        raise ModuleNotFoundError("the Redis packet store needs the redis client: pip install 'kvpacket-rag[redis]'",
+                                  name="redis") from error
+    return RedisStore
+
+
 def __getattr__(name: str):
     if name == "RedisStore":
-        from .redis_store import RedisStore
-
-        return RedisStore
+        return _redis_store_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -6,6 +6,7 @@ import os
 import re
 import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -221,15 +222,24 @@ def check_form(store: PacketStore, quantization: str | None) -> str:
 
 
 class InMemoryStore(PacketStore):
-    """An unbounded in-process dict of packets (the engine's default; not shared between processes).
+    """An in-process dict of packets (the engine's default; not shared between processes).
 
     Holds packets as given: its only form is ``none``.
+
+    Args:
+        max_bytes: budget for the held packets' tensor bytes (`KVPacket.nbytes`); the least recently
+            used packets are dropped to stay within it (a dropped packet is rebuilt when next needed).
+            A packet larger than the budget is accepted but not kept. None: unbounded.
     """
 
-    def __init__(self) -> None:
-        self._packets: dict[str, KVPacket] = {}
+    def __init__(self, max_bytes: int | None = None) -> None:
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes must be None or >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._packets: OrderedDict[str, KVPacket] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
-        self.counters = {"puts": 0, "hits": 0, "misses": 0}
+        self.counters = {"puts": 0, "hits": 0, "misses": 0, "evictions": 0}
 
     def get(self, key: str, *, quantization: str | None = None) -> KVPacket:
         _exact_only(quantization)
@@ -237,6 +247,8 @@ class InMemoryStore(PacketStore):
         with self._lock:
             packet = self._packets.get(key)
             self.counters["hits" if packet is not None else "misses"] += 1
+            if packet is not None:
+                self._packets.move_to_end(key)
         if packet is None:
             raise PacketNotFoundError(f"packet {key[:12]}… is not in the store; build it first")
         return packet
@@ -245,9 +257,18 @@ class InMemoryStore(PacketStore):
         _exact_only(quantization)
         key = packet.key
         with self._lock:
-            if key not in self._packets:
-                self._packets[key] = packet
-                self.counters["puts"] += 1
+            if key in self._packets:
+                self._packets.move_to_end(key)
+                return key
+            self.counters["puts"] += 1
+            if self.max_bytes is not None and packet.nbytes > self.max_bytes:
+                return key  # accepted, too large to keep
+            self._packets[key] = packet
+            self._bytes += packet.nbytes
+            while self.max_bytes is not None and self._bytes > self.max_bytes:
+                _, dropped = self._packets.popitem(last=False)
+                self._bytes -= dropped.nbytes
+                self.counters["evictions"] += 1
         return key
 
     def contains(self, key: str, *, quantization: str | None = None) -> bool:
@@ -257,14 +278,16 @@ class InMemoryStore(PacketStore):
     def delete(self, key: str, *, quantization: str | None = None) -> bool:
         _exact_only(quantization)
         with self._lock:
-            return self._packets.pop(validate_key(key), None) is not None
+            packet = self._packets.pop(validate_key(key), None)
+            self._bytes -= packet.nbytes if packet is not None else 0
+            return packet is not None
 
     def keys(self, *, quantization: str | None = None) -> Iterator[str]:
         _exact_only(quantization)
         return iter(list(self._packets))
 
     def stats(self) -> dict:
-        return {"packets": len(self._packets), "bytes": sum(p.nbytes for p in self._packets.values()), **self.counters}
+        return {"packets": len(self._packets), "bytes": self._bytes, "max_bytes": self.max_bytes, **self.counters}
 
 
 def _exact_only(quantization: str | None) -> None:

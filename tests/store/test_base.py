@@ -35,3 +35,35 @@ def test_in_memory_store_refuses_quantized_forms_and_the_cache_passes_forms_thro
         cache.get_many([key], quantization="int4")
     cache.close()  # every store can be closed
     assert len(cache) == 0
+
+
+def test_in_memory_store_with_a_byte_budget_drops_the_least_recently_used(packets):
+    size = packets[0].nbytes
+    store = InMemoryStore(max_bytes=2 * size)
+    first, second = store.put(packets[0]), store.put(packets[1])
+    store.get(first)  # now the most recently used
+    third = store.put(packets[2])
+    assert store.contains(first) and store.contains(third) and not store.contains(second)
+    assert store.stats()["bytes"] == 2 * size and store.counters["evictions"] == 1
+    assert store.delete(first) and store.stats()["bytes"] == size
+    tiny = InMemoryStore(max_bytes=size - 1)
+    assert not tiny.contains(tiny.put(packets[3]))  # accepted, too large to keep
+    with pytest.raises(ValueError, match="max_bytes"):
+        InMemoryStore(max_bytes=-1)
+
+
+def test_engine_default_store_is_bounded(tiny_llama):
+    from kvpacket_rag.engine import DEFAULT_STORE_BYTES, PacketEngine
+
+    assert PacketEngine(tiny_llama, adapter=None).store.max_bytes == DEFAULT_STORE_BYTES
+
+
+def test_a_missing_redis_client_names_the_extra_to_install(monkeypatch):
+    import sys
+
+    from kvpacket_rag.store import open_store
+
+    monkeypatch.setitem(sys.modules, "redis", None)  # as if the client were not installed
+    monkeypatch.delitem(sys.modules, "kvpacket_rag.store.redis_store", raising=False)
+    with pytest.raises(ModuleNotFoundError, match=r"kvpacket-rag\[redis\]"):
+        open_store("redis://localhost:6379/0")

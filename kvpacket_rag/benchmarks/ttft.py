@@ -139,7 +139,7 @@ def measure(engine: PacketEngine, method: str, chunks: list[str], repeats: int) 
 def run_one(engine: PacketEngine, n_chunks: int, chunk_tokens: int, methods: list[str], repeats: int) -> dict:
     chunks = make_chunks(engine, n_chunks, chunk_tokens)
     engine.build_packets(chunks)
-    engine.build_packets(chunks, adapted=False)  # the recompute baselines start from bare packets
+    engine.build_packets(chunks, "bare")  # the recompute baselines start from bare packets
     timed = {name: measure(engine, name, chunks, repeats) for name in methods}
     context_tokens = engine.answer(QUESTION, chunks, generation=GenerationConfig(max_new_tokens=1)).context_tokens
     out = {"chunks": n_chunks, "chunk_tokens": chunk_tokens, "context_tokens": context_tokens, "methods": timed}

@@ -17,6 +17,9 @@ T = TypeVar("T")
 
 _ITEM, _END, _ERROR = "item", "end", "error"
 
+STREAM_THREAD = "kvpacket-stream"
+"""Name of the worker thread behind every async stream."""
+
 
 async def iterate_in_thread(open_items: Callable[[], Iterable[T]]) -> AsyncIterator[T]:
     """Yield the items of ``open_items()`` as they are produced, computing them in a worker thread.
@@ -53,7 +56,7 @@ async def iterate_in_thread(open_items: Callable[[], Iterable[T]]) -> AsyncItera
             if close is not None:
                 close()
 
-    worker = threading.Thread(target=work, name="kvpacket-stream", daemon=True)
+    worker = threading.Thread(target=work, name=STREAM_THREAD, daemon=True)
     worker.start()
     try:
         while True:

@@ -6,6 +6,9 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
+import threading
+
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
@@ -71,3 +74,32 @@ def reference_logits(model: LoadedModel, adapter: PacketAdapter, formatter: Prom
     with torch.no_grad():
         return block_forward(model, adapter, formatter.preamble_ids(), [formatter.chunk_ids(c) for c in chunks],
                              formatter.suffix_ids(question))
+
+
+def stream_threads() -> list[threading.Thread]:
+    """Async-stream worker threads alive now (none should outlive a closed stream)."""
+    from .aio import STREAM_THREAD
+
+    return [t for t in threading.enumerate() if t.name == STREAM_THREAD]
+
+
+async def ticking(work):
+    """Await ``work`` while another coroutine ticks; return (work's result, ticks seen while it ran)."""
+    ticks = 0
+    done = False
+
+    async def ticker():
+        nonlocal ticks
+        while not done:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    start = ticks
+    try:
+        result = await work
+    finally:
+        done = True
+        await task
+    return result, ticks - start

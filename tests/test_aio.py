@@ -14,7 +14,7 @@ from kvpacket_rag.aio import iterate_in_thread
 from kvpacket_rag.engine import PacketEngine
 from kvpacket_rag.errors import ContextTooLongError, EmptyInputError
 from kvpacket_rag.generation import GenerationConfig
-from kvpacket_rag.testing import make_tiny_model
+from kvpacket_rag.testing import make_tiny_model, stream_threads, ticking
 
 CHUNKS = ["Ada Lovelace was born in London.", "Alan Turing studied at Cambridge.", "Grace Hopper served in the navy."]
 QUESTIONS = ["Where was Ada born?", "Who studied at Cambridge?", "Who served in the navy?", "Name one person."]
@@ -31,32 +31,6 @@ def untied_llama(tokenizer):
 @pytest.fixture
 def engine(untied_llama) -> PacketEngine:
     return PacketEngine(untied_llama, adapter=PacketAdapter.initialize(untied_llama, 4, 4, seed=3))
-
-
-def stream_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "kvpacket-stream"]
-
-
-async def ticking(work):
-    """Run ``work`` while another coroutine ticks; return (work's result, ticks seen while it ran)."""
-    ticks = 0
-    done = False
-
-    async def ticker():
-        nonlocal ticks
-        while not done:
-            ticks += 1
-            await asyncio.sleep(0)
-
-    task = asyncio.create_task(ticker())
-    await asyncio.sleep(0)
-    start = ticks
-    try:
-        result = await work
-    finally:
-        done = True
-        await task
-    return result, ticks - start
 
 
 def test_items_arrive_while_the_event_loop_keeps_running():

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 
 from langchain_core.documents import Document
 from langchain_core.messages import HumanMessage
 
 from langchain_kvpacket import ChatKVPacket
 
+from kvpacket_rag.testing import stream_threads, ticking
+
 DOCS = [Document(page_content="Quill Press was founded in 1988 by Fiona Baird."),
         Document(page_content="Lumen Labs makes sodium-ion batteries in Tromso.")]
 QUESTIONS = ["Who founded Quill Press?", "What does Lumen Labs make?", "Where is Lumen Labs?"]
-
-
-def no_stream_threads() -> bool:
-    return not [t for t in threading.enumerate() if t.name == "kvpacket-stream"]
 
 
 def test_async_calls_give_the_tokens_of_the_sync_calls(tiny_engine):
@@ -44,17 +41,7 @@ def test_async_calls_give_the_tokens_of_the_sync_calls(tiny_engine):
 def test_the_event_loop_keeps_ticking_and_an_early_stop_frees_the_engine(tiny_engine):
     llm = ChatKVPacket(engine=tiny_engine, max_tokens=200)
 
-    async def run():
-        ticks = 0
-        done = False
-
-        async def ticker():
-            nonlocal ticks
-            while not done:
-                ticks += 1
-                await asyncio.sleep(0)
-
-        task = asyncio.create_task(ticker())
+    async def first_pieces():
         pieces = 0
         stream = llm.astream(QUESTIONS[0], documents=DOCS)
         async for chunk in stream:
@@ -62,10 +49,8 @@ def test_the_event_loop_keeps_ticking_and_an_early_stop_frees_the_engine(tiny_en
             if pieces == 5:
                 break
         await stream.aclose()
-        done = True
-        await task
-        return ticks, pieces
+        return pieces
 
-    ticks, pieces = asyncio.run(run())
+    pieces, ticks = asyncio.run(ticking(first_pieces()))
     assert pieces == 5 and ticks > pieces
-    assert len(tiny_engine._buffers) == 1 and no_stream_threads()
+    assert len(tiny_engine._buffers) == 1 and not stream_threads()

@@ -4,7 +4,6 @@ early stops that free the engine."""
 from __future__ import annotations
 
 import asyncio
-import threading
 
 from llama_index.core import VectorStoreIndex
 from llama_index.core.base.llms.types import ChatMessage, MessageRole
@@ -13,6 +12,8 @@ from llama_index.core.schema import TextNode
 from llama_index.llms.kvpacket import (KVPacketChatEngine, KVPacketEmbedding, KVPacketLLM, KVPacketTransform,
                                        as_kvpacket_query_engine)
 
+from kvpacket_rag.testing import stream_threads, ticking
+
 TEXTS = ["Quill Press was founded in 1988 by Fiona Baird.", "Lumen Labs makes sodium-ion batteries in Tromso.",
          "Orchard Robotics builds fruit-picking robots in Valencia."]
 Q1, Q2 = "Who founded Quill Press?", "What does Lumen Labs make?"
@@ -20,10 +21,6 @@ Q1, Q2 = "Who founded Quill Press?", "What does Lumen Labs make?"
 
 def nodes():
     return [TextNode(text=text, id_=f"n{n}") for n, text in enumerate(TEXTS)]
-
-
-def no_stream_threads() -> bool:
-    return not [t for t in threading.enumerate() if t.name == "kvpacket-stream"]
 
 
 async def deltas(responses) -> list[str]:
@@ -49,16 +46,7 @@ def test_async_llm_calls_give_the_tokens_of_the_sync_calls(tiny_engine):
 def test_the_event_loop_keeps_ticking_and_an_early_stop_frees_the_engine(tiny_engine):
     llm = KVPacketLLM(tiny_engine, max_new_tokens=200)
 
-    async def run():
-        ticks, done = 0, False
-
-        async def ticker():
-            nonlocal ticks
-            while not done:
-                ticks += 1
-                await asyncio.sleep(0)
-
-        task = asyncio.create_task(ticker())
+    async def first_deltas():
         received = 0
         responses = await llm.astream_chat([ChatMessage(role=MessageRole.USER, content=Q1)], nodes=nodes())
         async for response in responses:
@@ -66,13 +54,11 @@ def test_the_event_loop_keeps_ticking_and_an_early_stop_frees_the_engine(tiny_en
             if received == 5:
                 break
         await responses.aclose()
-        done = True
-        await task
-        return ticks, received
+        return received
 
-    ticks, received = asyncio.run(run())
+    received, ticks = asyncio.run(ticking(first_deltas()))
     assert received == 5 and ticks > received
-    assert len(tiny_engine._buffers) == 1 and no_stream_threads()
+    assert len(tiny_engine._buffers) == 1 and not stream_threads()
 
 
 def test_async_query_and_chat_engines_stream_the_sync_answers(tiny_engine, embedder):
@@ -98,4 +84,4 @@ def test_async_query_and_chat_engines_stream_the_sync_answers(tiny_engine, embed
 
     assert asyncio.run(chat()) == expected
     assert [m.content for m in async_chat.chat_history] == [m.content for m in sync_chat.chat_history]
-    assert len(tiny_engine._buffers) == 1 and no_stream_threads()
+    assert len(tiny_engine._buffers) == 1 and not stream_threads()

@@ -198,26 +198,20 @@ def test_memory_cache_over_redis(redis_url, redis_prefix, packets):
 
 
 @pytest.mark.parametrize("form", ["none", "int8", "int4"])
-def test_get_many_over_a_unix_socket_returns_what_a_local_store_returns(tmp_path, form, make_packet):
+def test_get_many_over_a_unix_socket_returns_what_a_local_store_returns(tmp_path, form, make_packet, start_redis):
     """Same packets, same forms, two backends: Redis over a Unix socket (pipelined replies decoded in place)
     and a LocalStore (mapped files) give the same tensors."""
-    from conftest import start_redis
-
     from kvpacket_rag.store import LocalStore
 
     socket_path = tmp_path / "redis.sock"
-    process, _ = start_redis("--unixsocket", str(socket_path), "--unixsocketperm", "700")
-    try:
-        packets = [make_packet(seed, tokens=40, dtype=torch.bfloat16) for seed in range(3)]
-        redis_store = open_store(f"unix://{socket_path}", prefix="u:", quantization=form, read_size=8192)
-        local = LocalStore(tmp_path / "local", quantization=form)
-        keys = redis_store.put_many(packets)
-        assert local.put_many(packets) == keys and redis_store.put_many(packets) == keys
-        got, want = redis_store.get_many(keys[::-1]), local.get_many(keys[::-1])
-        for a, b in zip(got, want):
-            assert type(a) is type(b) and a.encoding == form
-            assert_same(a, b)
-        redis_store.close()
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    start_redis("--unixsocket", str(socket_path), "--unixsocketperm", "700")
+    packets = [make_packet(seed, tokens=40, dtype=torch.bfloat16) for seed in range(3)]
+    redis_store = open_store(f"unix://{socket_path}", prefix="u:", quantization=form, read_size=8192)
+    local = LocalStore(tmp_path / "local", quantization=form)
+    keys = redis_store.put_many(packets)
+    assert local.put_many(packets) == keys and redis_store.put_many(packets) == keys
+    got, want = redis_store.get_many(keys[::-1]), local.get_many(keys[::-1])
+    for a, b in zip(got, want):
+        assert type(a) is type(b) and a.encoding == form
+        assert_same(a, b)
+    redis_store.close()

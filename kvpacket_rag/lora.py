@@ -17,8 +17,9 @@ import torch
 
 from .models import LoadedModel
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-"""Linear layers of Llama-family decoder layers that get a low-rank update by default."""
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+"""Attention projections of Llama-family decoder layers: the layers that write and read the packets' keys and
+values (the MLP projections, also supported, triple the cost of a training step for little more reach)."""
 
 _LAYER_NAME = re.compile(r"^layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
 
@@ -122,8 +123,10 @@ class BuildLoRA(torch.nn.Module):
 
             def hook(_module, inputs, output, down=down, up=up):
                 x = inputs[0]
-                delta = (x @ down.to(x.dtype).T) @ up.to(x.dtype).T * scale
-                return output + (delta if gate is None else delta * gate.to(x.dtype))
+                low = x @ down.to(x.dtype).T  # [..., rank]: gate and scale here, not on the wide output
+                low = low * (scale if gate is None else gate.to(x.dtype) * scale)
+                flat = torch.addmm(output.reshape(-1, output.shape[-1]), low.reshape(-1, low.shape[-1]), up.to(x.dtype).T)
+                return flat.view_as(output)
 
             handles.append(linears[_name(key)].register_forward_hook(hook))
         try:

@@ -19,7 +19,8 @@ from .models import LoadedModel
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 """Attention projections of Llama-family decoder layers: the layers that write and read the packets' keys and
-values (the MLP projections, also supported, triple the cost of a training step for little more reach)."""
+values. The MLP projections are supported too; with them a training step of SmolLM2-135M took 2-3 times as long
+on 2 CPU cores."""
 
 _LAYER_NAME = re.compile(r"^layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
 

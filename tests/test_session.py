@@ -1,0 +1,138 @@
+"""Chat sessions: each turn through the kept cache equals a fresh assembly of the same conversation, forwarding
+only the new tokens; other documents reassemble; kept caches are bounded in bytes and rebuilt after eviction."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvpacket_rag import GenerationConfig, InMemoryStore, PacketAdapter, PacketEngine
+from kvpacket_rag.errors import EmptyInputError
+from kvpacket_rag.prompt import ChatTurn
+from kvpacket_rag.session import SessionCache
+
+DOCS_A = ["Ada Lovelace was born in London in 1815.", "Charles Babbage designed the Analytical Engine."]
+DOCS_B = ["Grace Hopper wrote the first compiler.", "The Harvard Mark I was built in 1944."]
+GEN = GenerationConfig(max_new_tokens=6)
+
+
+@pytest.fixture
+def tiny_engine(tiny_model) -> PacketEngine:
+    return PacketEngine(tiny_model, adapter=PacketAdapter.initialize(tiny_model, 4, 4, seed=3), store=InMemoryStore())
+
+
+class Logits:
+    """Every next-token logit row the model produces while active (prefill and each decode step)."""
+
+    def __init__(self, engine: PacketEngine):
+        self.model = engine.model.model
+        self.rows: list[torch.Tensor] = []
+
+    def __enter__(self) -> list[torch.Tensor]:
+        self.rows.clear()
+        self._hook = self.model.register_forward_hook(lambda m, a, out: self.rows.append(out.logits[0, -1].clone()))
+        return self.rows
+
+    def __exit__(self, *exc) -> None:
+        self._hook.remove()
+
+
+def turn_and_fresh(engine: PacketEngine, session, question: str, chunks, generation=GEN):
+    """Answer through the session and by a fresh assembly of the same conversation; assert equal logits."""
+    history = tuple(session.history)
+    with Logits(engine) as got:
+        reused = session.answer(question, chunks, generation=generation)
+    with Logits(engine) as want:
+        fresh = engine.answer(question, chunks, history=history, generation=generation)
+    assert len(got) == len(want) and reused.token_ids == fresh.token_ids
+    for row, expected in zip(got, want):
+        torch.testing.assert_close(row, expected, atol=2e-5, rtol=1e-4)
+    kept = engine.sessions.state(session.id)
+    suffix = engine.formatter.suffix_ids(question, history)
+    assert kept.ids[: len(suffix)] == suffix  # exactly the tokens a fresh assembly feeds
+    assert kept.context_length + len(kept.ids) == kept.cache.get_seq_length()
+    return reused, fresh
+
+
+def test_turns_equal_fresh_assembly_of_the_conversation(tiny_engine):
+    engine = tiny_engine
+    session = engine.session()
+    first, fresh = turn_and_fresh(engine, session, "Where was Ada born?", DOCS_A)
+    assert first.forwarded_tokens == fresh.forwarded_tokens and first.context_tokens == fresh.context_tokens
+    for question in ("When was that?", "Who designed the engine?"):
+        reused, fresh = turn_and_fresh(engine, session, question, DOCS_A)
+        assert reused.context_tokens > fresh.context_tokens  # the conversation so far came from the kept cache
+        assert reused.forwarded_tokens < fresh.forwarded_tokens
+        assert reused.packet_keys == fresh.packet_keys and reused.packets_built == 0
+    # other documents: the conversation is reassembled over their packets, then reused again
+    moved, fresh = turn_and_fresh(engine, session, "Who wrote the first compiler?", DOCS_B)
+    assert moved.forwarded_tokens == fresh.forwarded_tokens and moved.packet_keys == fresh.packet_keys
+    reused, fresh = turn_and_fresh(engine, session, "In which year?", DOCS_B)
+    assert reused.forwarded_tokens < fresh.forwarded_tokens
+    # evicted: the next turn rebuilds transparently
+    engine.sessions.drop(session.id)
+    rebuilt, fresh = turn_and_fresh(engine, session, "What else was built then?", DOCS_B)
+    assert rebuilt.forwarded_tokens == fresh.forwarded_tokens
+    assert [turn.user for turn in session.history] == ["Where was Ada born?", "When was that?",
+                                                       "Who designed the engine?", "Who wrote the first compiler?",
+                                                       "In which year?", "What else was built then?"]
+
+
+def test_answer_cut_by_a_stop_string_or_the_token_budget_and_closed_book(tiny_llama):
+    """The last generated token is not forwarded when a stop string or the budget ends the answer; the next turn
+    forwards it from the re-tokenized text (or whatever differs)."""
+    engine = PacketEngine(tiny_llama, adapter=PacketAdapter.initialize(tiny_llama, 4, 4, seed=3), store=InMemoryStore())
+    session = engine.session()
+    probe = engine.answer("Who was Ada?", DOCS_A, generation=GenerationConfig(max_new_tokens=8))
+    stop = engine.model.tokenizer.decode(probe.token_ids[3:5])
+    turn_and_fresh(engine, session, "Who was Ada?", DOCS_A, GenerationConfig(max_new_tokens=8, stop=(stop,)))
+    turn_and_fresh(engine, session, "Tell me more.", DOCS_A, GenerationConfig(max_new_tokens=3))
+    turn_and_fresh(engine, session, "Anything else?", DOCS_A)
+    session.history = [*session.history[:-1], ChatTurn("Anything else?", "No.")]  # the application edited a turn
+    edited, fresh = turn_and_fresh(engine, session, "Sure?", DOCS_A)
+    assert fresh.context_tokens < edited.context_tokens and edited.forwarded_tokens < fresh.forwarded_tokens
+    closed = engine.session()
+    with Logits(engine) as got:
+        closed.answer("Hello?", [], method="closed_book", generation=GEN)
+        second = closed.answer("How are you?", [], method="closed_book", generation=GEN)
+    with Logits(engine) as want:
+        fresh = engine.answer("How are you?", [], method="closed_book", history=closed.history[:1], generation=GEN)
+    torch.testing.assert_close(got[len(got) - len(want):], want, atol=2e-5, rtol=1e-4)
+    assert second.forwarded_tokens < fresh.forwarded_tokens
+
+
+def test_sessions_are_bounded_by_bytes_least_recently_used_first(tiny_llama):
+    engine = PacketEngine(tiny_llama, adapter=PacketAdapter.initialize(tiny_llama, 4, 4, seed=3), store=InMemoryStore())
+    one, two = engine.session("one"), engine.session("two")
+    one.answer("Where was Ada born?", DOCS_A, generation=GEN)
+    size = engine.sessions.state("one").nbytes
+    assert size > 0 and engine.sessions.stats() == {"sessions": 1, "bytes": size, "max_bytes": engine.sessions.max_bytes,
+                                                     "evictions": 0}
+    engine.sessions.max_bytes = int(size * 1.5)  # room for one conversation
+    two.answer("Who wrote the first compiler?", DOCS_B, generation=GEN)
+    assert engine.sessions.state("one") is None and engine.sessions.state("two") is not None
+    assert engine.sessions.stats()["evictions"] == 1
+    again, fresh = turn_and_fresh(engine, one, "When?", DOCS_A)  # rebuilt transparently
+    assert again.forwarded_tokens == fresh.forwarded_tokens
+    assert engine.sessions.state("two") is None
+    # the same id shares the kept cache: an application keeping its conversations by id
+    same = engine.session("one", history=one.history)
+    reused = same.answer("And where?", DOCS_A, generation=GEN)
+    assert reused.forwarded_tokens < reused.context_tokens and reused.context_tokens > fresh.context_tokens
+
+
+def test_closed_early_keeps_nothing_and_reset_forgets(tiny_llama):
+    engine = PacketEngine(tiny_llama, adapter=PacketAdapter.initialize(tiny_llama, 4, 4, seed=3), store=InMemoryStore())
+    session = engine.session()
+    session.answer("Where was Ada born?", DOCS_A, generation=GEN)
+    stream = session.stream("When?", DOCS_A, generation=GEN)
+    next(iter(stream), None)
+    stream.close()
+    assert engine.sessions.state(session.id) is None and len(session.history) == 1
+    turn_and_fresh(engine, session, "When?", DOCS_A)
+    session.reset()
+    assert session.history == [] and engine.sessions.state(session.id) is None
+    with pytest.raises(EmptyInputError):
+        session.stream(" ", DOCS_A)
+    with pytest.raises(ValueError, match="max_bytes"):
+        SessionCache(-1)

@@ -350,6 +350,12 @@ class PacketEngine:
         messages = list(messages)
         return AsyncAnswerStream(lambda: self.chat(messages, generation))
 
+    def _open(self, run: Callable[[AnswerStream], Iterator[str]]) -> AnswerStream:
+        """A stream whose pieces come from ``run(stream)`` (which sets ``stream.answer``), each step under the lock."""
+        stream = AnswerStream(iter(()))
+        stream._pieces = self._serialized(run(stream))
+        return stream
+
     def _serialized(self, pieces: Iterator[str]) -> Iterator[str]:
         """Run each step of ``pieces`` under the engine lock, releasing it before handing the piece out."""
         try:

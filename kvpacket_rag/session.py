@@ -167,15 +167,11 @@ class ChatSession:
         Raises:
             EmptyInputError, ContextTooLongError, IncompatiblePacketError (before any token is produced).
         """
-        from .engine import AnswerStream
-
         if not question or not question.strip():
             raise EmptyInputError("the question is empty; pass the text to answer")
         turns = tuple(self.history if history is None else history)
-        stream = AnswerStream(iter(()))
-        stream._pieces = self.engine._serialized(self._run(stream, question, tuple(chunks), get_method(method), turns,
-                                                           generation or GenerationConfig()))
-        return stream
+        chunks, method, generation = tuple(chunks), get_method(method), generation or GenerationConfig()
+        return self.engine._open(lambda stream: self._run(stream, question, chunks, method, turns, generation))
 
     def reset(self) -> None:
         """Forget the conversation and its kept cache."""

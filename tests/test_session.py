@@ -37,8 +37,9 @@ class Logits:
         self._hook.remove()
 
 
-def turn_and_fresh(engine: PacketEngine, session, question: str, chunks, generation=GEN):
-    """Answer through the session and by a fresh assembly of the same conversation; assert equal logits."""
+def turn_and_fresh(engine: PacketEngine, session, question: str, chunks, generation=GEN, atol=2e-5):
+    """Answer through the session and by a fresh assembly of the same conversation; assert equal logits (``atol``:
+    batched against one-by-one forwards round differently)."""
     history = tuple(session.history)
     with Logits(engine) as got:
         reused = session.answer(question, chunks, generation=generation)
@@ -46,7 +47,7 @@ def turn_and_fresh(engine: PacketEngine, session, question: str, chunks, generat
         fresh = engine.answer(question, chunks, history=history, generation=generation)
     assert len(got) == len(want) and reused.token_ids == fresh.token_ids
     for row, expected in zip(got, want):
-        torch.testing.assert_close(row, expected, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(row, expected, atol=atol, rtol=1e-4)
     kept = engine.sessions.state(session.id)
     suffix = engine.formatter.suffix_ids(question, history)
     assert kept.ids[: len(suffix)] == suffix  # exactly the tokens a fresh assembly feeds
@@ -136,3 +137,20 @@ def test_closed_early_keeps_nothing_and_reset_forgets(tiny_llama):
         session.stream(" ", DOCS_A)
     with pytest.raises(ValueError, match="max_bytes"):
         SessionCache(-1)
+
+
+def test_embedded_model_forwards_exactly_the_new_tokens(default_model):
+    """With the real model and chat template the cached conversation is an exact prefix of the next turn's: each
+    turn forwards the end of the previous answer's turn, the new message and its template tokens, nothing else."""
+    engine = PacketEngine(default_model, store=InMemoryStore())
+    chunks = ["Kaito Brennan is a marathon runner born in 1994 in Sapporo, Japan. Kaito Brennan won the Lisbon "
+              "Marathon in 2022. The coach of Kaito Brennan is Emiko Sato."]
+    session = engine.session()
+    generation = GenerationConfig(max_new_tokens=24)
+    turn_and_fresh(engine, session, "Who is the coach of Kaito Brennan?", chunks, generation, atol=2e-4)
+    for question in ("Where was Kaito Brennan born?", "Which marathon did he win?"):
+        cached = list(engine.sessions.state(session.id).ids)
+        suffix = engine.formatter.suffix_ids(question, session.history)
+        reused, fresh = turn_and_fresh(engine, session, question, chunks, generation, atol=2e-4)
+        assert reused.finish_reason == "stop" and suffix[: len(cached)] == cached
+        assert reused.forwarded_tokens == len(suffix) - len(cached) < fresh.forwarded_tokens

@@ -86,40 +86,46 @@ class SessionCache:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
         self.max_bytes = max_bytes
         self.evictions = 0
-        self._states: OrderedDict[str, SessionState] = OrderedDict()
+        self._states: OrderedDict[str, tuple[SessionState, int]] = OrderedDict()  # id -> (state, its bytes)
+        self._bytes = 0
         self._lock = threading.Lock()
 
     def take(self, session_id: str) -> SessionState | None:
         """Remove and return the kept state of ``session_id`` (None when there is none)."""
         with self._lock:
-            return self._states.pop(session_id, None)
+            return self._pop(session_id)
 
     def put(self, session_id: str, state: SessionState) -> None:
         """Keep ``state`` as the most recently used, dropping the least recently used beyond the budget."""
+        size = state.nbytes
         with self._lock:
-            self._states.pop(session_id, None)
-            self._states[session_id] = state
-            total = sum(s.nbytes for s in self._states.values())
-            while total > self.max_bytes:
-                _, dropped = self._states.popitem(last=False)
-                total -= dropped.nbytes
+            self._pop(session_id)
+            self._states[session_id] = (state, size)
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                self._pop(next(iter(self._states)))
                 self.evictions += 1
 
     def drop(self, session_id: str) -> None:
         """Forget the kept state of ``session_id`` (if any)."""
         with self._lock:
-            self._states.pop(session_id, None)
+            self._pop(session_id)
+
+    def _pop(self, session_id: str) -> SessionState | None:
+        state, size = self._states.pop(session_id, (None, 0))
+        self._bytes -= size
+        return state
 
     def state(self, session_id: str) -> SessionState | None:
         """The kept state of ``session_id`` without using it (None when there is none)."""
         with self._lock:
-            return self._states.get(session_id)
+            return self._states.get(session_id, (None, 0))[0]
 
     def stats(self) -> dict[str, int]:
         """``sessions`` kept, their ``bytes``, ``max_bytes`` and ``evictions`` so far."""
         with self._lock:
-            return {"sessions": len(self._states), "bytes": sum(s.nbytes for s in self._states.values()),
-                    "max_bytes": self.max_bytes, "evictions": self.evictions}
+            return {"sessions": len(self._states), "bytes": self._bytes, "max_bytes": self.max_bytes,
+                    "evictions": self.evictions}
 
 
 class ChatSession:

@@ -10,15 +10,23 @@ from kvpacket_rag import GenerationConfig, InMemoryStore, PacketAdapter, PacketE
 from kvpacket_rag.errors import EmptyInputError
 from kvpacket_rag.prompt import ChatTurn
 from kvpacket_rag.session import SessionCache
+from kvpacket_rag.testing import ARCHS, make_tiny_model
 
 DOCS_A = ["Ada Lovelace was born in London in 1815.", "Charles Babbage designed the Analytical Engine."]
 DOCS_B = ["Grace Hopper wrote the first compiler.", "The Harvard Mark I was built in 1944."]
 GEN = GenerationConfig(max_new_tokens=6)
 
 
+@pytest.fixture(scope="module", params=ARCHS)
+def untied_model(request, tokenizer):
+    """A tiny random model with an untied head: its answers vary (a tied one repeats one token)."""
+    return make_tiny_model(request.param, tokenizer, tie_word_embeddings=False)
+
+
 @pytest.fixture
-def tiny_engine(tiny_model) -> PacketEngine:
-    return PacketEngine(tiny_model, adapter=PacketAdapter.initialize(tiny_model, 4, 4, seed=3), store=InMemoryStore())
+def tiny_engine(untied_model) -> PacketEngine:
+    return PacketEngine(untied_model, adapter=PacketAdapter.initialize(untied_model, 4, 4, seed=3),
+                        store=InMemoryStore())
 
 
 class Logits:
@@ -79,10 +87,10 @@ def test_turns_equal_fresh_assembly_of_the_conversation(tiny_engine):
                                                        "In which year?", "What else was built then?"]
 
 
-def test_answer_cut_by_a_stop_string_or_the_token_budget_and_closed_book(tiny_llama):
+def test_answer_cut_by_a_stop_string_or_the_token_budget_and_closed_book(tiny_engine):
     """The last generated token is not forwarded when a stop string or the budget ends the answer; the next turn
     forwards it from the re-tokenized text (or whatever differs)."""
-    engine = PacketEngine(tiny_llama, adapter=PacketAdapter.initialize(tiny_llama, 4, 4, seed=3), store=InMemoryStore())
+    engine = tiny_engine
     session = engine.session()
     probe = engine.answer("Who was Ada?", DOCS_A, generation=GenerationConfig(max_new_tokens=8))
     stop = engine.model.tokenizer.decode(probe.token_ids[3:5])

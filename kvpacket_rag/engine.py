@@ -356,6 +356,11 @@ class PacketEngine:
         stream._pieces = self._serialized(run(stream))
         return stream
 
+    @staticmethod
+    def _open_async(open_stream: Callable[[], AnswerStream]) -> AsyncAnswerStream:
+        """An async stream over the stream ``open_stream()`` opens in a worker thread."""
+        return AsyncAnswerStream(open_stream)
+
     def _serialized(self, pieces: Iterator[str]) -> Iterator[str]:
         """Run each step of ``pieces`` under the engine lock, releasing it before handing the piece out."""
         try:

@@ -37,7 +37,7 @@ from .methods import get_method
 from .prompt import ChatTurn
 
 if TYPE_CHECKING:
-    from .engine import Answer, AnswerStream, PacketEngine
+    from .engine import Answer, AnswerStream, AsyncAnswerStream, PacketEngine
 
 DEFAULT_SESSION_BYTES = 1 << 30
 """Byte budget of the kept session caches of an engine (1 GiB: about 40 conversations of 500 positions of the
@@ -132,7 +132,7 @@ class ChatSession:
     """One conversation over retrieved chunks whose cache is kept between turns (see the module docstring).
 
     Create it with `PacketEngine.session`. ``history`` holds the turns answered so far; each turn's question and
-    answer text are appended to it. Pass ``history=`` to a turn to answer after other turns instead (an
+    answer text are appended to it. `astream` / `aanswer` are the asyncio forms of `stream` / `answer`. Pass ``history=`` to a turn to answer after other turns instead (an
     application that keeps the conversation itself): the kept cache is reused as far as it matches.
 
     Attributes:
@@ -178,6 +178,22 @@ class ChatSession:
         turns = tuple(self.history if history is None else history)
         chunks, method, generation = tuple(chunks), get_method(method), generation or GenerationConfig()
         return self.engine._open(lambda stream: self._run(stream, question, chunks, method, turns, generation))
+
+    def astream(self, question: str, chunks: Sequence[str], history: Sequence[ChatTurn] | None = None,
+                method: str | ContextMethod = "kv_packet", generation: GenerationConfig | None = None
+                ) -> "AsyncAnswerStream":
+        """`stream` for asyncio (``async for piece in session.astream(...)``); the model runs in a worker thread, so
+        the event loop stays free. Errors `stream` raises before the first token come from the first ``__anext__``."""
+        if not question or not question.strip():
+            raise EmptyInputError("the question is empty; pass the text to answer")
+        chunks = tuple(chunks)
+        return self.engine._open_async(lambda: self.stream(question, chunks, history, method, generation))
+
+    async def aanswer(self, question: str, chunks: Sequence[str], history: Sequence[ChatTurn] | None = None,
+                      method: str | ContextMethod = "kv_packet", generation: GenerationConfig | None = None
+                      ) -> "Answer":
+        """`answer` for asyncio, without blocking the event loop (see `astream`)."""
+        return await self.astream(question, chunks, history, method, generation).collect()
 
     def reset(self) -> None:
         """Forget the conversation and its kept cache."""

@@ -3,6 +3,8 @@ only the new tokens; other documents reassemble; kept caches are bounded in byte
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from kvpacket_rag import GenerationConfig, InMemoryStore, PacketAdapter, PacketE
 from kvpacket_rag.errors import EmptyInputError
 from kvpacket_rag.prompt import ChatTurn
 from kvpacket_rag.session import SessionCache
-from kvpacket_rag.testing import ARCHS, make_tiny_model
+from kvpacket_rag.testing import ARCHS, make_tiny_model, ticking
 
 DOCS_A = ["Ada Lovelace was born in London in 1815.", "Charles Babbage designed the Analytical Engine."]
 DOCS_B = ["Grace Hopper wrote the first compiler.", "The Harvard Mark I was built in 1944."]
@@ -162,3 +164,26 @@ def test_embedded_model_forwards_exactly_the_new_tokens(default_model):
         reused, fresh = turn_and_fresh(engine, session, question, chunks, generation, atol=2e-4)
         assert reused.finish_reason == "stop" and suffix[: len(cached)] == cached
         assert reused.forwarded_tokens == len(suffix) - len(cached) < fresh.forwarded_tokens
+
+
+def test_async_turns_equal_sync_turns_and_leave_the_loop_free(tokenizer):
+    model = make_tiny_model("llama", tokenizer, tie_word_embeddings=False)
+    engine = PacketEngine(model, adapter=PacketAdapter.initialize(model, 4, 4, seed=3), store=InMemoryStore())
+    questions = ("Where was Ada born?", "When?", "Who designed the engine?")
+    sync = engine.session()
+    expected = [sync.answer(question, DOCS_A, generation=GEN) for question in questions]
+
+    async def conversation():
+        session = engine.session()
+        answers = [await session.aanswer(question, DOCS_A, generation=GEN) for question in questions[:2]]
+        pieces = [piece async for piece in session.astream(questions[2], DOCS_A, generation=GEN)]
+        last, ticks = await ticking(session.aanswer("And then?", DOCS_A, generation=GEN))
+        return answers, pieces, ticks, session
+
+    answers, pieces, ticks, session = asyncio.run(conversation())
+    for got, want in zip(answers, expected):
+        assert got.token_ids == want.token_ids and got.forwarded_tokens == want.forwarded_tokens
+    assert "".join(pieces) == expected[2].text and session.history[2].assistant == expected[2].text
+    assert ticks > 0 and len(session.history) == 4
+    with pytest.raises(EmptyInputError):
+        session.astream("", DOCS_A)

@@ -34,6 +34,7 @@ from .kvcache import KVBuffer, PacketCache
 from .methods import get_method
 from .models import LoadedModel, load_model
 from .prompt import DEFAULT_SYSTEM_PROMPT, ChatTurn, PromptFormatter
+from .session import DEFAULT_SESSION_BYTES, ChatSession, SessionCache
 from .store import InMemoryStore, PacketStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,8 @@ class PacketEngine:
             `DEFAULT_STORE_BYTES`, least recently used packets dropped and rebuilt when needed again).
         system_prompt: system message of the cached preamble.
         device, dtype: where and how to load ``model`` when it is not already loaded.
+        session_bytes: byte budget of the caches kept by chat sessions (`session`); least recently used first
+            dropped beyond it.
 
     Thread-safe: one engine may serve several threads and coroutines at once. Each stream has its own cache
     buffer; model work (packet builds, prefill, every decode step) runs under one engine lock, one step at a
@@ -163,7 +166,8 @@ class PacketEngine:
 
     def __init__(self, model: LoadedModel | str | None = None, adapter: PacketAdapter | str | Path | None = "default",
                  store: PacketStore | None = None, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-                 device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None):
+                 device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+                 session_bytes: int = DEFAULT_SESSION_BYTES):
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
         self.adapter = resolve_adapter(self.model, adapter)
         self.store = store if store is not None else InMemoryStore(max_bytes=DEFAULT_STORE_BYTES)
@@ -177,6 +181,7 @@ class PacketEngine:
         self._lock = threading.Lock()  # the buffer pool
         self._compute = threading.RLock()  # model work: one step at a time
         self._stop_ids = eos_ids(self.model.tokenizer, self.model.config)
+        self.sessions = SessionCache(session_bytes)
 
     # ---- packets -------------------------------------------------------------------------
 
@@ -308,6 +313,17 @@ class PacketEngine:
         """`answer` for asyncio, without blocking the event loop (see `astream`)."""
         return await self.astream(question, chunks, method, history, generation).collect()
 
+    def session(self, session_id: str | None = None, history: Sequence[ChatTurn] = ()) -> ChatSession:
+        """A chat session: a conversation over retrieved chunks whose cache is kept between turns, so that each
+        turn forwards only its new message (see `kvpacket_rag.session`).
+
+        Args:
+            session_id: the key of its kept cache in `sessions` (default: a new unique one). Sessions made with
+                the same id share the kept cache (an application that keeps conversations by id).
+            history: turns the conversation starts from.
+        """
+        return ChatSession(self, session_id, history)
+
     def chat(self, messages: Sequence[tuple[str, str]], generation: GenerationConfig | None = None) -> AnswerStream:
         """Stream a plain generation: the whole chat prompt runs through the model (no packets, no cached preamble).
 
@@ -333,6 +349,17 @@ class PacketEngine:
         """`chat` for asyncio (``async for piece in engine.achat(...)``); the model runs in a worker thread."""
         messages = list(messages)
         return AsyncAnswerStream(lambda: self.chat(messages, generation))
+
+    def _open(self, run: Callable[[AnswerStream], Iterator[str]]) -> AnswerStream:
+        """A stream whose pieces come from ``run(stream)`` (which sets ``stream.answer``), each step under the lock."""
+        stream = AnswerStream(iter(()))
+        stream._pieces = self._serialized(run(stream))
+        return stream
+
+    @staticmethod
+    def _open_async(open_stream: Callable[[], AnswerStream]) -> AsyncAnswerStream:
+        """An async stream over the stream ``open_stream()`` opens in a worker thread."""
+        return AsyncAnswerStream(open_stream)
 
     def _serialized(self, pieces: Iterator[str]) -> Iterator[str]:
         """Run each step of ``pieces`` under the engine lock, releasing it before handing the piece out."""

@@ -12,10 +12,14 @@ Packet paper; ``"preamble"`` builds it right after the engine's chat preamble
 the real prompt, so that packets share the one attention sink of the preamble
 instead of each bringing its own. Packets stay independent of each other and of
 the question either way.
+
+An adapter may also carry a `BuildLoRA`: low-rank updates of the model's linear layers that apply only to
+the wrapped chunk's tokens while its packet is built. The question is still read by the unchanged model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -26,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CorruptPacketError, IncompatiblePacketError
 from .fileio import atomic_write
+from .lora import BuildLoRA
 from .models import DEFAULT_MODEL, LoadedModel
 
 NO_ADAPTER = "none"
@@ -33,7 +38,9 @@ PREFIX_NONE = "none"
 PREFIX_PREAMBLE = "preamble"
 PREFIXES = (PREFIX_NONE, PREFIX_PREAMBLE)
 FORMAT_V1 = "kvpacket-adapter/1"  # header/trailer only: packets built from position 0
-FORMAT = "kvpacket-adapter/2"  # adds the packet prefix
+FORMAT_V2 = "kvpacket-adapter/2"  # adds the packet prefix
+FORMAT = "kvpacket-adapter/3"  # adds the optional build-time LoRA
+FORMATS = (FORMAT_V1, FORMAT_V2, FORMAT)
 PRETRAINED_FILE = "adapter.safetensors"  # the adapter in a save_pretrained folder
 
 
@@ -46,10 +53,11 @@ class PacketAdapter(torch.nn.Module):
         model_fingerprint: fingerprint of the model the adapter belongs to.
         card: free-form JSON-serialisable metadata (training data, hyperparameters, ...).
         prefix: what every packet is built after: ``"none"`` (position 0) or ``"preamble"``.
+        lora: low-rank updates of the model applied to the wrapped chunk while its packet is built (None: none).
     """
 
     def __init__(self, header: torch.Tensor, trailer: torch.Tensor, model_fingerprint: str, card: dict | None = None,
-                 prefix: str = PREFIX_NONE):
+                 prefix: str = PREFIX_NONE, lora: BuildLoRA | None = None):
         super().__init__()
         if header.dim() != 2 or trailer.dim() != 2 or header.shape[1] != trailer.shape[1]:
             raise ValueError(f"header/trailer must be [n, hidden] with the same hidden size, got {tuple(header.shape)} and {tuple(trailer.shape)}")
@@ -62,6 +70,7 @@ class PacketAdapter(torch.nn.Module):
         self.model_fingerprint = model_fingerprint
         self.card = dict(card or {})
         self.prefix = prefix
+        self.lora = lora
 
     @classmethod
     def initialize(cls, model: LoadedModel, n_header: int = 8, n_trailer: int = 8, seed: int = 0,
@@ -83,7 +92,14 @@ class PacketAdapter(torch.nn.Module):
 
     def with_prefix(self, prefix: str) -> "PacketAdapter":
         """The same soft tokens (copied) for packets built after ``prefix`` (a new fingerprint unless unchanged)."""
-        return PacketAdapter(self.header, self.trailer, self.model_fingerprint, self.card, prefix)
+        return PacketAdapter(self.header, self.trailer, self.model_fingerprint, self.card, prefix, self._lora_copy())
+
+    def with_lora(self, lora: BuildLoRA | None) -> "PacketAdapter":
+        """The same soft tokens (copied) with ``lora`` as build-time weights (no card: a new adapter)."""
+        return PacketAdapter(self.header, self.trailer, self.model_fingerprint, None, self.prefix, lora)
+
+    def _lora_copy(self) -> BuildLoRA | None:
+        return None if self.lora is None else BuildLoRA.from_tensors(self.lora.tensors(), self.lora.alpha)
 
     @property
     def n_header(self) -> int:
@@ -96,18 +112,25 @@ class PacketAdapter(torch.nn.Module):
     @property
     def fingerprint(self) -> str:
         """``none`` for a 0+0 adapter (``none+preamble`` with the preamble prefix), else sha256 hex over
-        sizes, prefix and float32 values (adapters of prefix ``none`` keep their format-1 fingerprint)."""
-        if self.n_header == 0 and self.n_trailer == 0:
+        sizes, prefix and float32 values, build LoRA included (adapters of prefix ``none`` keep their format-1
+        fingerprint, adapters without a LoRA their format-2 one)."""
+        if self.n_header == 0 and self.n_trailer == 0 and self.lora is None:
             return NO_ADAPTER if self.prefix == PREFIX_NONE else f"{NO_ADAPTER}+{self.prefix}"
         prefix = "" if self.prefix == PREFIX_NONE else f"prefix={self.prefix}|"
         digest = hashlib.sha256(f"{self.n_header}|{self.n_trailer}|{prefix}".encode())
-        for tensor in (self.header, self.trailer):
+        tensors = [self.header, self.trailer]
+        if self.lora is not None:
+            digest.update(f"lora|{self.lora.rank}|{self.lora.alpha}|".encode())
+            lora = self.lora.tensors()
+            digest.update("|".join(sorted(lora)).encode())
+            tensors += [lora[name] for name in sorted(lora)]
+        for tensor in tensors:
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return digest.hexdigest()
 
     def check_model(self, model: LoadedModel) -> None:
         """Raise IncompatiblePacketError unless the adapter was made for ``model``."""
-        if self.n_header + self.n_trailer and self.model_fingerprint != model.fingerprint:
+        if (self.n_header + self.n_trailer or self.lora is not None) and self.model_fingerprint != model.fingerprint:
             raise IncompatiblePacketError(
                 f"this adapter was trained for another model (fingerprint {self.model_fingerprint[:12]}, "
                 f"loaded model {model.name} is {model.fingerprint[:12]}); train one with `kvpacket train --model {model.name}`."
@@ -116,6 +139,17 @@ class PacketAdapter(torch.nn.Module):
             raise IncompatiblePacketError(
                 f"adapter hidden size {self.header.shape[1]} != model hidden size {model.hidden_size}"
             )
+        if self.lora is not None:
+            try:
+                self.lora.check_model(model)
+            except ValueError as error:
+                raise IncompatiblePacketError(f"this adapter's build-time weights do not fit {model.name} ({error}); "
+                                              f"train one with `kvpacket train --model {model.name}`") from error
+
+    def building(self, model: LoadedModel, gate: torch.Tensor | None = None) -> contextlib.AbstractContextManager:
+        """Context in which ``model`` computes as packets are built: with the build LoRA applied where ``gate``
+        (``[batch, tokens, 1]``, 1 on wrapped-chunk tokens) says, or everywhere when None; a no-op without one."""
+        return contextlib.nullcontext() if self.lora is None else self.lora.applied(model, gate)
 
     def wrap(self, chunk_embeddings: torch.Tensor) -> torch.Tensor:
         """``[header; chunk; trailer]`` along the sequence axis: ``[L, hidden] -> [n_h + L + n_t, hidden]``."""
@@ -130,10 +164,14 @@ class PacketAdapter(torch.nn.Module):
                     "fingerprint": self.fingerprint, "card": json.dumps(self.card, default=str)}
         tensors = {"header": self.header.detach().to("cpu", torch.float32).contiguous(),
                    "trailer": self.trailer.detach().to("cpu", torch.float32).contiguous()}
+        if self.lora is not None:
+            metadata["lora_alpha"] = repr(self.lora.alpha)
+            tensors.update(self.lora.tensors())
         # safetensors creates owner-only files; an adapter is shared like a model file
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), mode=0o644)
         card = {**self.card, "model_fingerprint": self.model_fingerprint, "fingerprint": self.fingerprint,
-                "n_header": self.n_header, "n_trailer": self.n_trailer, "prefix": self.prefix}
+                "n_header": self.n_header, "n_trailer": self.n_trailer, "prefix": self.prefix,
+                "build_lora_rank": self.lora.rank if self.lora is not None else 0}
         path.with_suffix(".json").write_text(json.dumps(card, indent=2, default=str) + "\n")
         return path
 
@@ -194,10 +232,10 @@ class PacketAdapter(torch.nn.Module):
         except (SafetensorError, OSError, ValueError) as error:
             raise CorruptPacketError(f"adapter file {path} is unreadable ({error}); re-train or re-download it") from error
         file_format = metadata.get("format")
-        if isinstance(file_format, str) and file_format.startswith("kvpacket-adapter/") and file_format not in (FORMAT_V1, FORMAT):
+        if isinstance(file_format, str) and file_format.startswith("kvpacket-adapter/") and file_format not in FORMATS:
             raise CorruptPacketError(f"adapter file {path} has format {file_format}, written by a newer kvpacket-rag; "
                                      "upgrade kvpacket-rag to read it")
-        if file_format not in (FORMAT_V1, FORMAT) or not {"header", "trailer"} <= tensors.keys():
+        if file_format not in FORMATS or not {"header", "trailer"} <= tensors.keys():
             raise CorruptPacketError(f"{path} is not a kvpacket adapter file (no header/trailer tensors or format tag)")
         if not metadata.get("model_fingerprint"):
             raise CorruptPacketError(f"adapter file {path} does not say which model it belongs to; re-train it")
@@ -205,8 +243,10 @@ class PacketAdapter(torch.nn.Module):
             card = json.loads(metadata.get("card", "{}"))
             if not isinstance(card, dict):
                 raise ValueError("the card is not a JSON object")
+            lora = BuildLoRA.from_tensors(tensors, float(metadata.get("lora_alpha", "nan"))) if file_format == FORMAT else None
             adapter = cls(tensors["header"], tensors["trailer"], metadata["model_fingerprint"], card,
-                          prefix=metadata.get("prefix", PREFIX_NONE) if file_format == FORMAT else PREFIX_NONE)
+                          prefix=metadata.get("prefix", PREFIX_NONE) if file_format != FORMAT_V1 else PREFIX_NONE,
+                          lora=lora)
         except ValueError as error:
             raise CorruptPacketError(f"adapter file {path} is malformed ({error}); re-train it") from error
         if metadata.get("fingerprint") != adapter.fingerprint:

@@ -125,8 +125,9 @@ class PacketBuilder:
             mask[row, offset : offset + n] = 1
         positions = torch.arange(offset, offset + longest, device=model.device).expand(len(wrapped), -1)
         cache = self._prefix_cache(len(wrapped))
-        output = model.model.model(inputs_embeds=embeds, attention_mask=mask if len(wrapped) > 1 else None,
-                                   position_ids=positions, cache=cache, use_cache=True)
+        with self.adapter.building(model):  # every input position is a wrapped-chunk token
+            output = model.model.model(inputs_embeds=embeds, attention_mask=mask if len(wrapped) > 1 else None,
+                                       position_ids=positions, cache=cache, use_cache=True)
         keys = torch.stack([layer.keys[:, :, offset:] for layer in output.cache.layers], dim=1)  # [B, layers, heads, T, D]
         values = torch.stack([layer.values[:, :, offset:] for layer in output.cache.layers], dim=1)
         if offset:

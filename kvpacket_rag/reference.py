@@ -12,6 +12,8 @@ one forward then holds such a copy before each wrapped chunk, at the positions
 just before the chunk's global start, visible to that chunk only: the relative
 positions inside each block are those the packet was built with, and the tail
 sees the real preamble and every wrapped chunk, never the copies.
+
+An adapter's build-time LoRA applies to the wrapped chunks' tokens only (the gate of `packed_layout`).
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def block_causal_mask(block_lengths: Sequence[int], tail_length: int, dtype: tor
 
 def packed_layout(model: LoadedModel, adapter: PacketAdapter, preamble_ids: Sequence[int],
                   chunk_ids: Sequence[Sequence[int]], tail_ids: Sequence[int]):
-    """Embeddings ``[1, N, hidden]``, position ids ``[1, N]`` and mask ``[1, 1, N, N]`` of the packet path.
+    """Embeddings ``[1, N, hidden]``, position ids ``[1, N]``, mask ``[1, 1, N, N]`` and build gate ``[1, N, 1]``
+    (1.0 on wrapped-chunk tokens, 0.0 on the preamble, its copies and the tail) of the packet path.
 
     Gradients flow into ``adapter`` (the embedding matrix is frozen).
     """
@@ -56,7 +59,7 @@ def packed_layout(model: LoadedModel, adapter: PacketAdapter, preamble_ids: Sequ
     preamble = embed(preamble_ids)
     n_pre = preamble.shape[0]
     conditioned = adapter.prefix == PREFIX_PREAMBLE
-    pieces, positions, blocks, hidden = [preamble], [torch.arange(n_pre)], [n_pre], []
+    pieces, positions, blocks, hidden, gate = [preamble], [torch.arange(n_pre)], [n_pre], [], [torch.zeros(n_pre)]
     start, offset = n_pre, n_pre  # global position of the next wrapped chunk; its offset in the sequence
     for ids in chunk_ids:
         block = adapter.wrap(embed(ids))
@@ -65,16 +68,19 @@ def packed_layout(model: LoadedModel, adapter: PacketAdapter, preamble_ids: Sequ
             pieces.append(preamble)
             positions.append(torch.arange(start - n_pre, start))
             hidden.append((offset, offset + n_pre))
+            gate.append(torch.zeros(n_pre))
         pieces.append(block)
+        gate.append(torch.ones(length))
         positions.append(torch.arange(start, start + length))
         blocks.append(length + n_pre * conditioned)
         start += length
         offset += blocks[-1]
     pieces.append(embed(tail_ids))
     positions.append(torch.arange(start, start + len(tail_ids)))
+    gate.append(torch.zeros(len(tail_ids)))
     embeds = torch.cat(pieces)[None]
     mask = block_causal_mask(blocks, len(tail_ids), embeds.dtype, embeds.device, hidden)
-    return embeds, torch.cat(positions)[None].to(embeds.device), mask
+    return embeds, torch.cat(positions)[None].to(embeds.device), mask, torch.cat(gate)[None, :, None].to(embeds.device)
 
 
 def block_forward(model: LoadedModel, adapter: PacketAdapter, preamble_ids: Sequence[int],
@@ -84,7 +90,8 @@ def block_forward(model: LoadedModel, adapter: PacketAdapter, preamble_ids: Sequ
     Args:
         logits_tokens: keep only the last this-many positions (default: the whole tail).
     """
-    embeds, positions, mask = packed_layout(model, adapter, preamble_ids, chunk_ids, tail_ids)
+    embeds, positions, mask, gate = packed_layout(model, adapter, preamble_ids, chunk_ids, tail_ids)
     keep = logits_tokens if logits_tokens is not None else len(tail_ids)
-    output = model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=keep)
+    with adapter.building(model, gate):
+        output = model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=keep)
     return output.logits[0]

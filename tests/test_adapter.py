@@ -7,6 +7,7 @@ import torch
 
 from kvpacket_rag.adapter import NO_ADAPTER, PacketAdapter
 from kvpacket_rag.errors import CorruptPacketError, IncompatiblePacketError
+from kvpacket_rag.lora import BuildLoRA
 
 from kvpacket_rag.testing import make_tiny_model
 
@@ -78,6 +79,51 @@ def test_format_1_adapter_file_still_loads(tiny_llama, tmp_path):
                   "model_fingerprint": tiny_llama.fingerprint, "fingerprint": adapter.fingerprint})
     loaded = PacketAdapter.load(path, tiny_llama)
     assert loaded.prefix == "none" and loaded.fingerprint == adapter.fingerprint
+
+
+def test_format_2_adapter_file_still_loads(tiny_llama, tmp_path):
+    """Files written before build-time LoRA existed keep their prefix and fingerprint."""
+    adapter = PacketAdapter.initialize(tiny_llama, 3, 2, seed=4, prefix="preamble")
+    tensors = {"header": adapter.header.detach(), "trailer": adapter.trailer.detach()}
+    path = _write(tmp_path / "v2.safetensors", tensors, {"format": "kvpacket-adapter/2", "card": "{}", "prefix": "preamble",
+                  "model_fingerprint": tiny_llama.fingerprint, "fingerprint": adapter.fingerprint})
+    loaded = PacketAdapter.load(path, tiny_llama)
+    assert loaded.prefix == "preamble" and loaded.lora is None and loaded.fingerprint == adapter.fingerprint
+
+
+def _with_lora(model, seed=0):
+    lora = BuildLoRA.initialize(model, rank=2, targets=("k_proj", "v_proj"), seed=seed)
+    for up in lora.up.values():
+        torch.nn.init.normal_(up, std=0.1)
+    return PacketAdapter.initialize(model, 2, 2, seed=seed, prefix="preamble").with_lora(lora)
+
+
+def test_build_lora_round_trip_and_fingerprint(tiny_llama, tmp_path):
+    adapter = _with_lora(tiny_llama)
+    assert adapter.fingerprint != adapter.with_lora(None).fingerprint
+    loaded = PacketAdapter.load(adapter.save(tmp_path / "lora.safetensors"), tiny_llama)
+    assert loaded.fingerprint == adapter.fingerprint and loaded.lora.rank == 2
+    for name, tensor in adapter.lora.tensors().items():
+        torch.testing.assert_close(loaded.lora.tensors()[name], tensor, rtol=0, atol=0)
+    assert loaded.with_prefix("none").lora is not None  # a prefix change keeps the build weights
+
+
+def test_build_lora_for_another_shape_is_refused(tiny_llama, tokenizer, tmp_path):
+    path = _with_lora(tiny_llama).save(tmp_path / "lora.safetensors")
+    wider = make_tiny_model("llama", tokenizer, seed=0, num_key_value_heads=1)
+    adapter = PacketAdapter.load(path)
+    adapter.model_fingerprint = wider.fingerprint  # same name, other shapes: the weights themselves must not fit
+    with pytest.raises(IncompatiblePacketError, match="build-time weights"):
+        adapter.check_model(wider)
+
+
+def test_build_lora_without_scale_is_corrupt(tiny_llama, tmp_path):
+    adapter = _with_lora(tiny_llama)
+    tensors = {"header": adapter.header.detach(), "trailer": adapter.trailer.detach(), **adapter.lora.tensors()}
+    path = _write(tmp_path / "noalpha.safetensors", tensors, {"format": "kvpacket-adapter/3", "card": "{}",
+                  "prefix": "preamble", "model_fingerprint": tiny_llama.fingerprint, "fingerprint": adapter.fingerprint})
+    with pytest.raises(CorruptPacketError, match="malformed"):
+        PacketAdapter.load(path, tiny_llama)
 
 
 @pytest.mark.parametrize("change, message", [

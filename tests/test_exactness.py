@@ -8,6 +8,7 @@ import torch
 from kvpacket_rag.adapter import PacketAdapter
 from kvpacket_rag.builder import PacketBuilder
 from kvpacket_rag.kvcache import KVBuffer, assemble
+from kvpacket_rag.lora import BuildLoRA
 from kvpacket_rag.prompt import PromptFormatter
 from kvpacket_rag.testing import packet_path_logits, reference_logits
 
@@ -26,6 +27,22 @@ def test_packet_path_equals_block_mask_forward(tiny_model, tmp_path, prefix):
     got = packet_path_logits(tiny_model, adapter, formatter, CHUNKS, QUESTION, tmp_path)
     want = reference_logits(tiny_model, adapter, formatter, CHUNKS, QUESTION)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("prefix", ["none", "preamble"])
+def test_build_lora_packet_path_equals_block_mask_forward(tiny_model, tmp_path, prefix):
+    """Packets built with build-time low-rank weights, read by the unchanged model: the same logits as one
+    forward in which the low-rank updates apply to the wrapped chunks' tokens only."""
+    formatter = PromptFormatter(tiny_model.tokenizer)
+    lora = BuildLoRA.initialize(tiny_model, rank=4, seed=2)
+    for up in lora.up.values():
+        torch.nn.init.normal_(up, std=0.05)
+    adapter = PacketAdapter.initialize(tiny_model, 4, 4, seed=1, prefix=prefix).with_lora(lora)
+    got = packet_path_logits(tiny_model, adapter, formatter, CHUNKS, QUESTION, tmp_path)
+    want = reference_logits(tiny_model, adapter, formatter, CHUNKS, QUESTION)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    plain = reference_logits(tiny_model, adapter.with_lora(None), formatter, CHUNKS, QUESTION)
+    assert (got - plain).abs().max() > 1e-3  # the low-rank updates do change the packets
 
 
 def test_bare_packets_equal_plain_concatenation(tiny_model):

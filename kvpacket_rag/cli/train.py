@@ -29,6 +29,11 @@ def register(subparsers) -> None:
     parser.add_argument("--lr", type=float, default=5e-3, help="peak learning rate, linear decay to 0 (default: %(default)s)")
     parser.add_argument("--n-header", type=int, default=8, help="header soft tokens (default: %(default)s)")
     parser.add_argument("--n-trailer", type=int, default=8, help="trailer soft tokens (default: %(default)s)")
+    parser.add_argument("--lora-rank", type=int, default=0,
+                        help="rank of build-time low-rank updates of the model, applied to chunks while packets are "
+                             "built; the model that reads packets is unchanged (default: %(default)s, none)")
+    parser.add_argument("--lora-alpha", type=float, default=16.0, help="their scale numerator (default: %(default)s)")
+    parser.add_argument("--lora-lr", type=float, default=1e-3, help="their peak learning rate (default: %(default)s)")
     parser.add_argument("--prefix", choices=PREFIXES, default=PREFIX_NONE,
                         help="build every packet after the chat preamble ('preamble') or from position 0 ('none', "
                              "the paper's layout) (default: %(default)s)")
@@ -70,7 +75,8 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig(
         out=args.out, model=args.model, data=args.data, data_options=args.data_options or {},
         max_chunks=args.max_chunks, samples=args.samples, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, n_header=args.n_header, n_trailer=args.n_trailer, prefix=args.prefix, init_adapter=args.init_adapter,
+        lr=args.lr, n_header=args.n_header, n_trailer=args.n_trailer, prefix=args.prefix,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_lr=args.lora_lr, init_adapter=args.init_adapter,
         seed=args.seed, answer_cap=args.answer_cap,
         teacher_top_k=args.teacher_top_k, system_prompt=args.system_prompt,
         gradient_checkpointing=args.gradient_checkpointing, device=args.device, dtype=args.dtype,

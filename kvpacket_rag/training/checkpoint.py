@@ -21,7 +21,6 @@ from kvpacket_rag.fileio import atomic_write
 
 FORMAT = "kvpacket-train-checkpoint/1"
 _NAME = re.compile(r"checkpoint-(\d+)\.json$")
-PARAMS = ("header", "trailer")
 
 
 @dataclass
@@ -30,7 +29,8 @@ class Checkpoint:
 
     Attributes:
         step: optimizer steps done.
-        tensors: ``adapter.<p>``, ``optim.<p>.<state>`` for p in header/trailer, and ``rng.torch``.
+        tensors: ``adapter.<p>``, ``optim.<p>.<state>`` for every adapter parameter p (header, trailer, build
+            LoRA), and ``rng.torch``.
         info: the JSON part (``signature``, ``model_fingerprint``, ``log``, ``elapsed_s``, ...).
     """
 
@@ -44,8 +44,7 @@ def save_checkpoint(run_dir: Path, step: int, adapter: PacketAdapter, optimizer:
     """Write the checkpoint of ``step`` into ``run_dir`` and keep only the newest ``keep``; return the JSON path."""
     run_dir.mkdir(parents=True, exist_ok=True)
     tensors = {"rng.torch": torch.get_rng_state()}
-    for name in PARAMS:
-        param = getattr(adapter, name)
+    for name, param in adapter.named_parameters():
         tensors[f"adapter.{name}"] = param.detach().to("cpu", torch.float32).contiguous()
         for key, value in optimizer.state.get(param, {}).items():
             tensors[f"optim.{name}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
@@ -80,8 +79,7 @@ def load_checkpoint(json_path: Path) -> Checkpoint:
 def restore(checkpoint: Checkpoint, adapter: PacketAdapter, optimizer: torch.optim.Optimizer) -> None:
     """Load the adapter values, AdamW state and torch RNG state of ``checkpoint`` in place."""
     with torch.no_grad():
-        for name in PARAMS:
-            param = getattr(adapter, name)
+        for name, param in adapter.named_parameters():
             param.copy_(checkpoint.tensors[f"adapter.{name}"].to(param.device))
             prefix = f"optim.{name}."
             state = {k[len(prefix):]: v.to(param.device) if v.dim() else v

@@ -19,7 +19,7 @@ DEFAULT_DATA_OPTIONS: dict[str, dict[str, Any]] = {"biography": {"docs_per_sampl
 
 # Settings whose change makes a checkpoint of an earlier run invalid (the rest may change on --resume).
 RESUME_KEYS = ("model", "data", "data_options", "max_chunks", "samples", "split", "epochs", "batch_size", "lr",
-               "n_header", "n_trailer", "prefix", "seed", "answer_cap", "teacher_top_k", "system_prompt", "dtype", "init_adapter")
+               "n_header", "n_trailer", "lora_rank", "lora_alpha", "lora_lr", "prefix", "seed", "answer_cap", "teacher_top_k", "system_prompt", "dtype", "init_adapter")
 
 
 class TrainingConfigError(KVPacketError, ValueError):
@@ -45,6 +45,10 @@ class TrainConfig:
         batch_size: effective batch (samples per optimizer step, by gradient accumulation).
         lr: peak AdamW learning rate (weight decay 0), decayed linearly to 0 over all steps, no warm-up.
         n_header, n_trailer: adapter soft tokens before and after every chunk.
+        lora_rank: rank of the build-time low-rank updates of the model's linear layers, applied to the wrapped
+            chunk's tokens while packets are built (0: none; the model that reads packets is never changed).
+        lora_alpha: scale numerator of those updates (``alpha / rank``).
+        lora_lr: peak learning rate of the low-rank updates (the soft tokens use ``lr``).
         prefix: what every packet is built after: ``"preamble"`` (the chat preamble, the prompt's own prefix of
             every chunk) or ``"none"`` (position 0, as in the KV Packet paper).
         init_adapter: start from this adapter file (same model and sizes) instead of a random initialisation,
@@ -78,6 +82,9 @@ class TrainConfig:
     lr: float = 5e-3
     n_header: int = 8
     n_trailer: int = 8
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_lr: float = 1e-3
     prefix: str = PREFIX_NONE
     init_adapter: Path | None = None
     seed: int = 0
@@ -104,9 +111,12 @@ class TrainConfig:
         self.init_adapter = Path(self.init_adapter) if self.init_adapter is not None else None
         for name in ("samples", "epochs", "batch_size", "answer_cap"):
             _require(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
-        for name in ("n_header", "n_trailer", "checkpoint_every"):
+        for name in ("n_header", "n_trailer", "lora_rank", "checkpoint_every"):
             _require(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
-        _require(self.n_header + self.n_trailer > 0, "n_header + n_trailer", "at least 1 (there is nothing to train)")
+        _require(self.n_header + self.n_trailer + self.lora_rank > 0, "n_header + n_trailer + lora_rank",
+                 "at least 1 (there is nothing to train)")
+        _require(isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0, "lora_alpha", "a float > 0")
+        _require(isinstance(self.lora_lr, (int, float)) and 0 < self.lora_lr < 1, "lora_lr", "a float in (0, 1)")
         for name in ("max_chunks", "teacher_top_k", "threads", "stop_after_steps"):
             value = getattr(self, name)
             _require(value is None or (isinstance(value, int) and value >= 1), name, "None or an integer >= 1")

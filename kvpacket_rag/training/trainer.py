@@ -3,7 +3,7 @@
 Teacher: the frozen model over the plain prompt (`training.teacher`). Student: the same model over
 ``preamble | [H, chunk_1, T] | ... | [H, chunk_n, T] | question | answer[:-1]`` under the block-diagonal mask
 (`kvpacket_rag.reference.block_forward`, equal to the packet inference path). Loss: KL(teacher ‖ student) per
-answer token, averaged over the answer tokens of an effective batch. Only the adapter gets gradients.
+answer token, averaged over the answer tokens of an effective batch. Only the adapter (soft tokens and, when configured, its build-time low-rank updates) gets gradients.
 
 Example:
     >>> from kvpacket_rag.training import TrainConfig, train
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from kvpacket_rag.adapter import PacketAdapter
 from kvpacket_rag.generation import eos_ids
+from kvpacket_rag.lora import BuildLoRA
 from kvpacket_rag.models import LoadedModel, cache_dir, load_model
 from kvpacket_rag.prompt import PromptFormatter
 from kvpacket_rag.reference import block_forward
@@ -72,6 +73,14 @@ def student_logits(model: LoadedModel, adapter: PacketAdapter, preamble_ids: lis
     tail = list(sample.suffix_ids) + answer_ids[:-1].tolist()
     return block_forward(model, adapter, preamble_ids, [list(c) for c in sample.chunk_ids], tail,
                          logits_tokens=answer_ids.numel())
+
+
+def parameter_groups(adapter: PacketAdapter, lr: float, lora_lr: float) -> list[dict]:
+    """AdamW groups: the soft tokens at peak ``lr``, the build LoRA (if any) at peak ``lora_lr``."""
+    groups = [{"params": [adapter.header, adapter.trailer], "lr": lr, "peak_lr": lr}]
+    if adapter.lora is not None:
+        groups.append({"params": list(adapter.lora.parameters()), "lr": lora_lr, "peak_lr": lora_lr})
+    return groups
 
 
 def linear_lr(peak: float, step: int, total: int) -> float:
@@ -145,7 +154,7 @@ class Trainer:
         if not self.samples:
             self.prepare()
         adapter = self._initial_adapter().to(self.model.device)
-        optimizer = torch.optim.AdamW(adapter.parameters(), lr=c.lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(parameter_groups(adapter, c.lr, c.lora_lr), weight_decay=0.0)
         step, log, previous_s = 0, [], 0.0
         if checkpoints:
             step, log, previous_s = self._resume(load_checkpoint(checkpoints[-1]), adapter, optimizer)
@@ -156,7 +165,9 @@ class Trainer:
         bar = tqdm(total=c.total_steps, initial=step, desc="train", unit="step", disable=not c.progress)
         with _gradient_checkpointing(self.model, c.gradient_checkpointing):
             for step, batch in self._batches(step, end):
-                optimizer.param_groups[0]["lr"] = lr = linear_lr(c.lr, step, c.total_steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = linear_lr(group["peak_lr"], step, c.total_steps)
+                lr = optimizer.param_groups[0]["lr"]
                 loss, tokens = self._accumulate(adapter, batch)
                 grad_norm = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in adapter.parameters()))
                 optimizer.step()
@@ -182,14 +193,25 @@ class Trainer:
     def _initial_adapter(self) -> PacketAdapter:
         c = self.config
         if c.init_adapter is None:
-            return PacketAdapter.initialize(self.model, c.n_header, c.n_trailer, seed=c.seed, prefix=c.prefix)
+            adapter = PacketAdapter.initialize(self.model, c.n_header, c.n_trailer, seed=c.seed, prefix=c.prefix)
+            return adapter.with_lora(self._initial_lora(None))
         adapter = PacketAdapter.load(c.init_adapter, self.model)
         if (adapter.n_header, adapter.n_trailer) != (c.n_header, c.n_trailer):
             raise TrainingConfigError(f"init_adapter {c.init_adapter} has {adapter.n_header}+{adapter.n_trailer} soft "
                                       f"tokens but the run asks for {c.n_header}+{c.n_trailer}; pass matching "
                                       "--n-header/--n-trailer")
         self.init_fingerprint = adapter.fingerprint
-        return PacketAdapter(adapter.header, adapter.trailer, adapter.model_fingerprint, prefix=c.prefix)  # no card
+        return PacketAdapter(adapter.header, adapter.trailer, adapter.model_fingerprint, prefix=c.prefix,
+                             lora=self._initial_lora(adapter.lora))  # no card
+
+    def _initial_lora(self, start: BuildLoRA | None) -> BuildLoRA | None:
+        """The run's build LoRA: ``start`` when its rank and scale match the run's, else a fresh one (B = 0)."""
+        c = self.config
+        if c.lora_rank == 0:
+            return None
+        if start is not None and (start.rank, start.alpha) == (c.lora_rank, float(c.lora_alpha)):
+            return start
+        return BuildLoRA.initialize(self.model, c.lora_rank, c.lora_alpha, seed=c.seed)
 
     def _batches(self, start_step: int, end_step: int) -> Iterator[tuple[int, list[int]]]:
         c = self.config
@@ -233,7 +255,8 @@ class Trainer:
     def _card(self, steps: int, final_loss: float, log: list[dict], wall_s: float) -> dict:
         c = self.config
         settings = c.to_dict()
-        keys = ("init_adapter", "data", "max_chunks", "samples", "split", "epochs", "batch_size", "lr", "seed",
+        keys = ("init_adapter", "data", "max_chunks", "samples", "split", "epochs", "batch_size", "lr", "lora_rank",
+                "lora_alpha", "lora_lr", "seed",
                 "prefix", "answer_cap", "teacher_top_k", "system_prompt", "gradient_checkpointing", "device", "threads")
         answers = [t.length for t in self.teacher]
         return {

@@ -156,3 +156,19 @@ def test_preamble_prefix_training_writes_a_preamble_adapter(tiny_llama, tmp_path
     assert loaded.prefix == "preamble" and loaded.card["prefix"] == "preamble"
     assert not torch.equal(loaded.header, PacketAdapter.load(start, tiny_llama).header)  # it trained
     assert loaded.fingerprint != PacketAdapter(loaded.header, loaded.trailer, loaded.model_fingerprint).fingerprint
+
+
+def test_build_lora_trains_resumes_exactly_and_loads(tiny_llama, tmp_path):
+    """Build-time low-rank updates learn beside the soft tokens (their own lr), resume exactly and are saved."""
+    settings = dict(lora_rank=2, lora_lr=1e-2)
+    whole = train(_config(tmp_path / "a", **settings), tiny_llama)
+    train(_config(tmp_path / "b", stop_after_steps=3, **settings), tiny_llama)
+    second = train(_config(tmp_path / "b", resume=True, **settings), tiny_llama)
+    assert [e["loss"] for e in second.log] == [e["loss"] for e in whole.log]
+    for name, tensor in whole.adapter.lora.tensors().items():
+        assert torch.equal(second.adapter.lora.tensors()[name], tensor)
+    assert any(float(up.abs().max()) > 0 for up in whole.adapter.lora.up.values())  # it moved from B = 0
+    loaded = PacketAdapter.load(whole.path, tiny_llama)
+    assert loaded.fingerprint == whole.adapter.fingerprint and loaded.card["lora_rank"] == 2
+    with pytest.raises(TrainingConfigError, match="lora_rank"):
+        train(_config(tmp_path / "b", resume=True, lora_rank=4), tiny_llama)

@@ -51,3 +51,27 @@ def test_shipped_adapter_matches_its_recipe(default_model):
     card = adapter.card
     assert card["data"] == final.data and card["samples"] == final.samples and card["lr"] == final.lr
     assert card["steps"] == final.total_steps and card["final_loss"] > 0
+
+
+def _load_build_lora_recipe():
+    import sys
+
+    sys.path.insert(0, str(RECIPE.parent))  # the candidate's recipe imports the default one, as a script does
+    try:
+        spec = importlib.util.spec_from_file_location("smollm2_build_lora", RECIPE.parent / "smollm2_build_lora.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(RECIPE.parent))
+
+
+def test_build_lora_candidate_matches_its_recipe(default_model):
+    """The committed build-time LoRA candidate is what its recipe trains: from the shipped adapter, same data."""
+    recipe = _load_build_lora_recipe()
+    config = config_from_args(build_parser().parse_args(["train", *recipe.ARGUMENTS]))
+    assert config.init_adapter == SHIPPED_ADAPTERS[DEFAULT_MODEL] and config.lora_rank == 8
+    assert config.data == _configs()[-1].data and "squad" not in config.data
+    adapter = PacketAdapter.load(config.out, default_model)
+    assert adapter.lora is not None and adapter.lora.rank == config.lora_rank and adapter.prefix == config.prefix
+    assert adapter.card["steps"] == config.total_steps and adapter.card["lora_lr"] == config.lora_lr

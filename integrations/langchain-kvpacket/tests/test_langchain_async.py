@@ -53,4 +53,4 @@ def test_the_event_loop_keeps_ticking_and_an_early_stop_frees_the_engine(tiny_en
 
     pieces, ticks = asyncio.run(ticking(first_pieces()))
     assert pieces == 5 and ticks > pieces
-    assert len(tiny_engine._buffers) == 1 and not stream_threads()
+    assert tiny_engine.scheduler.wait_idle() and not stream_threads()

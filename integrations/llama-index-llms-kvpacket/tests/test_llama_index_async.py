@@ -58,7 +58,7 @@ def test_the_event_loop_keeps_ticking_and_an_early_stop_frees_the_engine(tiny_en
 
     received, ticks = asyncio.run(ticking(first_deltas()))
     assert received == 5 and ticks > received
-    assert len(tiny_engine._buffers) == 1 and not stream_threads()
+    assert tiny_engine.scheduler.wait_idle() and not stream_threads()
 
 
 def test_async_query_and_chat_engines_stream_the_sync_answers(tiny_engine, embedder):
@@ -84,4 +84,4 @@ def test_async_query_and_chat_engines_stream_the_sync_answers(tiny_engine, embed
 
     assert asyncio.run(chat()) == expected
     assert [m.content for m in async_chat.chat_history] == [m.content for m in sync_chat.chat_history]
-    assert len(tiny_engine._buffers) == 1 and not stream_threads()
+    assert tiny_engine.scheduler.wait_idle() and not stream_threads()

@@ -204,13 +204,13 @@ class Scheduler:
     def _loop(self) -> None:
         try:
             while True:
-                self._drop_cancelled()
-                with self._cond:
-                    joiners = self._take_joiners()
-                    if not joiners and not self._active:
-                        self._thread = None
-                        return
                 with self._lock:
+                    self._drop_cancelled()
+                    with self._cond:
+                        joiners = self._take_joiners()
+                        if not joiners and not self._active:
+                            self._thread = None
+                            return
                     self._admit(joiners)
                     self._step()
                 time.sleep(0)  # let threads waiting for the engine lock (packet builds) in between steps

@@ -49,12 +49,13 @@ class BatchKV:
         """Make room for ``rows`` rows of ``columns`` positions, keeping every row's content."""
         if rows <= self.rows and columns <= self.columns:
             return
-        rows = max(rows, self.rows)
+        rows = max(rows, 2 * self.rows) if rows > self.rows else self.rows
         columns = max(columns, int(self.columns * 1.5)) if columns > self.columns else self.columns
         layers, _, heads, _, dim = self.keys.shape
         for name in ("keys", "values"):
             old = getattr(self, name)
-            new = old.new_empty(layers, rows, heads, columns, dim)
+            # zeros, not empty: a row's attention gives unused columns weight 0, and 0 * NaN garbage would be NaN
+            new = old.new_zeros(layers, rows, heads, columns, dim)
             new[:, : old.shape[1], :, : old.shape[3]] = old
             setattr(self, name, new)
 

@@ -88,3 +88,11 @@ def test_a_row_buffer_grows_the_batch_keeping_other_rows_and_refuses_too_long(ti
     assert torch.equal(batch.keys[:, 0, :, : len(CONTEXTS[0])], keys)
     with pytest.raises(ContextTooLongError):
         buffer.reserve(tiny_llama.max_positions + 1)
+
+
+def test_new_storage_is_zero_so_unused_columns_cannot_poison_attention(tiny_llama):
+    """Unused columns get attention weight 0, and 0 * NaN is NaN: fresh storage must hold no garbage."""
+    batch = BatchKV(tiny_llama)
+    forward_rows(batch, 0, [0], [CONTEXTS[0]])
+    batch.reserve(3, batch.columns * 4)
+    assert not batch.keys[:, 1:].any() and not batch.values[:, :, :, len(CONTEXTS[0]):].any()

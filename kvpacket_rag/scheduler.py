@@ -142,7 +142,7 @@ class Scheduler:
 
     def stats(self) -> dict:
         """Counters: ``requests`` admitted, ``failed``, ``rejected`` (queue full), ``timed_out``, decode ``steps``,
-        ``max_batch`` (most requests decoded in one step so far), and now: ``active``, ``queued``, ``running``
+        ``max_batch`` (most requests in the batch at once so far), and now: ``active``, ``queued``, ``running``
         (whether the loop thread is alive; it exits when no request is left) and ``batch_bytes``."""
         with self._cond:
             return {**self._stats, "active": len(self._active), "queued": len(self._pending),
@@ -261,6 +261,7 @@ class Scheduler:
         prefill_s = time.perf_counter() - started
         with self._cond:
             self._stats["requests"] += len(ready)
+            self._stats["max_batch"] = max(self._stats["max_batch"], len(self._active))
         for request, row_logits in zip(ready, logits):
             request.length += len(request.suffix)
             request.timings["question_prefill_s"] = prefill_s

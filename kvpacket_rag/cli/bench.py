@@ -1,11 +1,12 @@
-"""`kvpacket bench ttft|store`: benchmarks that write JSON and a markdown table."""
+"""`kvpacket bench ttft|store|serve`: benchmarks that write JSON and a markdown table."""
 
 from __future__ import annotations
 
 import importlib
 
 BENCHMARKS = {"ttft": "time to first token: kv_packet vs full recompute",
-              "store": "packet store read/write throughput and quantization"}
+              "store": "packet store read/write throughput and quantization",
+              "serve": "throughput and TTFT of one engine under concurrent questions"}
 
 
 def register(subparsers) -> None:

@@ -34,7 +34,7 @@ from .kvcache import KVBuffer, PacketCache
 from .methods import get_method
 from .models import LoadedModel, load_model
 from .prompt import DEFAULT_SYSTEM_PROMPT, ChatTurn, PromptFormatter
-from .scheduler import Request, Scheduler, SchedulerConfig
+from .scheduler import Prepare, Request, Scheduler, SchedulerConfig
 from .store import InMemoryStore, PacketStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -359,7 +359,7 @@ class PacketEngine:
 
         yield from self._scheduled(stream, method.name, prepare, suffix, generation)
 
-    def _scheduled(self, stream: AnswerStream, method: str, prepare, suffix: list[int],
+    def _scheduled(self, stream: AnswerStream, method: str, prepare: Prepare, suffix: list[int],
                    generation: GenerationConfig) -> Iterator[str]:
         """Run one request through the scheduler, yield its pieces, then set ``stream.answer``."""
         request = Request(prepare, suffix, generation, self.model.tokenizer)

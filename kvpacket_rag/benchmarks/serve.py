@@ -107,8 +107,8 @@ def run_level(index, questions: list[str], concurrency: int, generation: Generat
         raise errors[0]
     after = engine.scheduler.stats()
     out = summarize(records, wall)
-    out.update(concurrency=concurrency, questions=len(questions), peak_mb_per_active_request=(heap.peak - heap.start) / 2**20 / concurrency,
-               max_batch=after["max_batch"], decode_steps=after["steps"] - before["steps"],
+    out.update(concurrency=concurrency, questions=len(questions),
+               peak_mb_per_active_request=(heap.peak - heap.start) / 2**20 / concurrency, max_batch=after["max_batch"], decode_steps=after["steps"] - before["steps"],
                batch_storage_mb=after["batch_bytes"] / 2**20)
     return out
 
@@ -141,8 +141,9 @@ def run_reference(index, questions: list[str], generation: GenerationConfig, top
             chunks = [hit.text for hit in index.search(question, top_k)]
             ids = torch.tensor([formatter.full_prompt_ids(chunks, question)], device=model.device)
             streamer = _FirstToken()
-            out = model.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=generation.max_new_tokens,
-                                       do_sample=False, streamer=streamer, pad_token_id=model.tokenizer.eos_token_id)
+            out = model.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, streamer=streamer,
+                                       max_new_tokens=generation.max_new_tokens,
+                                       pad_token_id=model.tokenizer.eos_token_id)
             records.append({"ttft_s": (streamer.first or time.perf_counter()) - began,
                             "tokens": out.shape[1] - ids.shape[1]})
         wall = time.perf_counter() - start

@@ -187,7 +187,7 @@ def table(result: dict) -> str:
              f"run(s); load average (1 min) at start / end {result['load_average'][0]:.1f} / "
              f"{result['load_average'][1]:.1f}", "",
              "| engine | concurrency | questions/s | tokens/s | TTFT p50 | TTFT p95 | peak MiB per active request "
-             "| most decoded together |",
+             "| largest batch so far |",
              "|---|---|---|---|---|---|---|---|"]
     rows = [("kvpacket", run) for run in result["runs"]]
     if result.get("reference"):

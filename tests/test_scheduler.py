@@ -203,3 +203,19 @@ def test_concurrent_threads_are_decoded_together(engine, alone):
 def test_scheduler_config_is_validated(bad):
     with pytest.raises(ValueError):
         SchedulerConfig(**bad)
+
+
+def test_real_model_answers_in_a_batch_equal_answers_alone(default_model):
+    """SmolLM2 (fp32, no adapter): three questions over different chunks, decoded together, one joining late."""
+    engine = PacketEngine(default_model, adapter=None)
+    jobs = JOBS[:3]
+    generation = GenerationConfig(max_new_tokens=12)
+    alone = [engine.answer(q, chunks, generation=generation) for q, chunks in jobs]
+    first = start_together(engine, [engine.stream(q, c, generation=generation) for q, c in jobs[:2]])
+    first[0].first.wait(30)
+    late = Consumer(engine.stream(*jobs[2], generation=generation))
+    late.start()
+    for consumer in [*first, late]:
+        consumer.join(60)
+    assert [c.stream.answer.token_ids for c in [*first, late]] == [a.token_ids for a in alone]
+    assert engine.scheduler.stats()["max_batch"] >= 2

@@ -244,7 +244,6 @@ class Scheduler:
                 self._fail(request, error)
                 continue
             request.length = request.context.length
-            request.context.cache = None  # the row holds it; keep no view of storage that may be reallocated
             self._active.append(request)
             ready.append(request)
         if not ready:

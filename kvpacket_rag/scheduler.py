@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import torch
@@ -74,7 +74,7 @@ class Request:
         suffix: token ids run after the context (question and assistant header).
         generation: decoding settings.
 
-    Once done: ``context`` (the `PreparedContext`), ``streamer`` (text and token ids), ``finish_reason``
+    Once done: ``context`` (the `PreparedContext`, without its cache), ``streamer`` (text and token ids), ``finish_reason``
     (``stop`` or ``length``) and ``timings`` (``queue_s``, ``question_prefill_s``, ``ttft_s``, ``total_s``: seconds
     from submission).
     """
@@ -239,11 +239,13 @@ class Scheduler:
             row = len(self._active)
             try:
                 reserve = len(request.suffix) + request.generation.max_new_tokens
-                request.context = request.prepare(self.batch.row_buffer(row), reserve)
+                context = request.prepare(self.batch.row_buffer(row), reserve)
             except Exception as error:  # this request alone fails
                 self._fail(request, error)
                 continue
-            request.length = request.context.length
+            # the row holds the cache now; the request keeps no view of storage that growth may replace
+            request.context = replace(context, cache=None)
+            request.length = context.length
             self._active.append(request)
             ready.append(request)
         if not ready:

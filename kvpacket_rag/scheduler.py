@@ -173,7 +173,9 @@ class Scheduler:
             request.submitted = time.perf_counter()
             self._pending.append(request)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name=SCHEDULER_THREAD, daemon=True)
+                # not a daemon: the interpreter waits for the step in progress (a model forward must not run while
+                # the process tears down), and the loop exits as soon as no request is left
+                self._thread = threading.Thread(target=self._loop, name=SCHEDULER_THREAD)
                 self._thread.start()
             self._cond.notify()
 

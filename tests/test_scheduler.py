@@ -219,3 +219,28 @@ def test_real_model_answers_in_a_batch_equal_answers_alone(default_model):
         consumer.join(60)
     assert [c.stream.answer.token_ids for c in [*first, late]] == [a.token_ids for a in alone]
     assert engine.scheduler.stats()["max_batch"] >= 2
+
+
+def test_a_process_exits_cleanly_right_after_closing_a_stream(tmp_path):
+    """The loop thread finishes its step before the interpreter tears down (no abort, no hang)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit_early.py"
+    script.write_text(
+        "from transformers import AutoTokenizer\n"
+        "from kvpacket_rag.engine import PacketEngine\n"
+        "from kvpacket_rag.generation import GenerationConfig\n"
+        "from kvpacket_rag.models import default_model_dir\n"
+        "from kvpacket_rag.testing import make_tiny_model\n"
+        "model = make_tiny_model('llama', AutoTokenizer.from_pretrained(default_model_dir()))\n"
+        "engine = PacketEngine(model, adapter=None)\n"
+        "for n in range(3):\n"
+        "    stream = engine.stream('Where was Ada born?', ['Ada was born in London.'],\n"
+        "                           generation=GenerationConfig(max_new_tokens=1000))\n"
+        "    next(iter(stream))\n"
+        "    stream.close()\n"
+        "left = engine.stream('Who?', ['Bob.'], generation=GenerationConfig(max_new_tokens=200))\n"
+        "next(iter(left))  # abandoned, not closed: the process still ends once it is done\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -74,9 +74,9 @@ class Request:
         suffix: token ids run after the context (question and assistant header).
         generation: decoding settings.
 
-    Once done: ``context`` (the `PreparedContext`, without its cache), ``streamer`` (text and token ids), ``finish_reason``
-    (``stop`` or ``length``) and ``timings`` (``queue_s``, ``question_prefill_s``, ``ttft_s``, ``total_s``: seconds
-    from submission).
+    Once done: ``context`` (the `PreparedContext`, without its cache), ``streamer`` (text and token ids),
+    ``finish_reason`` (``stop`` or ``length``) and ``timings`` (``queue_s``, ``question_prefill_s``, ``ttft_s``,
+    ``total_s``: seconds from submission).
     """
 
     def __init__(self, prepare: Prepare, suffix: list[int], generation: GenerationConfig, tokenizer):

@@ -108,7 +108,8 @@ def run_level(index, questions: list[str], concurrency: int, generation: Generat
     after = engine.scheduler.stats()
     out = summarize(records, wall)
     out.update(concurrency=concurrency, questions=len(questions),
-               peak_mb_per_active_request=(heap.peak - heap.start) / 2**20 / concurrency, max_batch=after["max_batch"], decode_steps=after["steps"] - before["steps"],
+               peak_mb_per_active_request=(heap.peak - heap.start) / 2**20 / concurrency,
+               max_batch=after["max_batch"], decode_steps=after["steps"] - before["steps"],
                batch_storage_mb=after["batch_bytes"] / 2**20)
     return out
 

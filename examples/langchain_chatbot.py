@@ -84,12 +84,14 @@ for question in questions:
 # ## A follow-up question
 #
 # Pass the conversation as `chat_history`; earlier turns go after the packets in the prompt, so the same
-# packets serve every turn.
+# packets serve every turn. A `session_id` (one per conversation) keeps the conversation's cache between calls:
+# while the retrieved documents stay the same, a turn forwards only its new message.
 
 # %%
 history = [("human", "Who is the coach of Kaito Brennan?"), ("ai", "The coach of Kaito Brennan is Emiko Sato.")]
 print("A: ", end="")
-for chunk in chain.stream({"question": "Where was Kaito Brennan born?", "chat_history": history}):
+for chunk in chain.stream({"question": "Where was Kaito Brennan born?", "chat_history": history,
+                           "session_id": "conversation-1"}):
     print(chunk.content, end="", flush=True)
 print()
 

@@ -99,7 +99,8 @@ for method in ("kv_packet", "full_recompute"):
 # ## Multi-turn chat
 #
 # `KVPacketChatEngine` retrieves for each message; earlier turns go after the packets, so the packets stay
-# reusable across turns.
+# reusable across turns, and the conversation's cache is kept (a chat session): a turn that retrieves the same
+# nodes forwards only its new message.
 
 # %%
 chat = KVPacketChatEngine.from_index(index, llm, similarity_top_k=3)

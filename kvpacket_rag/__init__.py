@@ -24,19 +24,20 @@ from .packet import KVPacket, packet_key
 from .prompt import ChatTurn, PromptFormatter
 from .rag import PACKET_KEY, RAGAnswer, RAGAnswerStream, ensure_packets, stream_answer
 from .scheduler import SchedulerConfig
+from .session import ChatSession, SessionCache
 from .settings import EngineSettings, shared_engine
 from .store import InMemoryStore, LocalStore, PacketStore, StoreError, open_store
 
 __version__ = "0.1.0"
 __all__ = [
-    "Answer", "AnswerStream", "AsyncAnswerStream", "ChatTurn", "Chunker", "ChunkerConfig", "ChunkRecord",
+    "Answer", "AnswerStream", "AsyncAnswerStream", "ChatSession", "ChatTurn", "Chunker", "ChunkerConfig", "ChunkRecord",
     "ContextMethod", "ContextSource",
     "ContextTooLongError", "CorruptPacketError", "DEFAULT_MODEL", "Document", "Embedder", "EmptyInputError",
     "EngineSettings", "GenerationConfig", "IncompatiblePacketError", "IngestReport", "InMemoryStore", "KVPacket",
     "KVPacketError", "LoadedModel", "LocalStore", "METHODS", "PACKET_KEY", "PacketAdapter", "PacketBuilder",
     "PacketEngine", "PacketIndex", "PacketNotFoundError", "PacketStore", "PreparedContext", "PromptFormatter",
     "QueueFullError", "QueueTimeoutError", "RAGAnswer", "RAGAnswerStream", "SHIPPED_ADAPTERS", "SchedulerConfig",
-    "SearchHit", "StoreError", "UnsupportedModelError",
+    "SearchHit", "SessionCache", "StoreError", "UnsupportedModelError",
     "ensure_packets", "get_method", "load_model", "open_store", "packet_key", "resolve_adapter", "shared_engine",
     "stream_answer", "wrap_model",
 ]

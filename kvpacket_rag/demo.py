@@ -4,7 +4,8 @@ The bundled corpus (``kvpacket_rag/data/corpus/``) is 36 short documents about f
 people, with suggested questions the embedded 135M model answers correctly. `open_demo_index` ingests it
 into a `PacketIndex` whose packets live in a `LocalStore` under the demo directory; the next run opens the
 saved index and reuses every packet (none is rebuilt). `DemoChat` answers questions with history, through
-packets, and optionally by full recompute over the same retrieved chunks for comparison.
+packets in a chat session (each turn forwards only its new message while the retrieved chunks stay the same), and
+optionally by full recompute over the same retrieved chunks for comparison.
 
 Example:
     >>> engine = make_demo_engine()
@@ -214,6 +215,7 @@ class DemoReply:
         question: as asked; sources: the retrieved chunks (context order, best first).
         packet: the answer through KV packets; full: the full-recompute answer (only with ``compare``).
         retrieval_s: time spent retrieving; history_turns: earlier turns in the prompt.
+        conversation_cached: the earlier turns came from the session's kept cache (not forwarded again).
     """
 
     question: str
@@ -222,6 +224,7 @@ class DemoReply:
     full: RAGAnswer | None = None
     retrieval_s: float = 0.0
     history_turns: int = 0
+    conversation_cached: bool = False
 
     @property
     def source_ids(self) -> list[str]:
@@ -235,7 +238,8 @@ class DemoReply:
 
         return {"question": self.question, "answer": self.packet.text,
                 "sources": [{"doc_id": h.chunk.doc_id, "score": round(h.score, 4)} for h in self.sources],
-                "retrieval_s": self.retrieval_s, "kv_packet": one(self.packet),
+                "retrieval_s": self.retrieval_s, "conversation_cached": self.conversation_cached,
+                "kv_packet": one(self.packet),
                 "full_recompute": one(self.full) if self.full is not None else None}
 
 
@@ -250,17 +254,22 @@ class DemoChat:
     Follow-up questions ("Where was she born?") name no entity, so retrieval also searches the last two questions
     joined to the new one and keeps the best-scoring chunks of both searches.
 
+    Packet answers go through a chat session (`kvpacket_rag.session.ChatSession`): while a turn retrieves the
+    chunks of the previous one, only its new message is forwarded; other chunks reassemble the conversation over
+    their packets.
+
     Attributes:
         index: the index to retrieve from and answer with.
         top_k: chunks per question (>= 1).
         generation: decoding settings (default: greedy, 48 new tokens).
-        max_history: earlier turns kept in the prompt (older ones are dropped).
+        max_history: earlier turns kept in the prompt (older ones are dropped, and the turn that drops one
+            reassembles the conversation).
     """
 
     index: PacketIndex
     top_k: int = 3
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=48))
-    max_history: int = 3
+    max_history: int = 8
     history: list[ChatTurn] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -269,10 +278,12 @@ class DemoChat:
         if self.max_history < 0:
             raise ValueError(f"max_history must be >= 0, got {self.max_history}")
         self.index.engine.preamble_block()  # computed once per engine; keeps it out of the first TTFT
+        self.session = self.index.engine.session()
 
     def reset(self) -> None:
-        """Forget the conversation."""
+        """Forget the conversation (and its kept cache)."""
         self.history.clear()
+        self.session.reset()
 
     def retrieve(self, question: str) -> list[SearchHit]:
         """The ``top_k`` chunks for ``question`` in context order (best first), using the last turn for follow-ups."""
@@ -302,13 +313,16 @@ class DemoChat:
             again = time.perf_counter()
             full = self._answer(question, hits, history, "full_recompute", on_piece, again - retrieval_s, retrieval_s)
         self.history.append(ChatTurn(question.strip(), packet.text.strip()))
-        return DemoReply(question, hits, packet, full, retrieval_s, len(history))
+        suffix = self.index.engine.formatter.suffix_ids(question, history)
+        cached = bool(history) and packet.answer.forwarded_tokens < len(suffix)
+        return DemoReply(question, hits, packet, full, retrieval_s, len(history), cached)
 
     def _answer(self, question, hits, history, method, on_piece, started, retrieval_s) -> RAGAnswer:
         stream = stream_answer(self.index.engine, question, [h.text for h in hits],
                                recorded_keys=[h.packet_key for h in hits], missing=self.index.missing_packets,
                                history=history, generation=self.generation, method=method, sources=hits,
-                               started=started, retrieval_s=retrieval_s)
+                               started=started, retrieval_s=retrieval_s,
+                               session=self.session if method == "kv_packet" else None)
         for piece in stream:
             if on_piece is not None:
                 on_piece(method, piece)

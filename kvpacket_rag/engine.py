@@ -29,12 +29,13 @@ from .builder import PacketBuilder
 from .context import ContextMethod, PacketFetch, PacketKind, PreparedContext
 from .errors import EmptyInputError
 from .flops import forward_flops
-from .generation import GenerationConfig, eos_ids
+from .generation import GenerationConfig, TextStreamer, decode_tokens, eos_ids, stream_text
 from .kvcache import KVBuffer, PacketCache
 from .methods import get_method
 from .models import LoadedModel, load_model
 from .prompt import DEFAULT_SYSTEM_PROMPT, ChatTurn, PromptFormatter
 from .scheduler import Prepare, Request, Scheduler, SchedulerConfig
+from .session import DEFAULT_SESSION_BYTES, ChatSession, SessionCache
 from .store import InMemoryStore, PacketStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -158,18 +159,21 @@ class PacketEngine:
         system_prompt: system message of the cached preamble.
         device, dtype: where and how to load ``model`` when it is not already loaded.
         scheduler: batch and queue limits of the request scheduler (default `SchedulerConfig()`).
+        session_bytes: byte budget of the caches kept by chat sessions (`session`); least recently used first
+            dropped beyond it.
 
     Thread-safe: one engine may serve several threads and coroutines at once. Every answer (`answer`, `stream`,
     `chat` and their async forms) goes through the engine's `Scheduler`: one decode loop that prefills the
     questions joining it together and then advances all active answers in one batched forward per token, each
     with its own context, positions, stop strings and token budget, so every answer equals the answer alone.
-    Model work outside answers (packet builds) shares one engine lock with the loop's steps.
+    Model work outside answers (packet builds, and chat session turns, which decode over their own kept cache,
+    one step at a time, not batched) shares one engine lock with the loop's steps.
     """
 
     def __init__(self, model: LoadedModel | str | None = None, adapter: PacketAdapter | str | Path | None = "default",
                  store: PacketStore | None = None, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
                  device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-                 scheduler: SchedulerConfig | None = None):
+                 scheduler: SchedulerConfig | None = None, session_bytes: int = DEFAULT_SESSION_BYTES):
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
         self.adapter = resolve_adapter(self.model, adapter)
         self.store = store if store is not None else InMemoryStore(max_bytes=DEFAULT_STORE_BYTES)
@@ -182,6 +186,7 @@ class PacketEngine:
         self._compute = threading.RLock()  # model work: one step at a time
         self._stop_ids = eos_ids(self.model.tokenizer, self.model.config)
         self.scheduler = Scheduler(self.model, self._compute, scheduler or SchedulerConfig(), self._stop_ids)
+        self.sessions = SessionCache(session_bytes)
 
     # ---- packets -------------------------------------------------------------------------
 
@@ -317,6 +322,17 @@ class PacketEngine:
         """`answer` for asyncio, without blocking the event loop (see `astream`)."""
         return await self.astream(question, chunks, method, history, generation).collect()
 
+    def session(self, session_id: str | None = None, history: Sequence[ChatTurn] = ()) -> ChatSession:
+        """A chat session: a conversation over retrieved chunks whose cache is kept between turns, so that each
+        turn forwards only its new message (see `kvpacket_rag.session`).
+
+        Args:
+            session_id: the key of its kept cache in `sessions` (default: a new unique one). Sessions made with
+                the same id share the kept cache (an application that keeps conversations by id).
+            history: turns the conversation starts from.
+        """
+        return ChatSession(self, session_id, history)
+
     def chat(self, messages: Sequence[tuple[str, str]], generation: GenerationConfig | None = None) -> AnswerStream:
         """Stream a plain generation: the whole chat prompt runs through the model (no packets, no cached preamble).
 
@@ -348,6 +364,62 @@ class PacketEngine:
         """`chat` for asyncio (``async for piece in engine.achat(...)``); the model runs in a worker thread."""
         messages = list(messages)
         return AsyncAnswerStream(lambda: self.chat(messages, generation))
+
+    def _open(self, run: Callable[[AnswerStream], Iterator[str]]) -> AnswerStream:
+        """A stream whose pieces come from ``run(stream)`` (which sets ``stream.answer``), each step under the lock."""
+        stream = AnswerStream(iter(()))
+        stream._pieces = self._serialized(run(stream))
+        return stream
+
+    @staticmethod
+    def _open_async(open_stream: Callable[[], AnswerStream]) -> AsyncAnswerStream:
+        """An async stream over the stream ``open_stream()`` opens in a worker thread."""
+        return AsyncAnswerStream(open_stream)
+
+    def _serialized(self, pieces: Iterator[str]) -> Iterator[str]:
+        """Run each step of ``pieces`` under the engine lock, releasing it before handing the piece out."""
+        try:
+            while True:
+                with self._compute:
+                    try:
+                        piece = next(pieces)
+                    except StopIteration:
+                        return
+                yield piece
+        finally:
+            pieces.close()  # a consumer that stops early ends the turn now
+
+    def _generate(self, stream: AnswerStream, start: float, method: str, context: PreparedContext,
+                  suffix: list[int], generation: GenerationConfig) -> Iterator[str]:
+        """Prefill ``suffix`` after the prepared context, decode, time it; set ``stream.answer`` (chat session turns:
+        they decode over their own kept cache, outside the scheduler)."""
+        prefill_start = time.perf_counter()
+        logits = self._prefill(suffix, context)
+        prefill_s = time.perf_counter() - prefill_start
+        streamer = TextStreamer(self.model.tokenizer, generation.stop)
+        tokens = decode_tokens(self.model.model, context.cache, logits, context.length + len(suffix),
+                               generation, self._stop_ids)
+        clock: dict[str, float] = {}
+        yield from stream_text(tokens, streamer, start, clock)
+        total = time.perf_counter() - start
+        timings = {"packet_load_s": context.packet_load_s, "packet_build_s": context.packet_build_s,
+                   "assembly_s": context.assembly_s, "context_prefill_s": context.context_prefill_s,
+                   "question_prefill_s": prefill_s,
+                   "ttft_s": clock.get("ttft_s", total), "total_s": total}
+        question_flops = forward_flops(self.model.config, len(suffix), context.length, logits_tokens=1)
+        cut = not streamer.stopped and len(streamer.ids) >= generation.max_new_tokens
+        stream.answer = Answer(streamer.text, list(streamer.ids), method, timings, context.context_flops,
+                               context.context_flops + question_flops, context.length, len(suffix),
+                               context.forwarded_tokens + len(suffix), context.packet_keys,
+                               context.packets_built, context.tokens_built, "length" if cut else "stop")
+
+    @torch.no_grad()
+    def _prefill(self, suffix: list[int], context) -> torch.Tensor:
+        device = self.model.device
+        ids = torch.tensor([suffix], device=device)
+        positions = torch.arange(context.length, context.length + len(suffix), device=device).unsqueeze(0)
+        return self.model.model(input_ids=ids, position_ids=positions, cache=context.cache, use_cache=True,
+                                logits_to_keep=1).logits[0, -1]
 
     def _run(self, stream: AnswerStream, question, chunks, method, history, generation) -> Iterator[str]:
         suffix = self.formatter.suffix_ids(question, history)

@@ -80,13 +80,20 @@ class PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
     def _grow(self, needed: int) -> None:
+        self.reserve(max(needed, 2 * self.buffer_keys.shape[-2]))
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for exactly ``capacity`` positions when there is less (the cached positions are kept)."""
+        if capacity <= self.buffer_keys.shape[-2]:
+            return
         shape = list(self.buffer_keys.shape)
-        shape[-2] = max(needed, 2 * shape[-2])
+        shape[-2] = capacity
         for name in ("buffer_keys", "buffer_values"):
             old = getattr(self, name)
             new = old.new_empty(shape)
             new[:, :, : self.length] = old[:, :, : self.length]
             setattr(self, name, new)
+        self.keys, self.values = self.buffer_keys[:, :, : self.length], self.buffer_values[:, :, : self.length]
 
     def get_seq_length(self) -> int:
         return self.length
@@ -104,6 +111,26 @@ class PacketCache(Cache):
     def __init__(self, buffer: KVBuffer, length: int):
         layers = [PreallocatedLayer(buffer.keys[i], buffer.values[i], length) for i in range(buffer.shape[0])]
         super().__init__(layers=layers)
+
+    def truncate(self, length: int) -> None:
+        """Forget the positions from ``length`` on: the next token is written at position ``length``."""
+        for layer in self.layers:
+            layer.crop(length)
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for ``capacity`` positions in every layer, keeping the cached ones."""
+        for layer in self.layers:
+            layer.reserve(capacity)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of key/value storage this cache holds (its capacity, not only the positions in use)."""
+        storages = {}
+        for layer in self.layers:
+            for tensor in (layer.buffer_keys, layer.buffer_values):
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
 
     def to_block(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A copy of the cached keys/values as ``[layers, kv_heads, length, head_dim]`` tensors."""

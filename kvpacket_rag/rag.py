@@ -23,6 +23,7 @@ from .prompt import ChatTurn
 if TYPE_CHECKING:
     from .engine import Answer, PacketEngine
     from .index import SearchHit
+    from .session import ChatSession
 
 PACKET_KEY = "packet_key"
 """Metadata field holding a chunk's packet key (documents, nodes, chunk records)."""
@@ -198,12 +199,17 @@ def stream_answer(engine: "PacketEngine", question: str, texts: Sequence[str], *
                   recorded_keys: Sequence[str | None] | None = None, missing: MissingPackets = "build",
                   history: Sequence[ChatTurn] = (), generation: GenerationConfig | None = None,
                   method: str = "kv_packet", sources: Sequence[SearchHit] | None = None,
-                  started: float | None = None, retrieval_s: float = 0.0) -> RAGAnswerStream:
+                  started: float | None = None, retrieval_s: float = 0.0,
+                  session: ChatSession | str | None = None) -> RAGAnswerStream:
     """Stream the answer to ``question`` over retrieved chunk ``texts`` (context order) through their packets.
 
     With no texts the question is answered closed-book (``closed_book`` is True). Packets are checked with
     `ensure_packets` first. Every integration answers through this function, so the same question, chunks,
     history and generation settings give the same answer everywhere.
+
+    With ``session`` (a `kvpacket_rag.session.ChatSession` or a session id of ``engine``) the turn goes through
+    the session's kept cache: the same answer, forwarding only what is new since its last turn (``history`` is
+    still the whole conversation before ``question``).
 
     Raises:
         EmptyInputError, IncompatiblePacketError, MissingPacketKeyError, PacketNotFoundError (before any token).
@@ -216,8 +222,12 @@ def stream_answer(engine: "PacketEngine", question: str, texts: Sequence[str], *
     prebuilt = (0, 0)
     if texts and method == "kv_packet":
         prebuilt = _ensure(engine, texts, recorded_keys, missing)[1]
-    stream = engine.stream(question, texts, method="closed_book" if closed_book else method, history=tuple(history),
-                           generation=generation)
+    method = "closed_book" if closed_book else method
+    if session is None:
+        stream = engine.stream(question, texts, method=method, history=tuple(history), generation=generation)
+    else:
+        session = engine.session(session) if isinstance(session, str) else session
+        stream = session.stream(question, texts, history=tuple(history), method=method, generation=generation)
     return RAGAnswerStream(stream, list(sources or []), closed_book, started, retrieval_s, prebuilt)
 
 

@@ -117,6 +117,22 @@ def test_chat_records_turns_and_reset_forgets_them(tiny_llama, embedder, tmp_pat
         DemoChat(index, top_k=0)
 
 
+def test_follow_ups_over_the_same_chunks_come_from_the_chat_session(tiny_llama, embedder, tmp_path):
+    from kvpacket_rag.generation import GenerationConfig
+
+    engine = _engine(tiny_llama, tmp_path / "packets")
+    index, _ = open_demo_index(engine, load_corpus()[:1], tmp_path, progress=False, log=lambda _: None)
+    chat = DemoChat(index, top_k=1, generation=GenerationConfig(max_new_tokens=4))
+    first = chat.ask("Where is Bramblegate Bakery?")
+    second = chat.ask("When was it founded?", compare=True)
+    assert not first.conversation_cached and second.conversation_cached
+    assert second.packet.answer.forwarded_tokens < second.full.answer.forwarded_tokens
+    fresh = engine.answer("When was it founded?", [h.text for h in second.sources], history=chat.history[:1],
+                          generation=chat.generation)
+    assert second.packet.answer.token_ids == fresh.token_ids
+    assert second.to_dict()["conversation_cached"] is True
+
+
 def test_bad_top_k_is_a_clear_cli_error(capsys):
     assert cli_main(["demo", "--top-k", "0"]) == 2
     assert "--top-k must be >= 1" in capsys.readouterr().err

@@ -134,7 +134,8 @@ def _print_reply(chat, question: str, compare: bool) -> None:
     sources = "  ".join(f"[{n}] {hit.chunk.doc_id} ({hit.score:.2f})" for n, hit in enumerate(reply.sources, 1))
     print(f"  sources: {sources}")
     packet = reply.packet
-    asked = "question and chat history" if reply.history_turns else "the question only"
+    asked = ("the new message; the conversation came from the session's cache" if reply.conversation_cached
+             else "question and chat history" if reply.history_turns else "the question only")
     print(f"  kv_packet:      TTFT {_ms(packet.timings['ttft_s'])} through {len(packet.packet_keys)} packets "
           f"({packet.answer.forwarded_tokens} tokens forwarded: {asked}; retrieval {_ms(reply.retrieval_s)})")
     if reply.full is not None:

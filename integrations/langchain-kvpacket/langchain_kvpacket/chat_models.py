@@ -2,7 +2,9 @@
 
 Called like any chat model it runs the whole conversation through the model. Called with
 ``documents=[Document, ...]`` (``llm.invoke(messages, documents=docs)`` or ``llm.bind(documents=docs)``)
-it answers the last human message through the documents' packets; earlier turns follow the packets.
+it answers the last human message through the documents' packets; earlier turns follow the packets. Adding
+``session_id="..."`` keeps the conversation's cache between calls, so that each turn over the same documents
+forwards only its new message.
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ class ChatKVPacket(BaseChatModel):
         >>> llm = ChatKVPacket(engine=engine)
         >>> llm.invoke("Tell me a joke.")                                     # plain chat
         >>> llm.invoke("Who founded Quill Press?", documents=retrieved_docs)  # through the documents' packets
+        >>> llm.invoke(conversation, documents=retrieved_docs, session_id="user-42")  # the conversation cached
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -179,10 +182,14 @@ class ChatKVPacket(BaseChatModel):
     # ---- generation -------------------------------------------------------------------------------------------
 
     def answer_documents(self, messages: Sequence[BaseMessage], documents: Sequence[Document],
-                         stop: Sequence[str] | None = None, **kwargs: Any) -> RAGAnswerStream:
+                         stop: Sequence[str] | None = None, session_id: str | None = None,
+                         **kwargs: Any) -> RAGAnswerStream:
         """Stream the answer to the conversation's last human message over ``documents`` through their packets.
 
-        No documents: answered closed-book (``closed_book`` True in the response metadata).
+        No documents: answered closed-book (``closed_book`` True in the response metadata). With ``session_id``
+        the turn goes through that chat session of the engine (`kvpacket_rag.ChatSession`): the same answer, with
+        the conversation so far served from the session's kept cache (only the new message is forwarded while the
+        documents stay the same). Use one id per conversation.
 
         Raises:
             MissingPacketKeyError, PacketNotFoundError (``missing_packets='error'``), IncompatiblePacketError
@@ -192,13 +199,14 @@ class ChatKVPacket(BaseChatModel):
         return stream_answer(self.engine, question, [d.page_content for d in documents],
                              recorded_keys=[d.metadata.get(PACKET_KEY) for d in documents],
                              missing=self.missing_packets, history=history,
-                             generation=self.generation(stop, **kwargs))
+                             generation=self.generation(stop, **kwargs), session=session_id)
 
     def _chunks(self, messages: list[BaseMessage], stop: list[str] | None, **kwargs: Any
                 ) -> Iterator[ChatGenerationChunk]:
         documents = kwargs.pop("documents", None)
+        session_id = kwargs.pop("session_id", None)
         if documents is not None:
-            stream = self.answer_documents(messages, documents, stop, **kwargs)
+            stream = self.answer_documents(messages, documents, stop, session_id, **kwargs)
             yield from _pieces(stream)
             result: RAGAnswer = stream.result
             answer = result.answer

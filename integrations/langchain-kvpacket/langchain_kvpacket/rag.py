@@ -98,10 +98,12 @@ class PacketIndexRetriever(BaseRetriever):
 
 def _normalise(inputs: Any) -> dict:
     if isinstance(inputs, str):
-        return {"question": inputs, "chat_history": []}
+        return {"question": inputs, "chat_history": [], "session_id": None}
     if isinstance(inputs, dict) and isinstance(inputs.get("question"), str):
-        return {"question": inputs["question"], "chat_history": _history(inputs.get("chat_history") or [])}
-    raise TypeError("the chain takes a question string or {'question': str, 'chat_history': [messages]}")
+        return {"question": inputs["question"], "chat_history": _history(inputs.get("chat_history") or []),
+                "session_id": inputs.get("session_id")}
+    raise TypeError("the chain takes a question string or {'question': str, 'chat_history': [messages], "
+                    "'session_id': str (optional)}")
 
 
 def _history(items: Sequence[Any]) -> list[BaseMessage]:
@@ -120,8 +122,10 @@ def _history(items: Sequence[Any]) -> list[BaseMessage]:
 def create_kvpacket_rag_chain(retriever: BaseRetriever, llm: ChatKVPacket) -> Runnable:
     """LCEL chain: retrieve for the question, then answer it through the retrieved documents' packets.
 
-    Input: a question string, or ``{"question": str, "chat_history": [messages or (role, text)]}``; earlier turns
-    follow the packets in the prompt, so packets are reused across turns. Output: an ``AIMessage`` (streamed as
+    Input: a question string, or ``{"question": str, "chat_history": [messages or (role, text)], "session_id": str}``;
+    earlier turns follow the packets in the prompt, so packets are reused across turns. With a ``session_id`` (one
+    per conversation) the conversation's cache is kept between calls: while the retrieved documents stay the same,
+    a turn forwards only its new message. Output: an ``AIMessage`` (streamed as
     ``AIMessageChunk``s) whose ``response_metadata["kvpacket"]`` holds ``closed_book``, ``packet_keys``,
     ``timings`` and the source documents' metadata (``sources``). Retrieval is run with the question alone.
 
@@ -135,7 +139,8 @@ def create_kvpacket_rag_chain(retriever: BaseRetriever, llm: ChatKVPacket) -> Ru
 
     def answer(inputs: dict) -> Runnable:
         messages = [*inputs["chat_history"], HumanMessage(inputs["question"])]
-        return RunnableLambda(lambda _: messages, name="conversation") | llm.bind(documents=inputs["documents"])
+        bound = llm.bind(documents=inputs["documents"], session_id=inputs["session_id"])
+        return RunnableLambda(lambda _: messages, name="conversation") | bound
 
     return (RunnableLambda(_normalise, name="inputs")
             | RunnablePassthrough.assign(documents=RunnableLambda(lambda x: x["question"]) | retriever)

@@ -146,6 +146,30 @@ def test_multi_turn_chain_reuses_packets(engine, embedder):
     assert engine.counters["packets_built"] == built
 
 
+def test_session_id_keeps_the_conversation_cached_with_the_same_answers(engine, embedder):
+    index = packet_index(engine, embedder)
+    llm = ChatKVPacket(engine=engine, max_tokens=TOKENS)
+    chain = create_kvpacket_rag_chain(PacketIndexRetriever(index=index, k=2), llm)
+    history: list = []
+    for turn, question in enumerate(("Who founded Nimbus Air?", "Where is Nimbus Air headquartered?",
+                                     "When was Nimbus Air founded?")):
+        kept = chain.invoke({"question": question, "chat_history": history, "session_id": "conversation-1"})
+        plain = chain.invoke({"question": question, "chat_history": history})
+        assert kept.content == plain.content
+        forwarded = [m.response_metadata["kvpacket"]["forwarded_tokens"] for m in (kept, plain)]
+        if turn and kept.response_metadata["kvpacket"]["packet_keys"] == previous:
+            assert forwarded[0] < forwarded[1]  # the conversation came from the session's cache
+        previous = kept.response_metadata["kvpacket"]["packet_keys"]
+        history += [("human", question), ("ai", kept.content)]
+    assert engine.sessions.state("conversation-1") is not None
+    docs = lc_documents()[:2]
+    one = llm.invoke([HumanMessage(Q1)], documents=docs, session_id="conversation-2")
+    two = llm.invoke([HumanMessage(Q1), one, HumanMessage("When?")], documents=docs, session_id="conversation-2")
+    fresh = llm.invoke([HumanMessage(Q1), one, HumanMessage("When?")], documents=docs)
+    assert two.content == fresh.content
+    assert two.response_metadata["kvpacket"]["forwarded_tokens"] < fresh.response_metadata["kvpacket"]["forwarded_tokens"]
+
+
 def test_usage_reports_packet_cache_reads_creations_and_finish_reason(engine, embedder):
     index = packet_index(engine, embedder)
     llm = ChatKVPacket(engine=engine, max_tokens=TOKENS)

@@ -149,8 +149,24 @@ def test_chat_engine_multi_turn_reuses_packets(engine, embedder):
     assert text.strip() == expected.text.strip()
     assert [m.role for m in chat.chat_history] == [MessageRole.USER, MessageRole.ASSISTANT] * 2
     assert engine.counters["packets_built"] == built  # every turn reused the stored packets
+    assert engine.sessions.state(chat.session.id) is not None  # the conversation's cache is kept
     chat.reset()
-    assert chat.chat_history == []
+    assert chat.chat_history == [] and engine.sessions.state(chat.session.id) is None
+
+
+def test_chat_session_forwards_only_the_new_message_with_the_same_answers(engine, embedder):
+    llm = KVPacketLLM(engine, max_new_tokens=TOKENS)
+    nodes = [TextNode(text=CORPUS["nimbus"]), TextNode(text=CORPUS["quill"])]
+    session = engine.session()
+    messages: list = []
+    for turn, question in enumerate(("Who founded Nimbus Air?", "Where is it headquartered?", "And Quill Press?")):
+        messages.append(ChatMessage(role=MessageRole.USER, content=question))
+        kept = llm.chat(messages, nodes=nodes, session=session)
+        fresh = llm.chat(messages, nodes=nodes)
+        assert kept.message.content == fresh.message.content
+        forwarded = [r.additional_kwargs["kvpacket"]["forwarded_tokens"] for r in (kept, fresh)]
+        assert forwarded[0] < forwarded[1] if turn else forwarded[0] == forwarded[1]
+        messages.append(kept.message)
 
 
 def test_token_counting_handler_counts_queries_and_sees_llm_and_synthesize_events(engine, embedder):

@@ -11,7 +11,7 @@ import warnings
 from contextlib import aclosing
 from typing import Any, AsyncIterator, Iterator, Sequence
 
-from kvpacket_rag import Answer, AnswerStream, ChatTurn, GenerationConfig, PacketEngine, PacketStore
+from kvpacket_rag import Answer, AnswerStream, ChatSession, ChatTurn, GenerationConfig, PacketEngine, PacketStore
 from kvpacket_rag.aio import iterate_in_thread
 from kvpacket_rag.models import DEFAULT_MODEL
 from kvpacket_rag.rag import (PACKET_KEY, RAGAnswer, RAGAnswerStream, looks_like_pasted_documents, split_turns,
@@ -157,8 +157,11 @@ class KVPacketLLM(CustomLLM):
     # ---- packets ----------------------------------------------------------------------------------------------
 
     def stream_nodes(self, question: str, nodes: Sequence[BaseNode | NodeWithScore], history: Sequence[ChatTurn] = (),
-                     **kwargs: Any) -> RAGAnswerStream:
+                     session: ChatSession | str | None = None, **kwargs: Any) -> RAGAnswerStream:
         """Stream the answer to ``question`` over ``nodes`` (context order) through their packets.
+
+        With ``session`` (a `kvpacket_rag.ChatSession` or a session id) the turn reuses the conversation's kept
+        cache: the same answer, only the new message forwarded while the nodes stay the same.
 
         No nodes: answered closed-book (``closed_book`` True in the result metadata). A ``system_prompt``,
         ``messages_to_prompt`` or ``completion_to_prompt`` set on this LLM is not applied here (the prompt is the
@@ -172,7 +175,7 @@ class KVPacketLLM(CustomLLM):
         texts = [node_text(n, self.metadata_mode) for n in nodes]
         keys = [(n.node if isinstance(n, NodeWithScore) else n).metadata.get(PACKET_KEY) for n in nodes]
         return stream_answer(self.engine, question, texts, recorded_keys=keys, missing=self.missing_packets,
-                             history=history, generation=self.generation(**kwargs))
+                             history=history, generation=self.generation(**kwargs), session=session)
 
     def _warn_ignored_wrappers(self) -> None:
         customised = {"system_prompt": bool(self.system_prompt),
@@ -247,7 +250,8 @@ class KVPacketLLM(CustomLLM):
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         """Reply to ``messages``; with ``nodes=`` answer the last user message through the nodes' packets,
-        earlier turns following the packets in the prompt."""
+        earlier turns following the packets in the prompt (with ``session=``, a `kvpacket_rag.ChatSession` or a
+        session id, earlier turns come from the conversation's kept cache, see `stream_nodes`)."""
         last = None
         for last in self._chats(messages, **kwargs):
             pass
@@ -261,9 +265,10 @@ class KVPacketLLM(CustomLLM):
 
     def _chats(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         nodes = kwargs.pop("nodes", None)
+        session = kwargs.pop("session", None)
         if nodes is not None:
             question, history = split_chat(messages)
-            completions = self._stream_packets(self.stream_nodes(question, nodes, history, **kwargs))
+            completions = self._stream_packets(self.stream_nodes(question, nodes, history, session, **kwargs))
         else:
             completions = self._stream_plain(self._chat_messages(messages), **kwargs)
         return _as_chat(completions)

@@ -4,7 +4,8 @@
 - `KVPacketNodePostprocessor`: attaches (and if needed builds) packets for retrieved nodes.
 - `KVPacketSynthesizer`: a response synthesizer answering through the nodes' packets (streaming too).
 - `as_kvpacket_query_engine(index, llm)`: ``index.as_query_engine`` wired with the two above.
-- `KVPacketChatEngine`: multi-turn chat; earlier turns follow the packets, packets are reused across turns.
+- `KVPacketChatEngine`: multi-turn chat; earlier turns follow the packets, packets are reused across turns, and
+  while the retrieved nodes stay the same each turn forwards only its new message (a chat session).
 - `KVPacketEmbedding`: the offline MiniLM embedder as a LlamaIndex embedding model.
 """
 
@@ -14,7 +15,7 @@ import asyncio
 import warnings
 from typing import Any, Generator, List, Optional, Sequence
 
-from kvpacket_rag import ChatTurn, Embedder
+from kvpacket_rag import ChatSession, ChatTurn, Embedder
 from kvpacket_rag.aio import iterate_in_thread
 from kvpacket_rag.rag import PACKET_KEY, ensure_packets
 from llama_index.core.base.base_retriever import BaseRetriever
@@ -228,7 +229,9 @@ def as_kvpacket_query_engine(index, llm: KVPacketLLM, streaming: bool = False, s
 
 class KVPacketChatEngine(BaseChatEngine):
     """Retrieval chat: each user message retrieves nodes; the answer goes through their packets, with the
-    conversation so far placed after the packets. Follow-ups retrieving the same nodes reuse their packets.
+    conversation so far placed after the packets. Follow-ups retrieving the same nodes reuse their packets and the
+    conversation's kept cache (a `kvpacket_rag.ChatSession`): only the new message is forwarded. Other nodes
+    reassemble the conversation over their packets.
 
     Args:
         retriever: any LlamaIndex retriever (``index.as_retriever(similarity_top_k=k)``).
@@ -244,6 +247,7 @@ class KVPacketChatEngine(BaseChatEngine):
         self._llm = llm
         self._postprocessors = [*node_postprocessors, KVPacketNodePostprocessor(llm)]
         self._history: List[ChatMessage] = list(chat_history or [])
+        self._session: Optional[ChatSession] = None
 
     @classmethod
     def from_index(cls, index, llm: KVPacketLLM, similarity_top_k: int = 4, **kwargs: Any) -> "KVPacketChatEngine":
@@ -253,8 +257,16 @@ class KVPacketChatEngine(BaseChatEngine):
     def chat_history(self) -> List[ChatMessage]:
         return list(self._history)
 
+    @property
+    def session(self) -> ChatSession:
+        """The chat session whose kept cache serves this conversation."""
+        if self._session is None:
+            self._session = self._llm.engine.session()
+        return self._session
+
     def reset(self) -> None:
         self._history = []
+        self.session.reset()
 
     def _nodes(self, message: str) -> List[NodeWithScore]:
         nodes = self._retriever.retrieve(message)
@@ -276,7 +288,7 @@ class KVPacketChatEngine(BaseChatEngine):
 
     def chat(self, message: str, chat_history: Optional[List[ChatMessage]] = None) -> AgentChatResponse:
         nodes, messages = self._start(message, chat_history)
-        reply = self._llm.chat(messages, nodes=nodes)
+        reply = self._llm.chat(messages, nodes=nodes, session=self.session)
         self._finish(message, reply.message.content or "")
         return AgentChatResponse(response=reply.message.content or "", source_nodes=nodes,
                                  metadata=reply.additional_kwargs)
@@ -284,7 +296,7 @@ class KVPacketChatEngine(BaseChatEngine):
     def stream_chat(self, message: str, chat_history: Optional[List[ChatMessage]] = None
                     ) -> StreamingAgentChatResponse:
         nodes, messages = self._start(message, chat_history)
-        replies = self._llm.stream_chat(messages, nodes=nodes)
+        replies = self._llm.stream_chat(messages, nodes=nodes, session=self.session)
 
         def stream() -> Generator[ChatResponse, None, None]:
             last = None

@@ -15,7 +15,7 @@ from .context import ContextMethod, ContextSource, PreparedContext
 from .embedder import Embedder
 from .engine import Answer, AnswerStream, AsyncAnswerStream, PacketEngine
 from .errors import (ContextTooLongError, CorruptPacketError, EmptyInputError, IncompatiblePacketError,
-                     KVPacketError, PacketNotFoundError, UnsupportedModelError)
+                     KVPacketError, PacketNotFoundError, QueueFullError, QueueTimeoutError, UnsupportedModelError)
 from .generation import GenerationConfig
 from .index import ChunkRecord, Document, IngestReport, PacketIndex, SearchHit
 from .methods import METHODS, get_method
@@ -23,6 +23,7 @@ from .models import DEFAULT_MODEL, LoadedModel, load_model, wrap_model
 from .packet import KVPacket, packet_key
 from .prompt import ChatTurn, PromptFormatter
 from .rag import PACKET_KEY, RAGAnswer, RAGAnswerStream, ensure_packets, stream_answer
+from .scheduler import SchedulerConfig
 from .session import ChatSession, SessionCache
 from .settings import EngineSettings, shared_engine
 from .store import InMemoryStore, LocalStore, PacketStore, StoreError, open_store
@@ -35,7 +36,8 @@ __all__ = [
     "EngineSettings", "GenerationConfig", "IncompatiblePacketError", "IngestReport", "InMemoryStore", "KVPacket",
     "KVPacketError", "LoadedModel", "LocalStore", "METHODS", "PACKET_KEY", "PacketAdapter", "PacketBuilder",
     "PacketEngine", "PacketIndex", "PacketNotFoundError", "PacketStore", "PreparedContext", "PromptFormatter",
-    "RAGAnswer", "RAGAnswerStream", "SHIPPED_ADAPTERS", "SearchHit", "SessionCache", "StoreError", "UnsupportedModelError",
+    "QueueFullError", "QueueTimeoutError", "RAGAnswer", "RAGAnswerStream", "SHIPPED_ADAPTERS", "SchedulerConfig",
+    "SearchHit", "SessionCache", "StoreError", "UnsupportedModelError",
     "ensure_packets", "get_method", "load_model", "open_store", "packet_key", "resolve_adapter", "shared_engine",
     "stream_answer", "wrap_model",
 ]

@@ -34,6 +34,7 @@ from .kvcache import KVBuffer, PacketCache
 from .methods import get_method
 from .models import LoadedModel, load_model
 from .prompt import DEFAULT_SYSTEM_PROMPT, ChatTurn, PromptFormatter
+from .scheduler import Prepare, Request, Scheduler, SchedulerConfig
 from .session import DEFAULT_SESSION_BYTES, ChatSession, SessionCache
 from .store import InMemoryStore, PacketStore, StoreError
 
@@ -52,8 +53,10 @@ class Answer:
         text: the answer (stop strings and special tokens removed).
         token_ids: generated token ids.
         method: the method name (``kv_packet``, ``full_recompute``, ...).
-        timings: seconds: ``packet_load_s``, ``packet_build_s``, ``assembly_s``, ``context_prefill_s``,
-            ``question_prefill_s``, ``ttft_s`` (call start to first token) and ``total_s``.
+        timings: seconds: ``queue_s`` (waiting for a place in the batch), ``packet_load_s``, ``packet_build_s``,
+            ``assembly_s``, ``context_prefill_s``, ``question_prefill_s`` (the forward that prefilled this question,
+            together with the questions that joined the batch with it), ``ttft_s`` (call start to first token) and
+            ``total_s``.
         context_flops: FLOPs spent on the documents at question time (rotation and/or recompute).
         prefill_flops: all FLOPs before the first token (context work plus the question prefill).
         context_tokens: positions of preamble and context; question_tokens: suffix length.
@@ -100,7 +103,7 @@ class AnswerStream:
         return self.answer
 
     def close(self) -> None:
-        """Stop the generation early and return the engine's buffer (no `answer` is set)."""
+        """Stop the generation early and free its place in the batch (no `answer` is set)."""
         close = getattr(self._pieces, "close", None)
         if close is not None:
             close()
@@ -110,7 +113,7 @@ class AsyncAnswerStream:
     """Iterate with ``async for`` to receive the answer text piece by piece; `answer` is set once iteration ends.
 
     The model runs in a worker thread, so the event loop keeps serving other coroutines. Stopping early
-    (``break``, ``aclose()`` or cancelling the task) stops the generation and returns the engine's buffer.
+    (``break``, ``aclose()`` or cancelling the task) stops the generation and frees its place in the batch.
     """
 
     def __init__(self, open_stream: Callable[[], AnswerStream]):
@@ -122,7 +125,7 @@ class AsyncAnswerStream:
         return self._pieces
 
     async def aclose(self) -> None:
-        """Stop the generation (if still running) and free its buffer."""
+        """Stop the generation (if still running) and free its place in the batch."""
         await self._pieces.aclose()
 
     async def _run(self) -> AsyncIterator[str]:
@@ -155,19 +158,22 @@ class PacketEngine:
             `DEFAULT_STORE_BYTES`, least recently used packets dropped and rebuilt when needed again).
         system_prompt: system message of the cached preamble.
         device, dtype: where and how to load ``model`` when it is not already loaded.
+        scheduler: batch and queue limits of the request scheduler (default `SchedulerConfig()`).
         session_bytes: byte budget of the caches kept by chat sessions (`session`); least recently used first
             dropped beyond it.
 
-    Thread-safe: one engine may serve several threads and coroutines at once. Each stream has its own cache
-    buffer; model work (packet builds, prefill, every decode step) runs under one engine lock, one step at a
-    time, so concurrent answers interleave token by token and take as long together as one after the other.
-    Streams never hold the lock between pieces, so one thread may also interleave several streams.
+    Thread-safe: one engine may serve several threads and coroutines at once. Every answer (`answer`, `stream`,
+    `chat` and their async forms) goes through the engine's `Scheduler`: one decode loop that prefills the
+    questions joining it together and then advances all active answers in one batched forward per token, each
+    with its own context, positions, stop strings and token budget, so every answer equals the answer alone.
+    Model work outside answers (packet builds, and chat session turns, which decode over their own kept cache,
+    one step at a time, not batched) shares one engine lock with the loop's steps.
     """
 
     def __init__(self, model: LoadedModel | str | None = None, adapter: PacketAdapter | str | Path | None = "default",
                  store: PacketStore | None = None, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
                  device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-                 session_bytes: int = DEFAULT_SESSION_BYTES):
+                 scheduler: SchedulerConfig | None = None, session_bytes: int = DEFAULT_SESSION_BYTES):
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
         self.adapter = resolve_adapter(self.model, adapter)
         self.store = store if store is not None else InMemoryStore(max_bytes=DEFAULT_STORE_BYTES)
@@ -177,10 +183,9 @@ class PacketEngine:
         self._builders: dict[str, PacketBuilder] = {}
         self.counters = {"packets_built": 0, "packets_loaded": 0}
         self._preamble: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._buffers: list[KVBuffer] = []
-        self._lock = threading.Lock()  # the buffer pool
         self._compute = threading.RLock()  # model work: one step at a time
         self._stop_ids = eos_ids(self.model.tokenizer, self.model.config)
+        self.scheduler = Scheduler(self.model, self._compute, scheduler or SchedulerConfig(), self._stop_ids)
         self.sessions = SessionCache(session_bytes)
 
     # ---- packets -------------------------------------------------------------------------
@@ -286,14 +291,18 @@ class PacketEngine:
             history: earlier turns of the conversation; they follow the packets in the prompt.
             generation: decoding settings (default: greedy, 64 tokens).
 
+        The question waits for a place in the engine's batch (see `SchedulerConfig`), then is decoded together with
+        the other questions in progress; iterating the stream starts it, closing it frees its place.
+
         Raises:
-            EmptyInputError, ContextTooLongError, IncompatiblePacketError (before any token is produced).
+            EmptyInputError (at once); QueueFullError, QueueTimeoutError, ContextTooLongError,
+            IncompatiblePacketError (from the first iteration, before any token is produced).
         """
         if not question or not question.strip():
             raise EmptyInputError("the question is empty; pass the text to answer")
         stream = AnswerStream(iter(()))
-        stream._pieces = self._serialized(self._run(stream, question, list(chunks), get_method(method),
-                                                    tuple(history), generation or GenerationConfig()))
+        stream._pieces = self._run(stream, question, list(chunks), get_method(method), tuple(history),
+                                   generation or GenerationConfig())
         return stream
 
     def astream(self, question: str, chunks: Sequence[str], method: str | ContextMethod = "kv_packet",
@@ -335,13 +344,19 @@ class PacketEngine:
         The `Answer` has method ``plain``, ``context_tokens`` 0 and the whole prompt as ``question_tokens``.
 
         Raises:
-            EmptyInputError, ContextTooLongError (before any token is produced).
+            EmptyInputError, ContextTooLongError (before any token is produced); QueueFullError,
+            QueueTimeoutError (from the first iteration).
         """
         generation = generation or GenerationConfig()
         ids = self.formatter.chat_ids(messages)
         self.model.check_context(len(ids) + generation.max_new_tokens, "prompt plus answer")
+
+        def prepare(buffer: KVBuffer, reserve: int) -> PreparedContext:
+            buffer.reserve(reserve)
+            return PreparedContext(PacketCache(buffer, 0), 0)
+
         stream = AnswerStream(iter(()))
-        stream._pieces = self._serialized(self._run_plain(stream, ids, generation))
+        stream._pieces = self._scheduled(stream, "plain", prepare, ids, generation)
         return stream
 
     def achat(self, messages: Sequence[tuple[str, str]], generation: GenerationConfig | None = None
@@ -372,33 +387,12 @@ class PacketEngine:
                         return
                 yield piece
         finally:
-            pieces.close()  # a consumer that stops early returns the buffer now
-
-    def _run(self, stream: AnswerStream, question, chunks, method, history, generation) -> Iterator[str]:
-        start = time.perf_counter()
-        suffix = self.formatter.suffix_ids(question, history)
-        buffer = self._acquire_buffer()
-        try:
-            reserve = len(suffix) + generation.max_new_tokens
-            context = method.prepare(self, chunks, buffer, reserve)
-            self.model.check_context(context.length + reserve, "context plus question and answer")
-            yield from self._generate(stream, start, method.name, context, suffix, generation)
-        finally:
-            self._release_buffer(buffer)
-
-    def _run_plain(self, stream: AnswerStream, ids: list[int], generation: GenerationConfig) -> Iterator[str]:
-        start = time.perf_counter()
-        buffer = self._acquire_buffer()
-        try:
-            buffer.reserve(len(ids) + generation.max_new_tokens)
-            yield from self._generate(stream, start, "plain", PreparedContext(PacketCache(buffer, 0), 0), ids,
-                                      generation)
-        finally:
-            self._release_buffer(buffer)
+            pieces.close()  # a consumer that stops early ends the turn now
 
     def _generate(self, stream: AnswerStream, start: float, method: str, context: PreparedContext,
                   suffix: list[int], generation: GenerationConfig) -> Iterator[str]:
-        """Prefill ``suffix`` after the prepared context, decode, time it; set ``stream.answer``."""
+        """Prefill ``suffix`` after the prepared context, decode, time it; set ``stream.answer`` (chat session turns:
+        they decode over their own kept cache, outside the scheduler)."""
         prefill_start = time.perf_counter()
         logits = self._prefill(suffix, context)
         prefill_s = time.perf_counter() - prefill_start
@@ -427,15 +421,34 @@ class PacketEngine:
         return self.model.model(input_ids=ids, position_ids=positions, cache=context.cache, use_cache=True,
                                 logits_to_keep=1).logits[0, -1]
 
-    def _acquire_buffer(self) -> KVBuffer:
-        with self._lock:
-            return self._buffers.pop() if self._buffers else KVBuffer(self.model)
+    def _run(self, stream: AnswerStream, question, chunks, method, history, generation) -> Iterator[str]:
+        suffix = self.formatter.suffix_ids(question, history)
 
-    def _release_buffer(self, buffer: KVBuffer) -> None:
-        with self._lock:
-            self._buffers.append(buffer)
+        def prepare(buffer: KVBuffer, reserve: int) -> PreparedContext:  # runs on the scheduler thread
+            context = method.prepare(self, chunks, buffer, reserve)
+            self.model.check_context(context.length + reserve, "context plus question and answer")
+            return context
+
+        yield from self._scheduled(stream, method.name, prepare, suffix, generation)
+
+    def _scheduled(self, stream: AnswerStream, method: str, prepare: Prepare, suffix: list[int],
+                   generation: GenerationConfig) -> Iterator[str]:
+        """Run one request through the scheduler, yield its pieces, then set ``stream.answer``."""
+        request = Request(prepare, suffix, generation, self.model.tokenizer)
+        yield from self.scheduler.run(request)
+        context, streamer = request.context, request.streamer
+        timings = {"queue_s": request.timings["queue_s"], "packet_load_s": context.packet_load_s,
+                   "packet_build_s": context.packet_build_s, "assembly_s": context.assembly_s,
+                   "context_prefill_s": context.context_prefill_s,
+                   "question_prefill_s": request.timings["question_prefill_s"],
+                   "ttft_s": request.timings["ttft_s"], "total_s": request.timings["total_s"]}
+        question_flops = forward_flops(self.model.config, len(suffix), context.length, logits_tokens=1)
+        stream.answer = Answer(streamer.text, list(streamer.ids), method, timings, context.context_flops,
+                               context.context_flops + question_flops, context.length, len(suffix),
+                               context.forwarded_tokens + len(suffix), context.packet_keys,
+                               context.packets_built, context.tokens_built, request.finish_reason)
 
     def release_buffers(self) -> None:
-        """Drop the KV buffers kept for reuse between questions (the next question allocates afresh)."""
-        with self._lock:
-            self._buffers.clear()
+        """Drop the KV storage kept for reuse between questions, when none is in progress (the next question
+        allocates afresh)."""
+        self.scheduler.release()

@@ -46,3 +46,11 @@ class PacketNotFoundError(KVPacketError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else "packet not found"
+
+
+class QueueFullError(KVPacketError):
+    """The engine's request queue is full: too many questions are waiting for a place in the batch."""
+
+
+class QueueTimeoutError(KVPacketError, TimeoutError):
+    """A question waited longer than the engine's queue timeout for a place in the batch."""

@@ -35,12 +35,13 @@ class Logits:
     """Every next-token logit row the model produces while active (prefill and each decode step)."""
 
     def __init__(self, engine: PacketEngine):
-        self.model = engine.model.model
+        self.head = engine.model.model.get_output_embeddings()  # the one module every path's logits come from
         self.rows: list[torch.Tensor] = []
 
     def __enter__(self) -> list[torch.Tensor]:
         self.rows.clear()
-        self._hook = self.model.register_forward_hook(lambda m, a, out: self.rows.append(out.logits[0, -1].clone()))
+        self._hook = self.head.register_forward_hook(
+            lambda m, a, out: self.rows.append(out.reshape(-1, out.shape[-1])[-1].clone()))
         return self.rows
 
     def __exit__(self, *exc) -> None:

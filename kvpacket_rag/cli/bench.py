@@ -1,4 +1,4 @@
-"""`kvpacket bench ttft|store|chat`: benchmarks that write JSON and a markdown table."""
+"""`kvpacket bench ttft|store|serve|chat`: benchmarks that write JSON and a markdown table."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import importlib
 
 BENCHMARKS = {"ttft": "time to first token: kv_packet vs full recompute",
               "store": "packet store read/write throughput and quantization",
+              "serve": "throughput and TTFT of one engine under concurrent questions",
               "chat": "cost of each chat turn with and without a chat session"}
 
 

@@ -9,6 +9,8 @@ from langchain_core.messages import HumanMessage
 
 from langchain_kvpacket import ChatKVPacket
 
+from kvpacket_rag import PacketEngine
+
 from kvpacket_rag.testing import stream_threads, ticking
 
 DOCS = [Document(page_content="Quill Press was founded in 1988 by Fiona Baird."),
@@ -53,4 +55,19 @@ def test_the_event_loop_keeps_ticking_and_an_early_stop_frees_the_engine(tiny_en
 
     pieces, ticks = asyncio.run(ticking(first_pieces()))
     assert pieces == 5 and ticks > pieces
-    assert len(tiny_engine._buffers) == 1 and not stream_threads()
+    assert tiny_engine.scheduler.wait_idle() and not stream_threads()
+
+
+def test_batch_and_abatch_are_decoded_together(tiny_engine):
+    """LangChain's default batch runs invoke in a thread pool, abatch runs ainvoke concurrently: both reach the
+    engine's scheduler at once, share decode steps, and give the answers of one call at a time."""
+    llm = ChatKVPacket(engine=tiny_engine, max_tokens=48)
+    inputs = [[HumanMessage(q)] for q in QUESTIONS]
+    alone = [llm.invoke(messages, documents=DOCS).content for messages in inputs]
+    assert tiny_engine.scheduler.stats()["max_batch"] == 1
+    assert [m.content for m in llm.batch(inputs, documents=DOCS)] == alone
+    assert tiny_engine.scheduler.stats()["max_batch"] > 1
+    fresh = PacketEngine(tiny_engine.model, adapter=tiny_engine.adapter, store=tiny_engine.store)
+    llm = ChatKVPacket(engine=fresh, max_tokens=48)
+    assert [m.content for m in asyncio.run(llm.abatch(inputs, documents=DOCS))] == alone
+    assert fresh.scheduler.stats()["max_batch"] > 1

@@ -58,7 +58,7 @@ def test_the_event_loop_keeps_ticking_and_an_early_stop_frees_the_engine(tiny_en
 
     received, ticks = asyncio.run(ticking(first_deltas()))
     assert received == 5 and ticks > received
-    assert len(tiny_engine._buffers) == 1 and not stream_threads()
+    assert tiny_engine.scheduler.wait_idle() and not stream_threads()
 
 
 def test_async_query_and_chat_engines_stream_the_sync_answers(tiny_engine, embedder):
@@ -84,4 +84,28 @@ def test_async_query_and_chat_engines_stream_the_sync_answers(tiny_engine, embed
 
     assert asyncio.run(chat()) == expected
     assert [m.content for m in async_chat.chat_history] == [m.content for m in sync_chat.chat_history]
-    assert len(tiny_engine._buffers) == 1 and not stream_threads()
+    assert tiny_engine.scheduler.wait_idle() and not stream_threads()
+
+
+def test_concurrent_async_calls_are_decoded_together(tiny_engine, embedder):
+    """LlamaIndex batches by running async calls concurrently (``asyncio.gather``, ``run_jobs``): they reach the
+    engine's scheduler at once, share decode steps, and give the answers of one call at a time."""
+    llm = KVPacketLLM(tiny_engine, max_new_tokens=48)
+    given = nodes()
+    questions = [Q1, Q2, "Where are fruit-picking robots built?"]
+    alone = [llm.complete(q, nodes=given).text for q in questions]
+    assert tiny_engine.scheduler.stats()["max_batch"] == 1
+
+    async def together():
+        return await asyncio.gather(*(llm.acomplete(q, nodes=given) for q in questions))
+
+    assert [r.text for r in asyncio.run(together())] == alone
+    assert tiny_engine.scheduler.stats()["max_batch"] > 1
+    index = VectorStoreIndex(KVPacketTransform(llm)(nodes()), embed_model=KVPacketEmbedding(embedder))
+    engine = as_kvpacket_query_engine(index, llm, similarity_top_k=2)
+    sequential = [str(engine.query(q)) for q in questions]
+
+    async def queries():
+        return await asyncio.gather(*(engine.aquery(q) for q in questions))
+
+    assert [str(r) for r in asyncio.run(queries())] == sequential

@@ -20,6 +20,7 @@ the wrapped chunk's tokens while its packet is built. The question is still read
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -92,14 +93,11 @@ class PacketAdapter(torch.nn.Module):
 
     def with_prefix(self, prefix: str) -> "PacketAdapter":
         """The same soft tokens (copied) for packets built after ``prefix`` (a new fingerprint unless unchanged)."""
-        return PacketAdapter(self.header, self.trailer, self.model_fingerprint, self.card, prefix, self._lora_copy())
+        return PacketAdapter(self.header, self.trailer, self.model_fingerprint, self.card, prefix, copy.deepcopy(self.lora))
 
     def with_lora(self, lora: BuildLoRA | None) -> "PacketAdapter":
         """The same soft tokens (copied) with ``lora`` as build-time weights (no card: a new adapter)."""
         return PacketAdapter(self.header, self.trailer, self.model_fingerprint, None, self.prefix, lora)
-
-    def _lora_copy(self) -> BuildLoRA | None:
-        return None if self.lora is None else BuildLoRA.from_tensors(self.lora.tensors(), self.lora.alpha)
 
     @property
     def n_header(self) -> int:
@@ -216,7 +214,7 @@ class PacketAdapter(torch.nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, model: LoadedModel | None = None) -> "PacketAdapter":
-        """Read an adapter file (format 1 or 2); with ``model``, also check it belongs to that model.
+        """Read an adapter file (format 1, 2 or 3); with ``model``, also check it belongs to that model.
 
         Raises:
             FileNotFoundError, CorruptPacketError (unreadable, malformed, altered or from a newer version),

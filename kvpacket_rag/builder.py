@@ -22,7 +22,8 @@ class PacketBuilder:
 
     Args:
         model: the frozen model.
-        adapter: header/trailer soft tokens; None means the 0+0 adapter (bare chunks).
+        adapter: header/trailer soft tokens; None means the 0+0 adapter (bare chunks). It is read as it is at
+            construction (its fingerprint is computed once): after changing it in place, make a new builder.
         formatter: tokenizes chunks exactly as the engine will.
         batch_tokens: padded tokens per forward when building many chunks at once.
 
@@ -40,11 +41,12 @@ class PacketBuilder:
         self.batch_tokens = batch_tokens
         self.prefix_ids = formatter.preamble_ids() if self.adapter.prefix == PREFIX_PREAMBLE else []
         self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.adapter_fingerprint = self._provenance()
+        """What the packets' provenance records (hashed once: it is read for every packet key and fetch)."""
 
-    @property
-    def adapter_fingerprint(self) -> str:
-        """What the packets' provenance records: the adapter's fingerprint, plus a digest of the prefix
-        token ids when packets are built after the preamble (another system prompt: other packets)."""
+    def _provenance(self) -> str:
+        """The adapter's fingerprint, plus a digest of the prefix token ids when packets are built after the
+        preamble (another system prompt: other packets)."""
         if not self.prefix_ids:
             return self.adapter.fingerprint
         ids = torch.tensor(self.prefix_ids, dtype=torch.int64).numpy().tobytes()

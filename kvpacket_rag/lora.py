@@ -99,9 +99,13 @@ class BuildLoRA(torch.nn.Module):
         up = {k[len("lora."):-len(".B")]: t for k, t in tensors.items() if k.startswith("lora.") and k.endswith(".B")}
         return cls(down, up, alpha) if down or up else None
 
+    def _linears(self, model: LoadedModel) -> dict[str, torch.nn.Linear]:
+        """The model's linear layers of the kinds this LoRA updates (see `target_linears`)."""
+        return target_linears(model, {name.rsplit(".", 1)[1] for name in self.names})
+
     def check_model(self, model: LoadedModel) -> None:
         """Raise ValueError unless every updated layer exists in ``model`` with matching shapes."""
-        linears = target_linears(model, {name.rsplit(".", 1)[1] for name in self.names})
+        linears = self._linears(model)
         for key in self.down.keys():
             name = _name(key)
             linear = linears.get(name)
@@ -117,7 +121,7 @@ class BuildLoRA(torch.nn.Module):
                 broadcast against each layer's output; None applies it to every position.
         """
         scale = self.alpha / self.rank
-        linears = target_linears(model, {name.rsplit(".", 1)[1] for name in self.names})
+        linears = self._linears(model)
         handles = []
         for key in self.down.keys():
             down, up = self.down[key], self.up[key]

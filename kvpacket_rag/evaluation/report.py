@@ -71,9 +71,16 @@ def headline(results: list[tuple[Path, dict]], metric: str = "f1") -> list[str]:
 
 
 def label(result: dict) -> str:
-    """``dataset (n)``, plus the packet precision when it is not full."""
+    """``dataset (n)``, plus the packet precision when it is not full and the adapter's short fingerprint
+    when the run used one (runs of different adapters share the page)."""
+    parts = [str(result["n"])]
     quantization = result.get("quantization", "none")
-    return f"{result['dataset']} ({result['n']}" + ("" if quantization == "none" else f", {quantization} packets") + ")"
+    if quantization != "none":
+        parts.append(f"{quantization} packets")
+    fingerprint = (result.get("adapter") or {}).get("fingerprint", "none")
+    if fingerprint != "none":
+        parts.append(f"adapter {fingerprint[:8]}")
+    return f"{result['dataset']} ({', '.join(parts)})"
 
 
 def targets(result: dict, others: Sequence[dict] = ()) -> list[tuple[str, bool | None, str]]:

@@ -21,7 +21,7 @@ from kvpacket_rag.evaluation import (
 )
 from kvpacket_rag.evaluation.merge import main as merge_main
 from kvpacket_rag.evaluation.merge import merge_results
-from kvpacket_rag.evaluation.report import load_results, render, targets
+from kvpacket_rag.evaluation.report import label, load_results, render, targets
 from kvpacket_rag.evaluation.report import main as report_main
 from kvpacket_rag.evaluation.run import run_evaluation, write_result
 
@@ -313,3 +313,11 @@ def test_adapter_variants_compare_in_one_run(tiny_llama, jsonl):
     assert engine.store.stats()["packets"] == 0  # the harness drops every packet it built
     with pytest.raises(ValueError, match="needs a name"):
         PacketMethod(adapter=adapter)
+
+
+def test_report_labels_name_the_precision_and_the_adapter():
+    """Runs of different adapters or packet precisions on one dataset get distinct row labels."""
+    run = {"dataset": "niah", "n": 100, "adapter": {"fingerprint": "a7f77c3f78560437"}}
+    assert label(run) == "niah (100, adapter a7f77c3f)"
+    assert label({**run, "quantization": "int8"}) == "niah (100, int8 packets, adapter a7f77c3f)"
+    assert label({"dataset": "niah", "n": 20, "adapter": {"fingerprint": "none"}}) == "niah (20)"

@@ -14,6 +14,6 @@ PAPER=benchmarks/adapter/candidates/smollm2-135m-instruct-stage3.safetensors  # 
 
 [ -f $OUT/demo_shipped.json ] || $PY $OUT/demo_questions.py --adapter default --json $OUT/demo_shipped.json
 $PY $OUT/frontier.py --sets biography:20 niah:10 squad:15 hotpotqa:10 --threads 2 \
-  --variants kv_packet=default paper-layout=$PAPER bare+preamble=none+preamble \
+  --variants kv_packet=benchmarks/adapter/candidates/smollm2-135m-instruct-stage4.safetensors paper-layout=$PAPER bare+preamble=none+preamble \
   --baselines no_recompute cacheblend:0.15 --json $OUT/frontier.json
 [ -f $OUT/demo_paper.json ] || $PY $OUT/demo_questions.py --adapter $PAPER --json $OUT/demo_paper.json

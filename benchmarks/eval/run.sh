@@ -43,6 +43,13 @@ if [[ " $DATASETS " == *" biography "* ]]; then
   done
 fi
 
+# kv_packet with the shipped adapter against bare packets (full recompute rerun as the reference); NIAH and
+# HotpotQA on their first 30 questions
+for spec in biography:$N niah:${SHIPPED_N:-30} hotpotqa:${SHIPPED_N:-30}; do
+  dataset=${spec%%:*}
+  evaluate "${dataset}_shipped" "${spec##*:}" no_recompute,kv_packet
+done
+
 notes=()
 [ -f benchmarks/eval/NOTES.md ] && notes=(--notes benchmarks/eval/NOTES.md)
 python -m kvpacket_rag.evaluation.report benchmarks/eval/*.json "${notes[@]}" --out benchmarks/RESULTS.md

@@ -450,5 +450,6 @@ class PacketEngine:
 
     def release_buffers(self) -> None:
         """Drop the KV storage kept for reuse between questions, when none is in progress (the next question
-        allocates afresh)."""
+        allocates afresh). Waits up to a second for the decode loop to wind down after the last answer."""
+        self.scheduler.wait_idle(timeout=1.0)
         self.scheduler.release()

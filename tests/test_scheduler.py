@@ -244,3 +244,12 @@ def test_a_process_exits_cleanly_right_after_closing_a_stream(tmp_path):
         "next(iter(left))  # abandoned, not closed: the process still ends once it is done\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_release_buffers_right_after_an_answer_frees_the_batch_storage(tiny_llama):
+    """The decode loop may still be winding down when an answer returns; releasing waits for it."""
+    engine = PacketEngine(tiny_llama, adapter=None)
+    for _ in range(5):
+        engine.answer(*JOBS[0], generation=GenerationConfig(max_new_tokens=2))
+        engine.release_buffers()
+        assert engine.scheduler.batch.nbytes == 0

@@ -93,6 +93,11 @@ class LoadedModel:
         return self.config.hidden_size
 
     @property
+    def kv_bytes_per_position(self) -> int:
+        """Bytes one cached position takes: keys and values of every layer, at the model's dtype."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
+
+    @property
     def max_positions(self) -> int:
         """Longest context the model attends to: max positions, capped by a sliding window if any."""
         limit = int(self.config.max_position_embeddings)

@@ -67,3 +67,9 @@ def test_quantized_assembly_equals_assembly_of_the_dequantized_packets(tiny_llam
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     mixed = assembled(buffer_like(tiny_llama, dtype), [plain[0], read[1], plain[2]], tiny_llama.rope)
     assert torch.equal(mixed[0], want[0]) and torch.equal(mixed[1], want[1])
+
+
+def test_kv_bytes_per_position_is_what_the_buffer_holds_per_position(tiny_llama):
+    buffer = KVBuffer(tiny_llama, 8)
+    held = buffer.keys.numel() * buffer.keys.element_size() + buffer.values.numel() * buffer.values.element_size()
+    assert tiny_llama.kv_bytes_per_position * buffer.capacity == held

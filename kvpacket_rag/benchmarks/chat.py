@@ -24,7 +24,7 @@ from ..generation import GenerationConfig
 from ..prompt import ChatTurn
 from ..store import InMemoryStore
 from ..tuning import set_threads, tune_malloc
-from .common import machine_info, median, peak_rss_mb, write_outputs
+from .common import engine_header, median, peak_rss_mb, write_outputs
 
 QUESTIONS = ("Who is the coach of Kaito Brennan?", "Where was Kaito Brennan born?", "In which year was he born?",
              "Which marathon did Kaito Brennan win?", "When did he win it?", "What sport does Kaito Brennan do?",
@@ -156,10 +156,7 @@ def run(args: argparse.Namespace) -> dict:
     session, plain = summarize(session_runs, QUESTIONS[: args.turns]), summarize(plain_runs, QUESTIONS[: args.turns])
     mine, theirs = ratios(session), ratios(plain)
     peak = max(session, key=lambda row: row["session_bytes"])
-    position_bytes = 2 * engine.model.num_layers * engine.model.num_kv_heads * engine.model.head_dim * \
-        engine.model.dtype.itemsize
-    result = {"model": engine.model.name, "device": str(engine.model.device), "dtype": str(engine.model.dtype),
-              "adapter": engine.adapter.fingerprint[:12], "threads": threads, "machine": machine_info(threads),
+    result = {**engine_header(engine, threads),
               "config": {"turns": args.turns, "repeats": args.repeats, "top_k": args.top_k,
                          "max_new_tokens": args.max_new_tokens},
               "chunks": chunks, "context_tokens": session[0]["context_tokens"],
@@ -169,7 +166,7 @@ def run(args: argparse.Namespace) -> dict:
               "goals": {"ratio": GOAL_RATIO, "forwarded_tokens_met": mine["forwarded_tokens"] <= GOAL_RATIO,
                         "ttft_met": mine["ttft"] <= GOAL_RATIO},
               "session_peak_bytes": peak["session_bytes"],
-              "session_peak_positions": peak["session_bytes"] // position_bytes,
+              "session_peak_positions": peak["session_bytes"] // engine.model.kv_bytes_per_position,
               "same_answers": all(run[n]["text"] == turn.assistant for runs in (session_runs, plain_runs)
                                   for run in runs for n, turn in enumerate(history)),
               "peak_rss_mb": peak_rss_mb(), "load_average": [load_start, os.getloadavg()[0]]}

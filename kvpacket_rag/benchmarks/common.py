@@ -27,8 +27,22 @@ def machine_info(threads: int) -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": sys.version.split()[0],
             "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "command": " ".join(["kvpacket", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("kvpacket")
+            "command": " ".join(["kvpacket", *sys.argv[1:]]) if _is_kvpacket_cli(sys.argv[0] if sys.argv else "")
             else " ".join(sys.argv)}
+
+
+def _is_kvpacket_cli(program: str) -> bool:
+    """Whether ``program`` (``sys.argv[0]``) is the ``kvpacket`` command or ``python -m kvpacket_rag``."""
+    path = Path(program)
+    return path.name == "kvpacket" or (path.name == "__main__.py" and path.parent.name == "kvpacket_rag")
+
+
+def engine_header(engine, threads: int, **extra) -> dict:
+    """The engine's model, device, dtype and adapter, then ``extra`` (e.g. the store), the thread count and
+    `machine_info`: the first keys of every engine benchmark's result."""
+    model = engine.model
+    return {"model": model.name, "device": str(model.device), "dtype": str(model.dtype),
+            "adapter": engine.adapter.fingerprint[:12], **extra, "threads": threads, "machine": machine_info(threads)}
 
 
 def median(values: list[float]) -> float:

@@ -29,7 +29,7 @@ import torch
 
 from ..generation import GenerationConfig
 from ..tuning import set_threads, tune_malloc
-from .common import machine_info, median, peak_rss_mb, write_outputs
+from .common import engine_header, median, peak_rss_mb, write_outputs
 from .ttft import HeapPeak
 
 LEVELS = (1, 4, 8, 16)
@@ -239,9 +239,7 @@ def run(args: argparse.Namespace) -> dict:
                                                    args.top_k),
                              args.repeats) if args.reference else None
         chunks = len(index)
-    result = {"model": engine.model.name, "device": str(engine.model.device), "dtype": str(engine.model.dtype),
-              "adapter": engine.adapter.fingerprint[:12], "store": "LocalStore", "threads": threads,
-              "machine": machine_info(threads), "documents": len(corpus), "chunks": chunks,
+    result = {**engine_header(engine, threads, store="LocalStore"), "documents": len(corpus), "chunks": chunks,
               "config": {"concurrency": args.concurrency, "questions": args.questions,
                          "max_new_tokens": args.max_new_tokens, "top_k": args.top_k, "repeats": args.repeats},
               "runs": runs, "reference": reference, "goals": goals(runs), "peak_rss_mb": peak_rss_mb(),

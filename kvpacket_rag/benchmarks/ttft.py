@@ -26,7 +26,7 @@ from ..datasets import load_samples
 from ..engine import PacketEngine
 from ..generation import GenerationConfig
 from ..tuning import set_threads, tune_malloc
-from .common import machine_info, median, peak_rss_mb, write_outputs
+from .common import engine_header, median, peak_rss_mb, write_outputs
 
 BREAKDOWN = ("packet_load_s", "assembly_s", "context_prefill_s", "question_prefill_s", "ttft_s")
 QUESTION = "What is the special magic number mentioned in the documents?"
@@ -261,9 +261,7 @@ def run(args: argparse.Namespace) -> dict:
         runs = [run_one(engine, chunks, tokens, args.methods, args.repeats) for chunks, tokens in sizes]
         forms = [f for f in args.forms if f]
         by_form = run_forms(engine, forms, *args.forms_size, args.repeats, Path(tmp)) if forms else {}
-    result = {"model": engine.model.name, "device": str(engine.model.device), "dtype": str(engine.model.dtype),
-              "adapter": engine.adapter.fingerprint[:12], "store": type(store).__name__, "threads": threads,
-              "machine": machine_info(threads),
+    result = {**engine_header(engine, threads, store=type(store).__name__),
               "config": {"sizes": sizes, "methods": args.methods, "repeats": args.repeats, "forms": forms,
                          "forms_size": args.forms_size},
               "runs": runs, "forms": by_form, "peak_rss_mb": peak_rss_mb(),

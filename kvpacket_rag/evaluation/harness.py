@@ -238,15 +238,11 @@ def summarize(records: list[dict], engine: PacketEngine | None = None) -> dict:
         "flops": _median([r["context_flops"] for r in records]),
         "prefill_flops": _median([r["prefill_flops"] for r in records]),
         "context_tokens": context,
-        "kv_cache_mb": context * _bytes_per_position(engine) / 2**20 if engine is not None else None,
+        "kv_cache_mb": context * engine.model.kv_bytes_per_position / 2**20 if engine is not None else None,
         "peak_gpu_mb": max(peaks) if peaks else None,
         "records": records,
     }
 
-
-def _bytes_per_position(engine: PacketEngine) -> int:
-    model = engine.model
-    return 2 * model.num_layers * model.num_kv_heads * model.head_dim * torch.finfo(model.dtype).bits // 8
 
 
 def _mean(values: list[float]) -> float | None:

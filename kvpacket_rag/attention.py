@@ -1,4 +1,4 @@
-"""A grouped-query SDPA that never materialises repeated key/value heads.
+"""The attention every loaded model runs: a grouped-query SDPA that never materialises repeated key/value heads.
 
 With a cached context of N tokens and a short question, transformers' stock SDPA path copies every
 layer's keys and values ``num_key_value_groups`` times (``repeat_kv``) whenever a mask is passed.
@@ -22,8 +22,15 @@ def packed_gqa_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     """SDPA over ``query [B, H, q, D]`` and ``key/value [B, H_kv, N, D]`` (H = groups * H_kv).
 
     Falls back to transformers' SDPA when there is nothing to save (no GQA, a GPU, or a maskless
-    causal prefill that SDPA handles with ``is_causal``).
+    causal prefill that SDPA handles with ``is_causal``). A ``kvpacket_rows`` keyword (a
+    `kvpacket_rag.batchcache.RowsAttention`) marks the packed tokens of several cache rows: each row's
+    tokens then attend to that row alone.
     """
+    rows = kwargs.pop("kvpacket_rows", None)
+    if rows is not None:
+        def grouped(q, k, v, mask, scale):
+            return packed_gqa_sdpa(module, q, k, v, mask, dropout=dropout, scaling=scale, **kwargs)[0]
+        return rows.attend(query, key, value, scaling, grouped), None
     groups = getattr(module, "num_key_value_groups", 1)
     unsupported = kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
     if groups == 1 or query.device.type != "cpu" or attention_mask is None or unsupported:

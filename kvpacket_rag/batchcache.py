@@ -5,14 +5,15 @@ its positions ``0..n_i-1`` in columns ``0..n_i-1``. Rows of different lengths sh
 columns past a row's length are never attended. A request's context is assembled straight into its row through
 `BatchKV.row_buffer` (a `KVBuffer` view), so joining the batch copies nothing.
 
-`forward_rows` runs new tokens of consecutive rows through the model in one forward: each row's tokens are
-written at that row's own columns, carry that row's own RoPE position ids and attend only to that row's cache
-(causally among themselves), so each row gets the logits it would get alone.
+`forward_rows` runs new tokens of consecutive rows through the model in one forward, packed into one sequence
+(one token for a row that decodes, a whole question for a row that joins): each row's tokens are written at that
+row's own columns, carry that row's own RoPE position ids and attend only to that row's cache (causally among
+themselves), so each row gets the logits it would get alone.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -105,8 +106,76 @@ class RowBuffer(KVBuffer):
         self._point()
 
 
+class RowsAttention:
+    """How the packed new tokens of `forward_rows` attend: each token to its own row's cache, causally.
+
+    Token ``t`` of the packed sequence belongs to row ``rows[t]`` (counted from the call's first row) and sits at
+    column (= RoPE position) ``columns[t]``. Rows are attended in groups: each run of consecutive rows that add a
+    single token (decode steps), and each run of rows that add several (prefills), padded to the longest of
+    the run. Each group is one grouped-query SDPA over its rows' cache slices, so no row's cache is
+    copied and a decode row is never padded to a prefill's width.
+
+    Args:
+        lengths: cached positions of each row before the call.
+        widths: new tokens of each row (>= 1).
+    """
+
+    def __init__(self, lengths: Sequence[int], widths: Sequence[int], device: torch.device):
+        offsets = [0]
+        for width in widths:
+            offsets.append(offsets[-1] + width)
+        self.rows = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths)).to(device)
+        self.columns = torch.cat([torch.arange(n, n + w) for n, w in zip(lengths, widths)]).to(device)
+        self.span = max(n + w for n, w in zip(lengths, widths))
+        self.last_tokens = torch.tensor(offsets[1:], device=device) - 1
+        self.mask_stub = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)  # the real masks are per group
+        self.groups = [_RowGroup(first, last, lengths, offsets, self.span, device)
+                       for first, last in _runs([w > 1 for w in widths])]
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
+               attention: Callable) -> torch.Tensor:
+        """Attention output ``[1, tokens, heads, dim]`` of packed ``query [1, heads, tokens, dim]`` over the rows'
+        caches ``key/value [rows, kv_heads, span, dim]``; ``attention`` is the model's batched grouped-query SDPA
+        (``[B, H, q, D]`` queries, ``[B, 1, q, N]`` boolean mask, returns ``[B, q, H, D]``)."""
+        out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])
+        for group in self.groups:
+            rows = slice(group.first, group.last)
+            grouped = query[0][:, group.tokens].transpose(0, 1)  # [rows, heads, width, dim]
+            result = attention(grouped, key[rows], value[rows], group.mask, scaling)  # [rows, width, heads, dim]
+            out[group.tokens[group.real]] = result[group.real]
+        return out[None]
+
+
+class _RowGroup:
+    """Rows ``first..last-1`` attended together, padded to their longest new-token count."""
+
+    def __init__(self, first: int, last: int, lengths: Sequence[int], offsets: list[int], span: int,
+                 device: torch.device):
+        self.first, self.last = first, last
+        counts = torch.tensor([offsets[r + 1] - offsets[r] for r in range(first, last)])
+        width = int(counts.max())
+        steps = torch.arange(width)
+        self.real = (steps[None, :] < counts[:, None]).to(device)  # [rows, width]: padding slots are False
+        starts = torch.tensor(offsets[first:last])
+        # a padding slot repeats its row's last token; its output is computed and dropped
+        self.tokens = (starts[:, None] + torch.minimum(steps[None, :], counts[:, None] - 1)).to(device)
+        positions = torch.tensor(lengths[first:last])[:, None] + steps[None, :]
+        # row r, new token j sees columns 0..lengths[r]+j: its own cache and its own earlier new tokens
+        self.mask = (torch.arange(span)[None, None, None, :] <= positions[:, None, :, None]).to(device)
+
+
+def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:
+    """``(first, last)`` index ranges of the maximal runs of equal consecutive flags."""
+    runs, first = [], 0
+    for i in range(1, len(flags) + 1):
+        if i == len(flags) or flags[i] != flags[first]:
+            runs.append((first, i))
+            first = i
+    return runs
+
+
 class _RowsLayer(DynamicLayer):
-    """One layer of `_RowsCache`: scatters new keys/values to each row's own columns."""
+    """One layer of `_RowsCache`: scatters each new token's key/value to its row's own column."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor,
                  span: int):
@@ -115,9 +184,9 @@ class _RowsLayer(DynamicLayer):
         self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        # store[rows, :, columns] indexes [k, width, heads, dim]; states come as [k, heads, width, dim]
-        self.store_keys[self.rows, :, self.columns] = key_states.transpose(1, 2)
-        self.store_values[self.rows, :, self.columns] = value_states.transpose(1, 2)
+        # states come packed as [1, heads, tokens, dim]; store[rows, :, columns] indexes [tokens, heads, dim]
+        self.store_keys[self.rows, :, self.columns] = key_states[0].transpose(0, 1)
+        self.store_values[self.rows, :, self.columns] = value_states[0].transpose(0, 1)
         self.keys = self.store_keys[:, :, : self.span]
         self.values = self.store_values[:, :, : self.span]
         return self.keys, self.values
@@ -129,10 +198,8 @@ class _RowsLayer(DynamicLayer):
 class _RowsCache(Cache):
     """A transformers `Cache` over rows ``start..start+k`` of a `BatchKV` for one `forward_rows` call."""
 
-    def __init__(self, batch: BatchKV, start: int, columns: torch.Tensor, span: int):
-        count = columns.shape[0]
-        rows = torch.arange(count, device=columns.device)[:, None]
-        end = start + count
+    def __init__(self, batch: BatchKV, start: int, rows: torch.Tensor, columns: torch.Tensor, span: int):
+        end = start + int(rows.max()) + 1
         layers = [_RowsLayer(batch.keys[i, start:end], batch.values[i, start:end], rows, columns, span)
                   for i in range(batch.keys.shape[0])]
         super().__init__(layers=layers)
@@ -142,23 +209,22 @@ class _RowsCache(Cache):
 def forward_rows(batch: BatchKV, start: int, lengths: Sequence[int], tokens: Sequence[Sequence[int]]) -> torch.Tensor:
     """Run ``tokens[i]`` after the ``lengths[i]`` cached positions of row ``start + i``, all rows in one forward.
 
-    Shorter token lists are padded; the padding's keys/values land past the row's new length, where nothing
-    attends to them before they are overwritten. The caller advances each row's length by ``len(tokens[i])``.
+    The new tokens of all rows run packed, one after the other, through the model's layers, so a row decoding one
+    token costs one token even beside rows prefilling a question: decode steps and prefills share one forward.
+    Attention alone is per row (`RowsAttention`). The caller advances each row's length by ``len(tokens[i])``.
 
     Returns:
         ``[len(tokens), vocab]`` logits of each row's last token.
     """
     model = batch.model
     device = model.device
-    width = max(len(t) for t in tokens)
-    batch.reserve(start + len(tokens), max(lengths) + width)
-    ids = torch.tensor([list(t) + [t[-1]] * (width - len(t)) for t in tokens], device=device)
-    positions = torch.tensor(list(lengths), device=device)[:, None] + torch.arange(width, device=device)
-    span = int(positions.max()) + 1
-    # row i, query j sees columns 0..lengths[i]+j: its own cache and its own earlier new tokens
-    mask = torch.arange(span, device=device)[None, None, None, :] <= positions[:, None, :, None]
-    cache = _RowsCache(batch, start, positions, span)
-    hidden = model.model.model(input_ids=ids, position_ids=positions, attention_mask=mask, cache=cache,
-                               use_cache=True).last_hidden_state
-    last = torch.tensor([len(t) - 1 for t in tokens], device=device)
-    return model.model.get_output_embeddings()(hidden[torch.arange(len(tokens), device=device), last])
+    widths = [len(t) for t in tokens]
+    if min(widths) < 1:
+        raise ValueError("every row needs at least one new token")
+    batch.reserve(start + len(tokens), max(n + w for n, w in zip(lengths, widths)))
+    plan = RowsAttention(lengths, widths, device)
+    ids = torch.tensor([[token for row in tokens for token in row]], device=device)
+    cache = _RowsCache(batch, start, plan.rows, plan.columns, plan.span)
+    hidden = model.model.model(input_ids=ids, position_ids=plan.columns[None], attention_mask=plan.mask_stub,
+                               cache=cache, use_cache=True, kvpacket_rows=plan).last_hidden_state
+    return model.model.get_output_embeddings()(hidden[0, plan.last_tokens])

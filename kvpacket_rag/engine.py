@@ -29,12 +29,12 @@ from .builder import PacketBuilder
 from .context import ContextMethod, PacketFetch, PacketKind, PreparedContext
 from .errors import EmptyInputError
 from .flops import forward_flops
-from .generation import GenerationConfig, TextStreamer, decode_tokens, eos_ids, stream_text
+from .generation import GenerationConfig, eos_ids
 from .kvcache import KVBuffer, PacketCache
 from .methods import get_method
 from .models import LoadedModel, load_model
 from .prompt import DEFAULT_SYSTEM_PROMPT, ChatTurn, PromptFormatter
-from .scheduler import Prepare, Request, Scheduler, SchedulerConfig
+from .scheduler import Keep, Prepare, Request, Scheduler, SchedulerConfig
 from .session import DEFAULT_SESSION_BYTES, ChatSession, SessionCache
 from .store import InMemoryStore, PacketStore, StoreError
 
@@ -163,11 +163,10 @@ class PacketEngine:
             dropped beyond it.
 
     Thread-safe: one engine may serve several threads and coroutines at once. Every answer (`answer`, `stream`,
-    `chat` and their async forms) goes through the engine's `Scheduler`: one decode loop that prefills the
-    questions joining it together and then advances all active answers in one batched forward per token, each
+    `chat`, chat session turns and their async forms) goes through the engine's `Scheduler`: one decode loop whose
+    every forward prefills the questions joining it and advances all other active answers by one token, each
     with its own context, positions, stop strings and token budget, so every answer equals the answer alone.
-    Model work outside answers (packet builds, and chat session turns, which decode over their own kept cache,
-    one step at a time, not batched) shares one engine lock with the loop's steps.
+    Model work outside answers (packet builds) shares one engine lock with the loop's steps.
     """
 
     def __init__(self, model: LoadedModel | str | None = None, adapter: PacketAdapter | str | Path | None = "default",
@@ -300,10 +299,9 @@ class PacketEngine:
         """
         if not question or not question.strip():
             raise EmptyInputError("the question is empty; pass the text to answer")
-        stream = AnswerStream(iter(()))
-        stream._pieces = self._run(stream, question, list(chunks), get_method(method), tuple(history),
-                                   generation or GenerationConfig())
-        return stream
+        chunks, method, history = list(chunks), get_method(method), tuple(history)
+        return self._open(lambda stream: self._run(stream, question, chunks, method, history,
+                                                   generation or GenerationConfig()))
 
     def astream(self, question: str, chunks: Sequence[str], method: str | ContextMethod = "kv_packet",
                 history: Sequence[ChatTurn] = (), generation: GenerationConfig | None = None) -> AsyncAnswerStream:
@@ -355,9 +353,7 @@ class PacketEngine:
             buffer.reserve(reserve)
             return PreparedContext(PacketCache(buffer, 0), 0)
 
-        stream = AnswerStream(iter(()))
-        stream._pieces = self._scheduled(stream, "plain", prepare, ids, generation)
-        return stream
+        return self._open(lambda stream: self._scheduled(stream, "plain", prepare, ids, generation))
 
     def achat(self, messages: Sequence[tuple[str, str]], generation: GenerationConfig | None = None
               ) -> AsyncAnswerStream:
@@ -365,61 +361,17 @@ class PacketEngine:
         messages = list(messages)
         return AsyncAnswerStream(lambda: self.chat(messages, generation))
 
-    def _open(self, run: Callable[[AnswerStream], Iterator[str]]) -> AnswerStream:
-        """A stream whose pieces come from ``run(stream)`` (which sets ``stream.answer``), each step under the lock."""
+    @staticmethod
+    def _open(run: Callable[[AnswerStream], Iterator[str]]) -> AnswerStream:
+        """A stream whose pieces come from ``run(stream)``, which sets ``stream.answer`` at the end."""
         stream = AnswerStream(iter(()))
-        stream._pieces = self._serialized(run(stream))
+        stream._pieces = run(stream)
         return stream
 
     @staticmethod
     def _open_async(open_stream: Callable[[], AnswerStream]) -> AsyncAnswerStream:
         """An async stream over the stream ``open_stream()`` opens in a worker thread."""
         return AsyncAnswerStream(open_stream)
-
-    def _serialized(self, pieces: Iterator[str]) -> Iterator[str]:
-        """Run each step of ``pieces`` under the engine lock, releasing it before handing the piece out."""
-        try:
-            while True:
-                with self._compute:
-                    try:
-                        piece = next(pieces)
-                    except StopIteration:
-                        return
-                yield piece
-        finally:
-            pieces.close()  # a consumer that stops early ends the turn now
-
-    def _generate(self, stream: AnswerStream, start: float, method: str, context: PreparedContext,
-                  suffix: list[int], generation: GenerationConfig) -> Iterator[str]:
-        """Prefill ``suffix`` after the prepared context, decode, time it; set ``stream.answer`` (chat session turns:
-        they decode over their own kept cache, outside the scheduler)."""
-        prefill_start = time.perf_counter()
-        logits = self._prefill(suffix, context)
-        prefill_s = time.perf_counter() - prefill_start
-        streamer = TextStreamer(self.model.tokenizer, generation.stop)
-        tokens = decode_tokens(self.model.model, context.cache, logits, context.length + len(suffix),
-                               generation, self._stop_ids)
-        clock: dict[str, float] = {}
-        yield from stream_text(tokens, streamer, start, clock)
-        total = time.perf_counter() - start
-        timings = {"packet_load_s": context.packet_load_s, "packet_build_s": context.packet_build_s,
-                   "assembly_s": context.assembly_s, "context_prefill_s": context.context_prefill_s,
-                   "question_prefill_s": prefill_s,
-                   "ttft_s": clock.get("ttft_s", total), "total_s": total}
-        question_flops = forward_flops(self.model.config, len(suffix), context.length, logits_tokens=1)
-        cut = not streamer.stopped and len(streamer.ids) >= generation.max_new_tokens
-        stream.answer = Answer(streamer.text, list(streamer.ids), method, timings, context.context_flops,
-                               context.context_flops + question_flops, context.length, len(suffix),
-                               context.forwarded_tokens + len(suffix), context.packet_keys,
-                               context.packets_built, context.tokens_built, "length" if cut else "stop")
-
-    @torch.no_grad()
-    def _prefill(self, suffix: list[int], context) -> torch.Tensor:
-        device = self.model.device
-        ids = torch.tensor([suffix], device=device)
-        positions = torch.arange(context.length, context.length + len(suffix), device=device).unsqueeze(0)
-        return self.model.model(input_ids=ids, position_ids=positions, cache=context.cache, use_cache=True,
-                                logits_to_keep=1).logits[0, -1]
 
     def _run(self, stream: AnswerStream, question, chunks, method, history, generation) -> Iterator[str]:
         suffix = self.formatter.suffix_ids(question, history)
@@ -432,9 +384,9 @@ class PacketEngine:
         yield from self._scheduled(stream, method.name, prepare, suffix, generation)
 
     def _scheduled(self, stream: AnswerStream, method: str, prepare: Prepare, suffix: list[int],
-                   generation: GenerationConfig) -> Iterator[str]:
+                   generation: GenerationConfig, keep: Keep | None = None) -> Iterator[str]:
         """Run one request through the scheduler, yield its pieces, then set ``stream.answer``."""
-        request = Request(prepare, suffix, generation, self.model.tokenizer)
+        request = Request(prepare, suffix, generation, self.model.tokenizer, keep)
         yield from self.scheduler.run(request)
         context, streamer = request.context, request.streamer
         timings = {"queue_s": request.timings["queue_s"], "packet_load_s": context.packet_load_s,

@@ -1,10 +1,9 @@
-"""Token-by-token decoding over a prepared cache, with streaming text and stop strings."""
+"""Token choice (greedy or sampled), streaming text with stop strings, and the token ids that end an answer."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
@@ -103,48 +102,3 @@ def eos_ids(tokenizer, model_config) -> set[int]:
     elif config_eos:
         ids.update(config_eos)
     return ids
-
-
-def decode_tokens(model, cache, first_logits: torch.Tensor, position: int, config: GenerationConfig,
-                  stop_ids: set[int]) -> Iterator[int]:
-    """Yield generated token ids, feeding each back through ``model`` with ``cache``.
-
-    Args:
-        model: the causal LM.
-        cache: the cache after the prompt; extended in place.
-        first_logits: ``[vocab]`` logits of the last prompt token.
-        position: position id of the first generated token.
-        config: decoding settings.
-        stop_ids: token ids that end generation (not yielded).
-    """
-    generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
-    logits = first_logits
-    for step in range(config.max_new_tokens):
-        token = choose_token(logits, config, generator)
-        if token in stop_ids:
-            return
-        yield token
-        if step + 1 == config.max_new_tokens:
-            return
-        ids = torch.tensor([[token]], device=model.device)
-        positions = torch.tensor([[position + step]], device=model.device)
-        with torch.no_grad():
-            logits = model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True,
-                           logits_to_keep=1).logits[0, -1]
-
-
-def stream_text(tokens: Iterator[int], streamer: TextStreamer, start: float, clock: dict) -> Iterator[str]:
-    """Turn generated token ids into text pieces, stopping at stop strings.
-
-    Records ``clock["ttft_s"]`` (seconds from ``start``, a `time.perf_counter()` value) at the first token.
-    """
-    for token in tokens:
-        clock.setdefault("ttft_s", time.perf_counter() - start)
-        piece = streamer.push(token)
-        if piece:
-            yield piece
-        if streamer.stopped:
-            break
-    tail = streamer.flush()
-    if tail:
-        yield tail

@@ -240,8 +240,8 @@ def wrap_model(model: PreTrainedModel, tokenizer, name: str) -> LoadedModel:
         )
     rope = detect_rope(model)
     self_test(model, rope)
-    if model.config._attn_implementation == "sdpa":
-        model.set_attn_implementation(attention.NAME)  # same math, no repeated KV heads
+    # SDPA's math without repeated KV heads, and the per-row attention of batched decoding (whatever was chosen)
+    model.set_attn_implementation(attention.NAME)
     model.eval()
     model.requires_grad_(False)
     fingerprint = _sha256_hex(f"{_config_hash(model.config)}|{weights_hash(model)}".encode())

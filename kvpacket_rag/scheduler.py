@@ -2,9 +2,9 @@
 
 Callers on any thread hand a `Request` to the engine's `Scheduler` and iterate over its text pieces. One
 scheduler thread runs all model work for answers: between two decode steps it admits waiting requests (up to
-`SchedulerConfig.max_batch` active), assembles each one's context straight into its row of a shared `BatchKV`,
-prefills the joiners' questions together, hands out their first tokens, then runs one decode step for every
-active request at once (`forward_rows`). Requests leave between steps: finished, stopped by a stop string or an
+`SchedulerConfig.max_batch` active) and assembles each one's context straight into its row of a shared
+`BatchKV`; then one forward (`forward_rows`) prefills the joiners' questions and advances every other active
+request by one token, and each request gets its next token (a joiner: its first). Requests leave between steps: finished, stopped by a stop string or an
 end-of-sequence token, out of token budget, or closed by their consumer. Each keeps its own context length,
 positions, mask, stop strings, sampling settings and budget, so its tokens are those it would get alone.
 
@@ -40,6 +40,11 @@ SCHEDULER_THREAD = "kvpacket-scheduler"
 Prepare = Callable[[KVBuffer, int], PreparedContext]
 """Assembles a request's ``preamble | context`` into the buffer given, keeping the given number of positions free."""
 
+Keep = Callable[[BatchKV, int, int], None]
+"""Called as ``keep(batch, row, length)`` when a request's answer is complete, before its row is freed: the row's
+first ``length`` positions hold its context, question and every answer token forwarded (a chat session keeps
+them for its next turn)."""
+
 _PIECE, _DONE, _ERROR = "piece", "done", "error"
 
 
@@ -73,14 +78,16 @@ class Request:
         prepare: builds the context into the buffer it is given (called on the scheduler thread).
         suffix: token ids run after the context (question and assistant header).
         generation: decoding settings.
+        keep: called with the request's row once its answer is complete (not when it fails or is closed early).
 
     Once done: ``context`` (the `PreparedContext`, without its cache), ``streamer`` (text and token ids),
     ``finish_reason`` (``stop`` or ``length``) and ``timings`` (``queue_s``, ``question_prefill_s``, ``ttft_s``,
     ``total_s``: seconds from submission).
     """
 
-    def __init__(self, prepare: Prepare, suffix: list[int], generation: GenerationConfig, tokenizer):
-        self.prepare, self.suffix, self.generation = prepare, suffix, generation
+    def __init__(self, prepare: Prepare, suffix: list[int], generation: GenerationConfig, tokenizer,
+                 keep: Keep | None = None):
+        self.prepare, self.suffix, self.generation, self.keep = prepare, suffix, generation, keep
         self.streamer = TextStreamer(tokenizer, generation.stop)
         self.generator = torch.Generator().manual_seed(generation.seed) if generation.seed is not None else None
         self.context: PreparedContext | None = None
@@ -90,7 +97,7 @@ class Request:
         self.admitted = False
         self.cancelled = False
         self.length = 0  # positions in the request's cache row
-        self.next_token: int | None = None
+        self.pending: list[int] | None = None  # tokens of its next forward (the suffix, then one); None once done
         self.events: queue.SimpleQueue = queue.SimpleQueue()
 
     def _elapsed(self) -> float:
@@ -102,7 +109,7 @@ class Scheduler:
 
     Args:
         model: the engine's model.
-        lock: the engine's model lock; the loop holds it for each step (admission and prefill, then one decode step).
+        lock: the engine's model lock; the loop holds it for each step (admission, then one forward).
         config: queue and batch limits.
         stop_ids: token ids that end every answer.
     """
@@ -115,7 +122,8 @@ class Scheduler:
         self._active: list[Request] = []  # request i owns row i of the batch; only the loop thread touches it
         self._thread: threading.Thread | None = None
         self.batch = BatchKV(model)
-        self._stats = {"requests": 0, "failed": 0, "rejected": 0, "timed_out": 0, "steps": 0, "max_batch": 0}
+        self._stats = {"requests": 0, "failed": 0, "rejected": 0, "timed_out": 0, "steps": 0, "max_batch": 0,
+                       "prepare_s": 0.0, "forward_s": 0.0}
 
     # ---- caller side ---------------------------------------------------------------------------------------------
 
@@ -141,8 +149,9 @@ class Scheduler:
             request.cancelled = True  # a no-op once done; otherwise the loop drops it before its next step
 
     def stats(self) -> dict:
-        """Counters: ``requests`` admitted, ``failed``, ``rejected`` (queue full), ``timed_out``, decode ``steps``,
-        ``max_batch`` (most requests in the batch at once so far), and now: ``active``, ``queued``, ``running``
+        """Counters: ``requests`` admitted, ``failed``, ``rejected`` (queue full), ``timed_out``, ``steps`` (forwards),
+        ``max_batch`` (most requests in the batch at once so far), seconds the loop spent assembling contexts
+        (``prepare_s``) and in forwards (``forward_s``), and now: ``active``, ``queued``, ``running``
         (whether the loop thread is alive; it exits when no request is left) and ``batch_bytes``."""
         with self._cond:
             return {**self._stats, "active": len(self._active), "queued": len(self._pending),
@@ -235,8 +244,8 @@ class Scheduler:
         return joiners
 
     def _admit(self, joiners: list[Request]) -> None:
-        """Prepare each joiner in its own row, then prefill all of them in one forward and emit first tokens."""
-        ready = []
+        """Prepare each joiner's context in its own row; its question runs in the next step."""
+        started = time.perf_counter()
         for request in joiners:
             row = len(self._active)
             try:
@@ -248,46 +257,35 @@ class Scheduler:
             # the row holds the cache now; the request keeps no view of storage that growth may replace
             request.context = replace(context, cache=None)
             request.length = context.length
+            request.pending = list(request.suffix)
             self._active.append(request)
-            ready.append(request)
-        if not ready:
-            return
-        first = len(self._active) - len(ready)
-        started = time.perf_counter()
-        try:
-            logits = forward_rows(self.batch, first, [r.length for r in ready], [r.suffix for r in ready])
-        except Exception as error:
-            del self._active[first:]
-            for request in ready:
-                self._fail(request, error)
-            return
-        prefill_s = time.perf_counter() - started
         with self._cond:
-            self._stats["requests"] += len(ready)
-            self._stats["max_batch"] = max(self._stats["max_batch"], len(self._active))
-        for request, row_logits in zip(ready, logits):
-            request.length += len(request.suffix)
-            request.timings["question_prefill_s"] = prefill_s
-            self._emit(request, row_logits)
-        self._remove_finished()
+            self._stats["prepare_s"] += time.perf_counter() - started
 
     def _step(self) -> None:
-        """One decode step for every active request."""
+        """One forward for every active request: the joiners' questions and one decode token of the others."""
         if not self._active:
             return
         active = self._active
+        started = time.perf_counter()
         try:
-            logits = forward_rows(self.batch, 0, [r.length for r in active], [[r.next_token] for r in active])
+            logits = forward_rows(self.batch, 0, [r.length for r in active], [r.pending for r in active])
         except Exception as error:
             self._active = []
             for request in active:
                 self._fail(request, error)
             return
+        forward_s = time.perf_counter() - started
+        joined = [r for r in active if "question_prefill_s" not in r.timings]
         with self._cond:
             self._stats["steps"] += 1
+            self._stats["forward_s"] += forward_s
+            self._stats["requests"] += len(joined)
             self._stats["max_batch"] = max(self._stats["max_batch"], len(active))
+        for request in joined:
+            request.timings["question_prefill_s"] = forward_s
         for request, row_logits in zip(active, logits):
-            request.length += 1
+            request.length += len(request.pending)
             self._emit(request, row_logits)
         self._remove_finished()
 
@@ -306,19 +304,21 @@ class Scheduler:
         elif len(streamer.ids) >= request.generation.max_new_tokens:
             self._finish(request, "length")
         else:
-            request.next_token = token
+            request.pending = [token]
 
     def _finish(self, request: Request, reason: str) -> None:
         tail = request.streamer.flush()
         if tail:
             request.events.put((_PIECE, tail))
         request.finish_reason = reason
-        request.next_token = None
+        request.pending = None
+        if request.keep is not None:
+            request.keep(self.batch, self._active.index(request), request.length)
         request.timings["total_s"] = request._elapsed()
         request.events.put((_DONE, None))
 
     def _fail(self, request: Request, error: BaseException) -> None:
-        request.next_token = None
+        request.pending = None
         with self._cond:
             self._stats["failed"] += 1
         request.events.put((_ERROR, error))
@@ -326,7 +326,7 @@ class Scheduler:
     def _remove_finished(self) -> None:
         """Free the rows of finished requests, keeping the active rows contiguous (the last row fills a hole)."""
         for row in range(len(self._active) - 1, -1, -1):
-            if self._active[row].next_token is None:
+            if self._active[row].pending is None:
                 self._free_row(row)
 
     def _drop_cancelled(self) -> None:

@@ -23,11 +23,12 @@ a session whose cache was dropped reassembles on its next turn.
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator, Sequence
+
+import torch
 
 from .context import ContextMethod, PreparedContext
 from .errors import EmptyInputError
@@ -37,7 +38,9 @@ from .methods import get_method
 from .prompt import ChatTurn
 
 if TYPE_CHECKING:
+    from .batchcache import BatchKV
     from .engine import Answer, AnswerStream, AsyncAnswerStream, PacketEngine
+    from .scheduler import Prepare
 
 DEFAULT_SESSION_BYTES = 1 << 30
 """Byte budget of the kept session caches of an engine (1 GiB: about 40 conversations of 500 positions of the
@@ -51,7 +54,7 @@ class SessionState:
     Attributes:
         method: name of the method that assembled the context.
         chunks: the chunk texts of the context, in order.
-        cache: ``preamble | context | ids`` (positions ``0 .. context_length + len(ids) - 1``).
+        keys, values: ``[layers, kv_heads, positions, head_dim]``, the cache of ``preamble | context | ids``.
         context_length: positions of preamble and context.
         ids: the token ids cached after the context: the last turn's suffix and its forwarded answer tokens.
         packet_keys: the packets of the context, in order.
@@ -59,15 +62,21 @@ class SessionState:
 
     method: str
     chunks: tuple[str, ...]
-    cache: PacketCache
+    keys: torch.Tensor
+    values: torch.Tensor
     context_length: int
     ids: list[int] = field(default_factory=list)
     packet_keys: list[str] = field(default_factory=list)
 
     @property
+    def length(self) -> int:
+        """Cached positions: ``context_length + len(ids)``."""
+        return self.keys.shape[2]
+
+    @property
     def nbytes(self) -> int:
         """Bytes of its key/value cache."""
-        return self.cache.nbytes
+        return 2 * self.keys.numel() * self.keys.element_size()
 
 
 class SessionCache:
@@ -202,43 +211,56 @@ class ChatSession:
 
     def _run(self, stream: "AnswerStream", question: str, chunks: tuple[str, ...], method: ContextMethod,
              history: tuple[ChatTurn, ...], generation: GenerationConfig) -> Iterator[str]:
-        start = time.perf_counter()
         engine = self.engine
         suffix = engine.formatter.suffix_ids(question, history)
         state = engine.sessions.take(self.id)
         if state is not None and (state.method, state.chunks) == (method.name, chunks):
-            context, new = _resume(engine, state, suffix, generation)
+            prepare, new = _resume(engine, state, suffix, generation)
         else:
-            state, context = _assemble(engine, method, chunks, len(suffix) + generation.max_new_tokens)
-            new = suffix
-        yield from engine._generate(stream, start, method.name, context, new, generation)
+            prepare, new = _assemble(engine, method, chunks), suffix
+        kept: dict[str, torch.Tensor] = {}
+
+        def keep(batch: "BatchKV", row: int, length: int) -> None:  # on the scheduler thread, before the row is freed
+            kept["keys"] = batch.keys[:, row, :, :length].clone()
+            kept["values"] = batch.values[:, row, :, :length].clone()
+
+        yield from engine._scheduled(stream, method.name, prepare, new, generation, keep=keep)
         answer = stream.answer
-        answered = state.cache.get_seq_length() - context.length - len(new)  # the last token may not be forwarded
-        state.ids = suffix + answer.token_ids[:answered]
-        engine.sessions.put(self.id, state)
+        context_length = answer.context_tokens if new is suffix else state.context_length
+        length = kept["keys"].shape[2]
+        answered = length - answer.context_tokens - len(new)  # the last token may not be forwarded
+        engine.sessions.put(self.id, SessionState(method.name, chunks, kept["keys"], kept["values"], context_length,
+                                                  suffix + answer.token_ids[:answered], list(answer.packet_keys)))
         self.history = [*history, ChatTurn(question.strip(), answer.text)]
 
 
-def _assemble(engine: "PacketEngine", method: ContextMethod, chunks: tuple[str, ...], reserve: int
-              ) -> tuple[SessionState, PreparedContext]:
-    """A fresh context for ``chunks`` in a cache of the session's own."""
-    context = method.prepare(engine, chunks, KVBuffer(engine.model), reserve)
-    engine.model.check_context(context.length + reserve, "context plus conversation and answer")
-    state = SessionState(method.name, chunks, context.cache, context.length, packet_keys=list(context.packet_keys))
-    return state, context
+def _assemble(engine: "PacketEngine", method: ContextMethod, chunks: tuple[str, ...]) -> "Prepare":
+    """Preparing a fresh context for ``chunks``."""
+
+    def prepare(buffer: KVBuffer, reserve: int) -> PreparedContext:
+        context = method.prepare(engine, chunks, buffer, reserve)
+        engine.model.check_context(context.length + reserve, "context plus conversation and answer")
+        return context
+
+    return prepare
 
 
 def _resume(engine: "PacketEngine", state: SessionState, suffix: list[int], generation: GenerationConfig
-            ) -> tuple[PreparedContext, list[int]]:
-    """Keep the cached positions that match ``suffix`` (at least one suffix token is left to forward) and return
-    the context they form and the suffix tokens still to forward."""
+            ) -> tuple["Prepare", list[int]]:
+    """Keep the cached positions that match ``suffix`` (at least one suffix token is left to forward): preparing
+    the context they form, and the suffix tokens still to forward."""
     kept = _common_prefix(state.ids, suffix[:-1])
     length = state.context_length + kept
     new = suffix[kept:]
     engine.model.check_context(length + len(new) + generation.max_new_tokens, "context plus conversation and answer")
-    state.cache.truncate(length)
-    state.cache.reserve(length + len(new) + generation.max_new_tokens)
-    return PreparedContext(state.cache, length, packet_keys=list(state.packet_keys)), new
+
+    def prepare(buffer: KVBuffer, reserve: int) -> PreparedContext:
+        buffer.reserve(length + reserve)
+        buffer.keys[:, 0, :, :length] = state.keys[:, :, :length]
+        buffer.values[:, 0, :, :length] = state.values[:, :, :length]
+        return PreparedContext(PacketCache(buffer, length), length, packet_keys=list(state.packet_keys))
+
+    return prepare, new
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

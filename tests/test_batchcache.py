@@ -1,4 +1,5 @@
-"""forward_rows: rows of different lengths advanced in one forward get the logits each gets alone."""
+"""forward_rows: rows of different lengths advanced in one forward (decode steps and prefills mixed) get the
+logits each gets alone."""
 
 from __future__ import annotations
 
@@ -64,6 +65,20 @@ def test_a_row_alone_and_in_a_batch_get_the_same_logits(tiny_llama):
     forward_rows(together, 0, [0, 0, 0], CONTEXTS)
     got = forward_rows(together, 0, [len(c) for c in CONTEXTS], SUFFIXES)[1]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_rows_and_prefilling_rows_in_one_forward_get_their_own_logits(tiny_model):
+    """One forward mixing decode steps (one token) and question prefills (several tokens, different counts),
+    rows interleaved: every row gets the logits it gets alone."""
+    batch = BatchKV(tiny_model)
+    contexts = [*CONTEXTS, CONTEXTS[0][:5]]
+    forward_rows(batch, 0, [0] * 4, contexts)
+    new = [[3], SUFFIXES[2], [4], SUFFIXES[0]]  # decode, prefill, decode, prefill
+    got = forward_rows(batch, 0, [len(c) for c in contexts], new)
+    for row, context in enumerate(contexts):
+        alone = BatchKV(tiny_model)
+        want = forward_rows(alone, 0, [0], [context + new[row]])[0]
+        torch.testing.assert_close(got[row], want, atol=2e-5, rtol=1e-4)
 
 
 def test_moving_a_row_keeps_its_cache(tiny_llama):

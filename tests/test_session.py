@@ -4,6 +4,8 @@ only the new tokens; other documents reassemble; kept caches are bounded in byte
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import pytest
 import torch
@@ -62,7 +64,7 @@ def turn_and_fresh(engine: PacketEngine, session, question: str, chunks, generat
     kept = engine.sessions.state(session.id)
     suffix = engine.formatter.suffix_ids(question, history)
     assert kept.ids[: len(suffix)] == suffix  # exactly the tokens a fresh assembly feeds
-    assert kept.context_length + len(kept.ids) == kept.cache.get_seq_length()
+    assert kept.context_length + len(kept.ids) == kept.length
     return reused, fresh
 
 
@@ -148,6 +150,32 @@ def test_closed_early_keeps_nothing_and_reset_forgets(tiny_llama):
         session.stream(" ", DOCS_A)
     with pytest.raises(ValueError, match="max_bytes"):
         SessionCache(-1)
+
+
+def test_concurrent_conversations_are_decoded_together(tiny_llama):
+    """Turns of several sessions at once join one batch, and each equals the same conversation answered alone."""
+    engine = PacketEngine(tiny_llama, adapter=PacketAdapter.initialize(tiny_llama, 4, 4, seed=3), store=InMemoryStore())
+    questions = (("Where was Ada born?", "When?"), ("Who designed the engine?", "Why?"), ("Who was Ada?", "And?"))
+    alone = []
+    for first, second in questions:
+        session = engine.session()
+        answers = [session.answer(q, DOCS_A, generation=GEN) for q in (first, second)]
+        alone.append([(a.token_ids, a.forwarded_tokens) for a in answers])
+    sessions = [engine.session() for _ in questions]
+    for turn in range(2):
+        streams = [s.stream(q[turn], DOCS_A, generation=GEN) for s, q in zip(sessions, questions)]
+        threads = [threading.Thread(target=stream.collect) for stream in streams]
+        with engine._compute:  # the loop waits until every turn is queued: they join the same forward
+            for thread in threads:
+                thread.start()
+            deadline = time.perf_counter() + 10
+            while engine.scheduler.stats()["queued"] < len(threads) and time.perf_counter() < deadline:
+                time.sleep(0.002)
+        for thread in threads:
+            thread.join(30)
+        # the same tokens, and the second turn forwards only its new message, as alone
+        assert [(s.answer.token_ids, s.answer.forwarded_tokens) for s in streams] == [a[turn] for a in alone]
+        assert engine.scheduler.stats()["max_batch"] == len(questions)
 
 
 def test_embedded_model_forwards_exactly_the_new_tokens(default_model):

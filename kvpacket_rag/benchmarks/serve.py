@@ -109,7 +109,9 @@ def run_level(index, questions: list[str], concurrency: int, generation: Generat
     out = summarize(records, wall)
     out.update(concurrency=concurrency, questions=len(questions),
                peak_mb_per_active_request=(heap.peak - heap.start) / 2**20 / concurrency,
-               max_batch=after["max_batch"], decode_steps=after["steps"] - before["steps"],
+               max_batch=after["max_batch"], forwards=after["steps"] - before["steps"],
+               loop_prepare_s=after["prepare_s"] - before["prepare_s"],
+               loop_forward_s=after["forward_s"] - before["forward_s"],
                batch_storage_mb=after["batch_bytes"] / 2**20)
     return out
 

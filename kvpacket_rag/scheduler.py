@@ -1,12 +1,13 @@
 """Continuous batching: one decode loop advances every active question of an engine together.
 
 Callers on any thread hand a `Request` to the engine's `Scheduler` and iterate over its text pieces. One
-scheduler thread runs all model work for answers: between two decode steps it admits waiting requests (up to
+scheduler thread runs all model work for answers: between two forwards it admits waiting requests (up to
 `SchedulerConfig.max_batch` active) and assembles each one's context straight into its row of a shared
 `BatchKV`; then one forward (`forward_rows`) prefills the joiners' questions and advances every other active
-request by one token, and each request gets its next token (a joiner: its first). Requests leave between steps: finished, stopped by a stop string or an
-end-of-sequence token, out of token budget, or closed by their consumer. Each keeps its own context length,
-positions, mask, stop strings, sampling settings and budget, so its tokens are those it would get alone.
+request by one token, and each request gets its next token (a joiner: its first). Requests leave between
+forwards: finished, stopped by a stop string or an end-of-sequence token, out of token budget, or closed by their
+consumer. Each keeps its own context length, positions, mask, stop strings, sampling settings and budget, so its
+tokens are those it would get alone.
 
 Admission control: at most `SchedulerConfig.max_queue` requests wait for a place; one more raises
 `QueueFullError`, and a request still waiting after `SchedulerConfig.queue_timeout_s` raises `QueueTimeoutError`.

@@ -9,7 +9,9 @@ engine's scheduler and are decoded together.
 Per level: questions per second and generated tokens per second (over the wall time of the level), TTFT
 percentiles (call start to first token, retrieval included), and the peak heap in use during the level
 (glibc ``mallinfo2``, sampled every millisecond, minus the heap before it) divided by C: memory per active
-request, batch KV storage and transients included. A reference row runs plain Hugging Face ``generate`` on
+request, batch KV storage and transients included. A breakdown of the TTFT separates retrieval, waiting for a
+place in the batch and the forward that prefilled the question, and the first wave of a level (its C questions
+arrive at once, so their prefills share one forward) from the questions that join a running batch. A reference row runs plain Hugging Face ``generate`` on
 the same questions one after the other, over the same retrieved chunks pasted into the prompt (full
 recompute), with the same token budget, on the first ``--reference-questions`` questions (it is slow). Each
 level is run ``--repeats`` times; the medians are reported.
@@ -72,11 +74,25 @@ def summarize(records: list[dict], wall_s: float) -> dict:
             "mean_tokens": sum(r["tokens"] for r in records) / len(records)}
 
 
+def ttft_breakdown(records: list[dict], concurrency: int) -> dict:
+    """Where the time to first token goes: medians of retrieval, waiting for a place in the batch and the forward
+    that prefilled the question, and the TTFT of the first wave (the ``concurrency`` questions asked at once when
+    the level starts, whose prefills share one forward) against the questions asked after it."""
+    first = [r["ttft_s"] for r in records if r["order"] < concurrency]
+    later = [r["ttft_s"] for r in records if r["order"] >= concurrency]
+    return {"retrieval_p50_s": percentile([r["retrieval_s"] for r in records], 0.5),
+            "queue_p50_s": percentile([r["queue_s"] for r in records], 0.5),
+            "prefill_forward_p50_s": percentile([r["question_prefill_s"] for r in records], 0.5),
+            "first_wave_ttft_p50_s": percentile(first, 0.5),
+            "later_ttft_p50_s": percentile(later, 0.5) if later else None,
+            "later_ttft_p95_s": percentile(later, 0.95) if later else None}
+
+
 def run_level(index, questions: list[str], concurrency: int, generation: GenerationConfig, top_k: int) -> dict:
     """Ask ``questions`` from ``concurrency`` client threads; throughput, TTFT and memory of the level."""
     engine = index.engine
     engine.release_buffers()  # the peak then counts the batch storage this level allocates
-    pending = iter(questions)
+    pending = iter(enumerate(questions))
     take = threading.Lock()
     records: list[dict] = []
     errors: list[BaseException] = []
@@ -84,7 +100,7 @@ def run_level(index, questions: list[str], concurrency: int, generation: Generat
     def client() -> None:
         while True:
             with take:
-                question = next(pending, None)
+                order, question = next(pending, (None, None))
             if question is None:
                 return
             try:
@@ -92,7 +108,10 @@ def run_level(index, questions: list[str], concurrency: int, generation: Generat
             except BaseException as error:  # noqa: BLE001 - re-raised below
                 errors.append(error)
                 return
-            records.append({"ttft_s": result.timings["ttft_s"], "tokens": len(result.answer.token_ids)})
+            timings = result.timings
+            records.append({"order": order, "ttft_s": timings["ttft_s"], "tokens": len(result.answer.token_ids),
+                            "retrieval_s": timings["retrieval_s"], "queue_s": timings["queue_s"],
+                            "question_prefill_s": timings["question_prefill_s"]})
 
     before = engine.scheduler.stats()
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
@@ -107,7 +126,7 @@ def run_level(index, questions: list[str], concurrency: int, generation: Generat
         raise errors[0]
     after = engine.scheduler.stats()
     out = summarize(records, wall)
-    out.update(concurrency=concurrency, questions=len(questions),
+    out.update(concurrency=concurrency, questions=len(questions), ttft_breakdown=ttft_breakdown(records, concurrency),
                peak_mb_per_active_request=(heap.peak - heap.start) / 2**20 / concurrency,
                max_batch=after["max_batch"], forwards=after["steps"] - before["steps"],
                loop_prepare_s=after["prepare_s"] - before["prepare_s"],
@@ -161,6 +180,9 @@ def repeated(measure, repeats: int) -> dict:
     result = dict(runs[-1])
     for key in (*METRICS, "wall_s", "mean_tokens"):
         result[key] = median([run[key] for run in runs])
+    if "ttft_breakdown" in result:
+        result["ttft_breakdown"] = {key: None if value is None else median([run["ttft_breakdown"][key] for run in runs])
+                                    for key, value in result["ttft_breakdown"].items()}
     result["repeats"] = [{key: run[key] for key in METRICS} for run in runs]
     return result
 
@@ -200,6 +222,15 @@ def table(result: dict) -> str:
         lines.append(f"| {name} | {run['concurrency']} | {run['questions_per_s']:.2f} | {run['tokens_per_s']:.1f} | "
                      f"{_ms(run['ttft_p50_s'])} | {_ms(run['ttft_p95_s'])} | {run['peak_mb_per_active_request']:.0f} | "
                      f"{run.get('max_batch', 1)} |")
+    lines += ["", "Time to first token, medians per question: the first wave is the questions asked at once when a level "
+              "starts (their prefills share one forward), later ones join a running batch.", "",
+              "| concurrency | retrieval | queue | prefill forward | TTFT first wave | TTFT later p50 | TTFT later p95 |",
+              "|---|---|---|---|---|---|---|"]
+    for run in result["runs"]:
+        b = run["ttft_breakdown"]
+        later = [_ms(b[key]) if b[key] is not None else "–" for key in ("later_ttft_p50_s", "later_ttft_p95_s")]
+        lines.append(f"| {run['concurrency']} | {_ms(b['retrieval_p50_s'])} | {_ms(b['queue_p50_s'])} | "
+                     f"{_ms(b['prefill_forward_p50_s'])} | {_ms(b['first_wave_ttft_p50_s'])} | {later[0]} | {later[1]} |")
     if result["goals"]:
         lines += ["", "Against one question at a time (concurrency 1, same run):", ""]
         for level, ratios in result["goals"].items():

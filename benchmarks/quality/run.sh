@@ -2,7 +2,7 @@
 # Reproduce benchmarks/quality/: the demo's suggested questions and the quality frontier of the adapter designs
 # on a validation draw (test split, seed 1; the reported questions of RESULTS.md use seed 0).
 #
-#   benchmarks/quality/run.sh            # 2 torch threads; about 40 minutes on a 2-core CPU
+#   benchmarks/quality/run.sh            # 2 torch threads; about 65 minutes on a 2-core CPU
 #
 # Delete a result file to measure it again; the frontier keeps the datasets already in its JSON.
 set -euo pipefail
@@ -16,4 +16,8 @@ PAPER=benchmarks/adapter/candidates/smollm2-135m-instruct-stage3.safetensors  # 
 $PY $OUT/frontier.py --sets biography:20 niah:10 squad:15 hotpotqa:10 --threads 2 \
   --variants kv_packet=benchmarks/adapter/candidates/smollm2-135m-instruct-stage4.safetensors paper-layout=$PAPER bare+preamble=none+preamble \
   --baselines no_recompute cacheblend:0.15 --json $OUT/frontier.json
+# stage 6 against stage 7 (shipped), with the baselines; ran with stage 7 as runs/stage7/candidate.safetensors
+$PY $OUT/frontier.py --sets squad:15 biography:20 hotpotqa:10 niah:10 --threads 2 \
+  --variants stage7=default kv_packet=benchmarks/adapter/candidates/smollm2-135m-instruct-stage6.safetensors \
+  --baselines no_recompute cacheblend:0.15 --json $OUT/frontier_stage7.json
 [ -f $OUT/demo_paper.json ] || $PY $OUT/demo_questions.py --adapter $PAPER --json $OUT/demo_paper.json

@@ -4,7 +4,7 @@ Run from the repository root, as one command:
 
     python training/recipes/smollm2_default.py
 
-Six stages of ``kvpacket train`` (`STAGES`); a stage whose adapter file already exists is skipped (delete it
+Seven stages of ``kvpacket train`` (`STAGES`); a stage whose adapter file already exists is skipped (delete it
 to train it again), and an interrupted stage continues from its last checkpoint (``--resume``):
 
 1-3. Packets built from position 0 (the KV Packet paper's layout): 2 epochs = 128 optimizer steps of 4 samples
@@ -17,14 +17,17 @@ to train it again), and an interrupted stage continues from its last checkpoint 
      packets are built, initialised to change nothing. One epoch over stage 4's samples and teacher outputs
      (48 steps of 8), peak lr 2e-3 for the updates and 3e-3 for the soft tokens.
 6.   The same design over a fresh draw of 192 samples (seed 2) in which needle-in-a-haystack samples are longer
-     (4 chunks of 300 words) and more frequent: one epoch, 24 steps of 8, same learning rates. Writes
+     (4 chunks of 300 words) and more frequent: one epoch, 24 steps of 8, same learning rates.
+7.   More chunks per sample: a fresh draw of 192 samples (seed 3) with 3-5 biographies per sample and up to 6
+     chunks, needles as in stage 6; one epoch, 24 steps of 8, same learning rates. Writes
      ``kvpacket_rag/adapters/smollm2-135m-instruct.safetensors`` and its JSON card.
 
-Stages 1-5 keep their adapters in ``benchmarks/adapter/candidates/``, so a fresh checkout starts at stage 6.
+Stages 1-6 keep their adapters in ``benchmarks/adapter/candidates/``, so a fresh checkout starts at stage 7.
 
 Checkpoints, ``log.json`` and ``loss.png`` go to ``runs/smollm2_default/<stage>.run/``, teacher outputs to
 ``runs/teacher/``. Wall times on the 2-core CPU are in benchmarks/adapter/README.md: stages 1-3 took 2.4-2.9 h,
-stage 4 1.3 h, stage 5 35 min; stage 6 (teacher pass included) is the part a fresh checkout runs. SQuAD is kept
+stage 4 1.3 h, stage 5 35 min, stage 6 and stage 7 about 33 min each (teacher pass included); stage 7 is the part a
+fresh checkout runs. SQuAD is kept
 out of every stage: it is the unseen domain on which the adapter's generalisation is measured.
 """
 
@@ -57,6 +60,8 @@ PREAMBLE = _common("biography:0.4,hotpotqa:0.4,niah:0.2", {"biography": {"docs_p
                    max_chunks=4, samples=384, batch_size=8, answer_cap=32) + ["--threads", "2", "--prefix", "preamble"]
 LONG_NEEDLES = _common("biography:0.3,hotpotqa:0.3,niah:0.4", {"biography": {"docs_per_sample": [2, 3, 4]}, "niah": {"n_chunks": 4, "chunk_words": 300}},
                        max_chunks=4, samples=192, batch_size=8, answer_cap=32, seed=2) + ["--threads", "2", "--prefix", "preamble"]
+MORE_CHUNKS = _common("biography:0.35,hotpotqa:0.35,niah:0.3", {"biography": {"docs_per_sample": [3, 4, 5]}, "niah": {"n_chunks": 4, "chunk_words": 300}},
+                      max_chunks=6, samples=192, batch_size=8, answer_cap=32, seed=3) + ["--threads", "2", "--prefix", "preamble"]
 BUILD_LORA = ["--lora-rank", "8", "--lora-alpha", "16", "--lora-lr", "2e-3"]
 
 
@@ -68,11 +73,12 @@ def stage(name: str, common: list[str], epochs: int, lr: str, out: Path, init: P
             "--out", str(out)]
 
 
-STAGE1, STAGE2, STAGE3, STAGE4, STAGE5 = (CANDIDATES / f"smollm2-135m-instruct-stage{n}.safetensors" for n in range(1, 6))
+STAGE1, STAGE2, STAGE3, STAGE4, STAGE5, STAGE6 = (CANDIDATES / f"smollm2-135m-instruct-stage{n}.safetensors" for n in range(1, 7))
 STAGES = [stage("stage1", FIRST, 2, "3e-2", STAGE1), stage("stage2", FIRST, 2, "1e-2", STAGE2, STAGE1),
           stage("stage3", FIRST, 2, "1e-2", STAGE3, STAGE2), stage("stage4", PREAMBLE, 2, "1e-2", STAGE4, STAGE3),
           stage("stage5", PREAMBLE, 1, "3e-3", STAGE5, STAGE4) + BUILD_LORA,
-          stage("stage6", LONG_NEEDLES, 1, "3e-3", OUT, STAGE5) + BUILD_LORA]
+          stage("stage6", LONG_NEEDLES, 1, "3e-3", STAGE6, STAGE5) + BUILD_LORA,
+          stage("stage7", MORE_CHUNKS, 1, "3e-3", OUT, STAGE6) + BUILD_LORA]
 
 
 def main(extra: list[str] | None = None) -> int:

@@ -314,7 +314,11 @@ class Scheduler:
         request.finish_reason = reason
         request.pending = None
         if request.keep is not None:
-            request.keep(self.batch, self._active.index(request), request.length)
+            try:
+                request.keep(self.batch, self._active.index(request), request.length)
+            except Exception as error:  # the answer is complete, but its caller asked for the row as well
+                self._fail(request, error)
+                return
         request.timings["total_s"] = request._elapsed()
         request.events.put((_DONE, None))
 

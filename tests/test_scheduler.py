@@ -15,8 +15,8 @@ from kvpacket_rag.adapter import PacketAdapter
 from kvpacket_rag.engine import PacketEngine
 from kvpacket_rag.errors import ContextTooLongError, IncompatiblePacketError, QueueFullError, QueueTimeoutError
 from kvpacket_rag.generation import GenerationConfig
-from kvpacket_rag.methods import PacketMethod
-from kvpacket_rag.scheduler import SchedulerConfig
+from kvpacket_rag.methods import PacketMethod, get_method
+from kvpacket_rag.scheduler import Request, SchedulerConfig
 from kvpacket_rag.testing import make_tiny_model
 
 CHUNKS = ["Ada Lovelace was born in London in 1815.", "Alan Turing studied at Cambridge and worked at Bletchley.",
@@ -145,6 +145,27 @@ def test_failing_requests_fail_alone(engine, alone):
     assert engine.scheduler.wait_idle()
     assert engine.answer(*JOBS[2], generation=GREEDY).token_ids == alone[2].token_ids
 
+
+
+def test_a_request_whose_keep_hook_fails_fails_alone(engine, alone):
+    """A failing ``keep`` (called with the request's row once its answer is complete) fails that request only."""
+    def broken(batch, row, length):
+        raise RuntimeError("cannot keep the row")
+
+    question, chunks = JOBS[1]
+    method = get_method("kv_packet")
+    request = Request(lambda buffer, reserve: method.prepare(engine, chunks, buffer, reserve),
+                      engine.formatter.suffix_ids(question), GREEDY, engine.model.tokenizer, keep=broken)
+    failing = Consumer(engine.scheduler.run(request))
+    other = Consumer(engine.stream(*JOBS[0], generation=GREEDY))
+    with engine._compute:
+        failing.start()
+        other.start()
+        wait_for(lambda: engine.scheduler.stats()["queued"] >= 2)
+    for consumer in (failing, other):
+        consumer.join(30)
+    assert isinstance(failing.error, RuntimeError) and "".join(failing.pieces) == alone[1].text
+    assert other.error is None and other.stream.answer.token_ids == alone[0].token_ids
 
 def test_queue_full_is_refused_at_once(tiny_llama):
     engine = PacketEngine(tiny_llama, adapter=None, scheduler=SchedulerConfig(max_batch=1, max_queue=1))

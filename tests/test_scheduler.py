@@ -146,7 +146,6 @@ def test_failing_requests_fail_alone(engine, alone):
     assert engine.answer(*JOBS[2], generation=GREEDY).token_ids == alone[2].token_ids
 
 
-
 def test_a_request_whose_keep_hook_fails_fails_alone(engine, alone):
     """A failing ``keep`` (called with the request's row once its answer is complete) fails that request only."""
     def broken(batch, row, length):
@@ -166,6 +165,7 @@ def test_a_request_whose_keep_hook_fails_fails_alone(engine, alone):
         consumer.join(30)
     assert isinstance(failing.error, RuntimeError) and "".join(failing.pieces) == alone[1].text
     assert other.error is None and other.stream.answer.token_ids == alone[0].token_ids
+
 
 def test_queue_full_is_refused_at_once(tiny_llama):
     engine = PacketEngine(tiny_llama, adapter=None, scheduler=SchedulerConfig(max_batch=1, max_queue=1))

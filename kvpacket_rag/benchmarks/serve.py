@@ -11,10 +11,11 @@ percentiles (call start to first token, retrieval included), and the peak heap i
 (glibc ``mallinfo2``, sampled every millisecond, minus the heap before it) divided by C: memory per active
 request, batch KV storage and transients included. A breakdown of the TTFT separates retrieval, waiting for a
 place in the batch and the forward that prefilled the question, and the first wave of a level (its C questions
-arrive at once, so their prefills share one forward) from the questions that join a running batch. A reference row runs plain Hugging Face ``generate`` on
-the same questions one after the other, over the same retrieved chunks pasted into the prompt (full
-recompute), with the same token budget, on the first ``--reference-questions`` questions (it is slow). Each
-level is run ``--repeats`` times; the medians are reported.
+arrive at once, so their prefills share one forward) from the questions that join a running batch. A reference
+row runs plain Hugging Face ``generate`` on the same questions one after the other, over the same retrieved
+chunks pasted into the prompt (full recompute), with the same token budget, on the first
+``--reference-questions`` questions (it is slow). Each level is run ``--repeats`` times; the medians are
+reported.
 """
 
 from __future__ import annotations

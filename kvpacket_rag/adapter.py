@@ -169,7 +169,8 @@ class PacketAdapter(torch.nn.Module):
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), mode=0o644)
         card = {**self.card, "model_fingerprint": self.model_fingerprint, "fingerprint": self.fingerprint,
                 "n_header": self.n_header, "n_trailer": self.n_trailer, "prefix": self.prefix,
-                "build_lora_rank": self.lora.rank if self.lora is not None else 0}
+                "build_lora_rank": self.lora.rank if self.lora is not None else 0,
+                "build_lora_targets": list(self.lora.targets) if self.lora is not None else []}
         path.with_suffix(".json").write_text(json.dumps(card, indent=2, default=str) + "\n")
         return path
 

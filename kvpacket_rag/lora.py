@@ -19,8 +19,10 @@ from .models import LoadedModel
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 """Attention projections of Llama-family decoder layers: the layers that write and read the packets' keys and
-values. The MLP projections are supported too; with them a training step of SmolLM2-135M took 2-3 times as long
-on 2 CPU cores."""
+values."""
+
+ALL_TARGETS = (*DEFAULT_TARGETS, "gate_proj", "up_proj", "down_proj")
+"""Every linear layer of a Llama-family decoder layer that a build LoRA may update (attention, then MLP)."""
 
 _LAYER_NAME = re.compile(r"^layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
 
@@ -79,6 +81,23 @@ class BuildLoRA(torch.nn.Module):
             down[name] = torch.randn(rank, linear.in_features, generator=generator) / linear.in_features ** 0.5
             up[name] = torch.zeros(linear.out_features, rank)
         return cls(down, up, alpha)
+
+    def extended(self, model: LoadedModel, targets: Sequence[str], seed: int = 0) -> "BuildLoRA":
+        """A copy that also updates the ``targets`` layers it lacks, with the same rank and scale; the added
+        layers start as `initialize` draws them (``B = 0``), so the copy changes packets exactly as this one."""
+        down = {name: self.down[_key(name)].detach() for name in self.names}
+        up = {name: self.up[_key(name)].detach() for name in self.names}
+        fresh = BuildLoRA.initialize(model, self.rank, self.alpha, targets, seed)
+        for name in fresh.names:
+            if name not in down:
+                down[name], up[name] = fresh.down[_key(name)].detach(), fresh.up[_key(name)].detach()
+        return BuildLoRA(down, up, self.alpha)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The kinds of layer updated (e.g. ``("q_proj", "k_proj", "v_proj", "o_proj")``), in `ALL_TARGETS` order."""
+        kinds = {name.rsplit(".", 1)[1] for name in self.names}
+        return tuple(kind for kind in ALL_TARGETS if kind in kinds) + tuple(sorted(kinds - set(ALL_TARGETS)))
 
     @property
     def names(self) -> list[str]:

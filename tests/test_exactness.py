@@ -8,7 +8,7 @@ import torch
 from kvpacket_rag.adapter import PacketAdapter
 from kvpacket_rag.builder import PacketBuilder
 from kvpacket_rag.kvcache import KVBuffer, assemble
-from kvpacket_rag.lora import BuildLoRA
+from kvpacket_rag.lora import ALL_TARGETS, DEFAULT_TARGETS, BuildLoRA
 from kvpacket_rag.prompt import PromptFormatter
 from kvpacket_rag.testing import packet_path_logits, reference_logits
 
@@ -29,12 +29,14 @@ def test_packet_path_equals_block_mask_forward(tiny_model, tmp_path, prefix):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("prefix", ["none", "preamble"])
-def test_build_lora_packet_path_equals_block_mask_forward(tiny_model, tmp_path, prefix):
-    """Packets built with build-time low-rank weights, read by the unchanged model: the same logits as one
-    forward in which the low-rank updates apply to the wrapped chunks' tokens only."""
+@pytest.mark.parametrize("prefix, targets", [("none", DEFAULT_TARGETS), ("preamble", DEFAULT_TARGETS),
+                                             ("preamble", ALL_TARGETS)])
+def test_build_lora_packet_path_equals_block_mask_forward(tiny_model, tmp_path, prefix, targets):
+    """Packets built with build-time low-rank weights (of the attention projections, or of every linear layer),
+    read by the unchanged model: the same logits as one forward in which the low-rank updates apply to the
+    wrapped chunks' tokens only."""
     formatter = PromptFormatter(tiny_model.tokenizer)
-    lora = BuildLoRA.initialize(tiny_model, rank=4, seed=2)
+    lora = BuildLoRA.initialize(tiny_model, rank=4, targets=targets, seed=2)
     for up in lora.up.values():
         torch.nn.init.normal_(up, std=0.05)
     adapter = PacketAdapter.initialize(tiny_model, 4, 4, seed=1, prefix=prefix).with_lora(lora)

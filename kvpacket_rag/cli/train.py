@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..adapter import PREFIX_NONE, PREFIXES
+from ..lora import ALL_TARGETS, DEFAULT_TARGETS
 from ..prompt import DEFAULT_SYSTEM_PROMPT
 
 
@@ -34,6 +35,8 @@ def register(subparsers) -> None:
                              "built; the model that reads packets is unchanged (default: %(default)s, none)")
     parser.add_argument("--lora-alpha", type=float, default=16.0, help="their scale numerator (default: %(default)s)")
     parser.add_argument("--lora-lr", type=float, default=1e-3, help="their peak learning rate (default: %(default)s)")
+    parser.add_argument("--lora-targets", default=",".join(DEFAULT_TARGETS),
+                        help=f"comma-separated layers they update, among {','.join(ALL_TARGETS)} (default: %(default)s)")
     parser.add_argument("--prefix", choices=PREFIXES, default=PREFIX_NONE,
                         help="build every packet after the chat preamble ('preamble') or from position 0 ('none', "
                              "the paper's layout) (default: %(default)s)")
@@ -76,7 +79,8 @@ def config_from_args(args: argparse.Namespace):
         out=args.out, model=args.model, data=args.data, data_options=args.data_options or {},
         max_chunks=args.max_chunks, samples=args.samples, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, n_header=args.n_header, n_trailer=args.n_trailer, prefix=args.prefix,
-        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_lr=args.lora_lr, init_adapter=args.init_adapter,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_lr=args.lora_lr,
+        lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()), init_adapter=args.init_adapter,
         seed=args.seed, answer_cap=args.answer_cap,
         teacher_top_k=args.teacher_top_k, system_prompt=args.system_prompt,
         gradient_checkpointing=args.gradient_checkpointing, device=args.device, dtype=args.dtype,

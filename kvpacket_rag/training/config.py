@@ -10,6 +10,7 @@ from typing import Any
 
 from kvpacket_rag.adapter import PREFIX_NONE, PREFIXES
 from kvpacket_rag.errors import KVPacketError
+from kvpacket_rag.lora import ALL_TARGETS, DEFAULT_TARGETS
 from kvpacket_rag.prompt import DEFAULT_SYSTEM_PROMPT
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -19,7 +20,7 @@ DEFAULT_DATA_OPTIONS: dict[str, dict[str, Any]] = {"biography": {"docs_per_sampl
 
 # Settings whose change makes a checkpoint of an earlier run invalid (the rest may change on --resume).
 RESUME_KEYS = ("model", "data", "data_options", "max_chunks", "samples", "split", "epochs", "batch_size", "lr",
-               "n_header", "n_trailer", "lora_rank", "lora_alpha", "lora_lr", "prefix", "seed", "answer_cap", "teacher_top_k", "system_prompt", "dtype", "init_adapter")
+               "n_header", "n_trailer", "lora_rank", "lora_alpha", "lora_lr", "lora_targets", "prefix", "seed", "answer_cap", "teacher_top_k", "system_prompt", "dtype", "init_adapter")
 
 
 class TrainingConfigError(KVPacketError, ValueError):
@@ -49,6 +50,8 @@ class TrainConfig:
             chunk's tokens while packets are built (0: none; the model that reads packets is never changed).
         lora_alpha: scale numerator of those updates (``alpha / rank``).
         lora_lr: peak learning rate of the low-rank updates (the soft tokens use ``lr``).
+        lora_targets: the kinds of linear layer they update, among `kvpacket_rag.lora.ALL_TARGETS` (default: the
+            attention projections). A start adapter's updates are kept and the targets it lacks are added at zero.
         prefix: what every packet is built after: ``"preamble"`` (the chat preamble, the prompt's own prefix of
             every chunk) or ``"none"`` (position 0, as in the KV Packet paper).
         init_adapter: start from this adapter file (same model and sizes) instead of a random initialisation,
@@ -85,6 +88,7 @@ class TrainConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_lr: float = 1e-3
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     prefix: str = PREFIX_NONE
     init_adapter: Path | None = None
     seed: int = 0
@@ -117,6 +121,10 @@ class TrainConfig:
                  "at least 1 (there is nothing to train)")
         _require(isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0, "lora_alpha", "a float > 0")
         _require(isinstance(self.lora_lr, (int, float)) and 0 < self.lora_lr < 1, "lora_lr", "a float in (0, 1)")
+        self.lora_targets = tuple(self.lora_targets)
+        _require(bool(self.lora_targets) and set(self.lora_targets) <= set(ALL_TARGETS)
+                 and len(set(self.lora_targets)) == len(self.lora_targets), "lora_targets",
+                 f"distinct names among {', '.join(ALL_TARGETS)}")
         for name in ("max_chunks", "teacher_top_k", "threads", "stop_after_steps"):
             value = getattr(self, name)
             _require(value is None or (isinstance(value, int) and value >= 1), name, "None or an integer >= 1")

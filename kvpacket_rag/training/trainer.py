@@ -205,13 +205,14 @@ class Trainer:
                              lora=self._initial_lora(adapter.lora))  # no card
 
     def _initial_lora(self, start: BuildLoRA | None) -> BuildLoRA | None:
-        """The run's build LoRA: ``start`` when its rank and scale match the run's, else a fresh one (B = 0)."""
+        """The run's build LoRA: ``start`` (with the run's targets it lacks added at B = 0) when its rank and scale
+        match the run's, else a fresh one (B = 0)."""
         c = self.config
         if c.lora_rank == 0:
             return None
         if start is not None and (start.rank, start.alpha) == (c.lora_rank, float(c.lora_alpha)):
-            return start
-        return BuildLoRA.initialize(self.model, c.lora_rank, c.lora_alpha, seed=c.seed)
+            return start.extended(self.model, c.lora_targets, seed=c.seed)
+        return BuildLoRA.initialize(self.model, c.lora_rank, c.lora_alpha, c.lora_targets, seed=c.seed)
 
     def _batches(self, start_step: int, end_step: int) -> Iterator[tuple[int, list[int]]]:
         c = self.config
@@ -256,7 +257,7 @@ class Trainer:
         c = self.config
         settings = c.to_dict()
         keys = ("init_adapter", "data", "max_chunks", "samples", "split", "epochs", "batch_size", "lr", "lora_rank",
-                "lora_alpha", "lora_lr", "seed",
+                "lora_alpha", "lora_lr", "lora_targets", "seed",
                 "prefix", "answer_cap", "teacher_top_k", "system_prompt", "gradient_checkpointing", "device", "threads")
         answers = [t.length for t in self.teacher]
         return {

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kvpacket_rag.adapter import PacketAdapter
+from kvpacket_rag.lora import ALL_TARGETS
 from kvpacket_rag.training import TeacherCache, TrainConfig, Trainer, TrainingConfigError, list_checkpoints, student_logits, train
 
 
@@ -172,3 +173,25 @@ def test_build_lora_trains_resumes_exactly_and_loads(tiny_llama, tmp_path):
     assert loaded.fingerprint == whole.adapter.fingerprint and loaded.card["lora_rank"] == 2
     with pytest.raises(TrainingConfigError, match="lora_rank"):
         train(_config(tmp_path / "b", resume=True, lora_rank=4), tiny_llama)
+
+
+def test_build_lora_of_a_start_adapter_gains_new_targets_at_zero(tiny_llama, tmp_path):
+    """Warm-starting with more target layers keeps the start's updates and adds the others at B = 0, so the
+    first loss is the start adapter's own; training then moves the added layers."""
+    attention = train(_config(tmp_path / "a", lora_rank=2, lora_lr=1e-2), tiny_llama)
+    widened = _config(tmp_path / "b", lora_rank=2, lora_lr=1e-2, init_adapter=attention.path, epochs=1,
+                      lora_targets=ALL_TARGETS)
+    trainer = Trainer(widened, tiny_llama)
+    trainer.prepare()
+    first = trainer._initial_adapter()
+    assert first.lora.targets == ALL_TARGETS
+    assert _mean_kl(trainer, first) == pytest.approx(_mean_kl(trainer, attention.adapter), abs=1e-6)
+    for name, tensor in attention.adapter.lora.tensors().items():
+        assert torch.equal(first.lora.tensors()[name], tensor)
+    result = trainer.run()
+    mlp_up = [up for key, up in result.adapter.lora.up.items() if key.endswith("mlp/up_proj")]
+    assert mlp_up and any(float(up.abs().max()) > 0 for up in mlp_up)
+    loaded = PacketAdapter.load(result.path, tiny_llama)
+    assert loaded.lora.targets == ALL_TARGETS and loaded.card["lora_targets"] == list(ALL_TARGETS)
+    with pytest.raises(TrainingConfigError, match="lora_targets"):
+        _config(tmp_path / "c", lora_targets=("q_proj", "lm_head"))

@@ -24,3 +24,4 @@ $PY $OUT/frontier.py --sets biography:50 --threads 2 --variants stage7=default \
   stage6=benchmarks/adapter/candidates/smollm2-135m-instruct-stage6.safetensors --baselines no_recompute \
   --json $OUT/frontier_biography50.json
 [ -f $OUT/demo_paper.json ] || $PY $OUT/demo_questions.py --adapter $PAPER --json $OUT/demo_paper.json
+$PY $OUT/gather.py  # frontier_all.md and .png: every design of the runs above

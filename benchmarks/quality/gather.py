@@ -1,5 +1,4 @@
-"""Every adapter design measured on the validation questions, gathered from the frontier runs into one table and
-one plot.
+"""The adapter designs of every frontier run on the validation questions, gathered into one table and one plot.
 
 ``designs.json`` names the designs (what each changed, its adapter file, its demo result) and, per frontier run
 file in this folder, which design each of its method names was when it ran. The table lists every design's
@@ -88,7 +87,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> int:
     catalog = json.loads((HERE / "designs.json").read_text())
     rows = result_rows(catalog["runs"])
-    text = ["# Every design on the validation questions", "",
+    text = ["# The designs of every frontier run on the validation questions", "",
             "Written by `python benchmarks/quality/gather.py` from the frontier runs named in `designs.json` (test "
             "split, seed 1; each run's command, machine and date are in its JSON). Compare designs within one run: "
             "rows of a run answer the same questions on one clock.", "", *design_rows(catalog["designs"]), "",

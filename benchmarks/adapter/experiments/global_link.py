@@ -114,7 +114,8 @@ def main() -> int:
                           cache=preamble_cache, use_cache=True)
     preamble_block = preamble_cache.to_block()
 
-    link = torch.nn.Parameter(adapter.trailer.detach().clone().float()[: args.n_link])
+    soft = torch.cat([adapter.trailer, adapter.header]).detach().float()  # the trailer first: it ends every packet
+    link = torch.nn.Parameter(soft.repeat(-(-args.n_link // soft.shape[0]), 1)[: args.n_link].clone())
     lora = BuildLoRA.initialize(model, args.rank, 16.0, tuple(args.targets.split(",")), seed=0)
     optimizer = torch.optim.AdamW([{"params": [link], "lr": args.lr, "peak": args.lr},
                                    {"params": list(lora.parameters()), "lr": args.lora_lr, "peak": args.lora_lr}],
@@ -147,7 +148,7 @@ def main() -> int:
                     without += float(teacher.kl(tail_logits(model, block, None, None, tail, teacher.length)).sum())
                 loss = teacher.kl(tail_logits(model, block, link, lora, tail, teacher.length)).sum() / tokens
                 loss.backward()
-                with_link += float(loss) * tokens
+                with_link += float(loss.detach()) * tokens
             for group in optimizer.param_groups:
                 group["lr"] = group["peak"] * (1 - step / total_steps)
             optimizer.step()

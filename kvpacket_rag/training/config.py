@@ -22,6 +22,9 @@ DEFAULT_DATA_OPTIONS: dict[str, dict[str, Any]] = {"biography": {"docs_per_sampl
 RESUME_KEYS = ("model", "data", "data_options", "max_chunks", "samples", "split", "epochs", "batch_size", "lr",
                "n_header", "n_trailer", "lora_rank", "lora_alpha", "lora_lr", "lora_targets", "prefix", "seed", "answer_cap", "teacher_top_k", "system_prompt", "dtype", "init_adapter")
 
+SIGNATURE_DEFAULTS: dict[str, Any] = {"lora_targets": list(DEFAULT_TARGETS)}
+"""Resume settings added after earlier checkpoints were written: the value such a checkpoint implies."""
+
 
 class TrainingConfigError(KVPacketError, ValueError):
     """A training setting is out of range; the message names the setting and its valid values."""

@@ -36,7 +36,7 @@ from kvpacket_rag.prompt import PromptFormatter
 from kvpacket_rag.reference import block_forward
 
 from .checkpoint import list_checkpoints, load_checkpoint, restore, save_checkpoint
-from .config import TrainConfig, TrainingConfigError
+from .config import SIGNATURE_DEFAULTS, TrainConfig, TrainingConfigError
 from .data import TokenizedSample, load_training_samples, parse_data_spec, tokenize_sample
 from .teacher import TeacherCache, TeacherOutput
 
@@ -236,8 +236,8 @@ class Trainer:
 
     def _resume(self, checkpoint, adapter, optimizer) -> tuple[int, list[dict], float]:
         c = self.config
-        mismatch = {k: (v, checkpoint.info["signature"].get(k)) for k, v in c.resume_signature().items()
-                    if checkpoint.info["signature"].get(k) != v}
+        saved = {**SIGNATURE_DEFAULTS, **checkpoint.info["signature"]}
+        mismatch = {k: (v, saved.get(k)) for k, v in c.resume_signature().items() if saved.get(k) != v}
         if checkpoint.info.get("model_fingerprint") != self.model.fingerprint:
             mismatch["model_fingerprint"] = (self.model.fingerprint[:12], str(checkpoint.info.get("model_fingerprint"))[:12])
         if mismatch:

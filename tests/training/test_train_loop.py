@@ -83,6 +83,19 @@ def test_resume_refuses_changed_settings_and_fresh_run_refuses_old_checkpoints(t
         train(_config(tmp_path), tiny_llama)
 
 
+def test_checkpoint_written_before_lora_targets_existed_still_resumes(tiny_llama, tmp_path):
+    """A checkpoint whose settings lack ``lora_targets`` meant the attention projections: it resumes with them
+    and is refused with any other targets."""
+    train(_config(tmp_path, stop_after_steps=2, lora_rank=2), tiny_llama)
+    for path in list_checkpoints(tmp_path / "out" / "adapter.run"):
+        info = json.loads(path.read_text())
+        del info["signature"]["lora_targets"]
+        path.write_text(json.dumps(info))
+    with pytest.raises(TrainingConfigError, match="lora_targets"):
+        train(_config(tmp_path, resume=True, lora_rank=2, lora_targets=ALL_TARGETS), tiny_llama)
+    assert train(_config(tmp_path, resume=True, lora_rank=2), tiny_llama).finished
+
+
 def test_warm_start_from_an_adapter_file(tiny_llama, tmp_path):
     start = PacketAdapter.initialize(tiny_llama, 4, 4, seed=11)
     start.save(tmp_path / "start.safetensors")

@@ -29,11 +29,13 @@ from kvpacket_rag.datasets import load_samples
 from kvpacket_rag.adapter import resolve_adapter
 from kvpacket_rag.engine import PacketEngine
 from kvpacket_rag.evaluation.harness import EvalConfig, evaluate
+from kvpacket_rag.evaluation.plots import labelled_panels
 from kvpacket_rag.methods import PacketMethod
 from kvpacket_rag.models import load_model
 from kvpacket_rag.tuning import set_threads, tune_malloc
 
 FIELDS = ("fidelity", "kl", "recall", "f1", "ttft_vs_full", "ttft_s")
+FIDELITY = "fidelity (F1 vs full-recompute answer)"
 
 
 def variant_method(model, variant: str) -> PacketMethod:
@@ -65,26 +67,10 @@ def table(results: dict) -> str:
 
 def plot(results: dict, path: Path) -> None:
     """Fidelity against TTFT (fraction of full recompute), one panel per dataset."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.8), squeeze=False)
-    for axis, (dataset, methods) in zip(axes[0], results.items()):
-        for name, r in methods.items():
-            if not name.startswith("_"):
-                axis.scatter(r["ttft_vs_full"], r["fidelity"])
-                axis.annotate(name, (r["ttft_vs_full"], r["fidelity"]), fontsize=7, xytext=(3, 3),
-                              textcoords="offset points")
-        axis.set_xscale("log")
-        axis.set_title(f"{dataset} ({methods['_n']} questions)")
-        axis.set_xlabel("TTFT × full recompute")
-        axis.set_ylabel("fidelity (F1 vs full-recompute answer)")
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    panels = {f"{dataset} ({methods['_n']} questions)": [(name, r["ttft_vs_full"], r["fidelity"])
+                                                          for name, r in methods.items() if not name.startswith("_")]
+              for dataset, methods in results.items()}
+    labelled_panels(panels, "TTFT × full recompute", FIDELITY, path)
 
 
 def main(argv=None) -> int:

@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from kvpacket_rag.evaluation.plots import labelled_panels
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 SETS = ("biography", "hotpotqa", "niah", "squad")
@@ -62,26 +64,10 @@ def table(rows: list[dict]) -> list[str]:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Fidelity against KL, one panel per set, every (run, design) a labelled point."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sets = [s for s in SETS if any(r["set"] == s for r in rows)]
-    figure, axes = plt.subplots(1, len(sets), figsize=(4.4 * len(sets), 4.0), squeeze=False)
-    for axis, dataset in zip(axes[0], sets):
-        for r in (r for r in rows if r["set"] == dataset):
-            axis.scatter(r["kl"], r["fidelity"], s=18)
-            axis.annotate(f"{r['design']} ({r['n']})", (r["kl"], r["fidelity"]), fontsize=6, xytext=(3, 2),
-                          textcoords="offset points")
-        axis.set_xscale("log")
-        axis.set_title(dataset)
-        axis.set_xlabel("KL to full recompute per token (log)")
-        axis.set_ylabel("fidelity (F1 vs full-recompute answer)")
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    panels = {dataset: [(f"{r['design']} ({r['n']})", r["kl"], r["fidelity"]) for r in rows if r["set"] == dataset]
+              for dataset in sets}
+    labelled_panels(panels, "KL to full recompute per token (log)", "fidelity (F1 vs full-recompute answer)", path)
 
 
 def main() -> int:

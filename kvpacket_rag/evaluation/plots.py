@@ -81,6 +81,28 @@ def f1_vs_recompute(result: dict, path: Path) -> Path:
     return _finish(plt, fig, result, path)
 
 
+def labelled_panels(panels: dict[str, list[tuple[str, float, float]]], xlabel: str, ylabel: str,
+                    path: Path) -> Path:
+    """One panel per title in ``panels``, each ``(label, x, y)`` a labelled point, x on a log scale; writes
+    ``path`` (PNG) and returns it. Used to compare designs across frontier runs (e.g. fidelity against TTFT
+    or KL)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (title, points) in zip(axes[0], panels.items()):
+        for label, x, y in points:
+            ax.scatter(x, y, s=18)
+            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _finish(plt, fig, result: dict, path: Path) -> Path:
     """Title ``fig`` with the run, write it to ``path`` and free it."""
     fig.suptitle(_title(result), fontsize=9)

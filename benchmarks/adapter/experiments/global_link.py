@@ -17,6 +17,7 @@ the full-recompute answer generated as in ``evaluate_adapter.py --kl-only``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -59,19 +60,11 @@ def tail_logits(model, block, link: torch.Tensor | None, lora: BuildLoRA | None,
     positions = torch.arange(start, start + embeds.shape[0])[None]
     gate = torch.zeros(1, embeds.shape[0], 1)
     gate[:, :n_link] = 1.0
-    context = lora.applied(model, gate) if (lora is not None and n_link) else _nothing()
+    context = lora.applied(model, gate) if (lora is not None and n_link) else contextlib.nullcontext()
     with context:
         out = model.model(inputs_embeds=embeds[None], position_ids=positions, past_key_values=cache, use_cache=True,
                           logits_to_keep=n_logits)
     return out.logits[0]
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def main() -> int:

@@ -168,7 +168,8 @@ def summarize(spec: str, records: list[dict], methods: list[str]) -> dict:
 
 @torch.no_grad()
 def kl_only(model, adapter_paths: list[str], specs: list[str], n: int, seed: int, max_new_tokens: int) -> str:
-    """A cheap comparison of adapters (e.g. checkpoints): teacher-forced KL per token only, no answers generated."""
+    """A cheap comparison of adapters (e.g. checkpoints): teacher-forced KL per token only, no answers generated;
+    per set, also how many questions each adapter reads with a lower KL than the first one named."""
     from kvpacket_rag.generation import eos_ids
     from kvpacket_rag.prompt import PromptFormatter
     from kvpacket_rag.training import teacher_answer
@@ -176,18 +177,25 @@ def kl_only(model, adapter_paths: list[str], specs: list[str], n: int, seed: int
     formatter = PromptFormatter(model.tokenizer)
     adapters = {"no_recompute": PacketAdapter.empty(model), **{spec: resolve_adapter(model, spec) for spec in adapter_paths}}
     lines = ["| set | n | " + " | ".join(adapters) + " |", "|---|---|" + "---|" * len(adapters)]
+    first = adapter_paths[0]
     for spec in specs:
-        totals, tokens = dict.fromkeys(adapters, 0.0), 0
+        totals, tokens, lower = dict.fromkeys(adapters, 0.0), 0, dict.fromkeys(adapters, 0)
         for sample in tqdm(load_set(spec, n, seed), desc=spec, unit="q"):
             tokenized = tokenize_sample(sample, formatter, model, 16, max_new_tokens)
             prompt = tokenized.prompt_ids(formatter.preamble_ids())
             teacher = teacher_answer(model, prompt, max_new_tokens, eos_ids(model.tokenizer, model.config))
             tokens += teacher.length
+            question = {}
             for name, adapter in adapters.items():
                 logits = student_logits(model, adapter, formatter.preamble_ids(), tokenized, teacher.answer_ids)
-                totals[name] += float(teacher.kl(logits).sum())
+                question[name] = float(teacher.kl(logits).sum())
+                totals[name] += question[name]
+            for name in adapters:
+                lower[name] += question[name] < question[first]
         lines.append(f"| {spec} | {n} | " + " | ".join(f"{totals[a] / tokens:.4f}" for a in adapters) + " |")
-        print(lines[-1], flush=True)
+        lines.append(f"| {spec}: questions with a lower KL than {first} | {n} | "
+                     + " | ".join(str(lower[a]) for a in adapters) + " |")
+        print("\n".join(lines[-2:]), flush=True)
     return "\n".join(lines)
 
 

@@ -4,7 +4,8 @@ The packets stay those of a frozen packet adapter. At question time, ``K`` train
 the last packet, before the question; they attend to the whole assembled context, and while they are computed
 the model's attention projections carry low-rank updates (the same gated mechanism as the build-time LoRA). The
 question and the answer are read by the unchanged model, which also attends to the link tokens' keys and values.
-Question-time cost: ``K`` more tokens in the question's prefill.
+Question-time cost: ``K`` more tokens in the question's prefill. With ``--reader`` the updates apply to the
+question and the answer as well (a reader adapter; ``--n-link 0`` leaves only that).
 
 The script trains the link tokens and their updates by distillation on the cached teacher outputs of a training
 run (its ``--data``/``--seed`` settings), and measures teacher-forced KL per token, with and without the link
@@ -46,8 +47,11 @@ def context_block(model, builder, preamble_block, chunk_ids) -> tuple[torch.Tens
 
 
 def tail_logits(model, block, link: torch.Tensor | None, lora: BuildLoRA | None, tail_ids: list[int],
-                n_logits: int) -> torch.Tensor:
-    """Logits of the last ``n_logits`` tail positions after ``[link tokens]`` over the assembled context."""
+                n_logits: int, reader: bool = False) -> torch.Tensor:
+    """Logits of the last ``n_logits`` tail positions after ``[link tokens]`` over the assembled context.
+
+    ``reader``: the low-rank updates apply to every tail position (link tokens, question and answer), not only to
+    the link tokens."""
     keys, values = block
     cache = DynamicCache()
     for layer in range(keys.shape[0]):
@@ -59,8 +63,8 @@ def tail_logits(model, block, link: torch.Tensor | None, lora: BuildLoRA | None,
     start = keys.shape[2]
     positions = torch.arange(start, start + embeds.shape[0])[None]
     gate = torch.zeros(1, embeds.shape[0], 1)
-    gate[:, :n_link] = 1.0
-    context = lora.applied(model, gate) if (lora is not None and n_link) else contextlib.nullcontext()
+    gate[:, : embeds.shape[0] if reader else n_link] = 1.0
+    context = lora.applied(model, gate) if (lora is not None and gate.any()) else contextlib.nullcontext()
     with context:
         out = model.model(inputs_embeds=embeds[None], position_ids=positions, past_key_values=cache, use_cache=True,
                           logits_to_keep=n_logits)
@@ -72,6 +76,8 @@ def main() -> int:
     parser.add_argument("--adapter", default="default", help="frozen packet adapter")
     parser.add_argument("--n-link", type=int, default=8)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--reader", action="store_true",
+                        help="apply the low-rank updates to the question and answer too (a reader adapter)")
     parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
     parser.add_argument("--lr", type=float, default=1e-2, help="link tokens")
     parser.add_argument("--lora-lr", type=float, default=2e-3)
@@ -109,6 +115,7 @@ def main() -> int:
 
     soft = torch.cat([adapter.trailer, adapter.header]).detach().float()  # the trailer first: it ends every packet
     link = torch.nn.Parameter(soft.repeat(-(-args.n_link // soft.shape[0]), 1)[: args.n_link].clone())
+    link_or_none = link if args.n_link else None
     lora = BuildLoRA.initialize(model, args.rank, 16.0, tuple(args.targets.split(",")), seed=0)
     optimizer = torch.optim.AdamW([{"params": [link], "lr": args.lr, "peak": args.lr},
                                    {"params": list(lora.parameters()), "lr": args.lora_lr, "peak": args.lora_lr}],
@@ -139,7 +146,8 @@ def main() -> int:
                 tail = list(sample.suffix_ids) + teacher.answer_ids[:-1].tolist()
                 with torch.no_grad():
                     without += float(teacher.kl(tail_logits(model, block, None, None, tail, teacher.length)).sum())
-                loss = teacher.kl(tail_logits(model, block, link, lora, tail, teacher.length)).sum() / tokens
+                loss = teacher.kl(tail_logits(model, block, link_or_none, lora, tail, teacher.length,
+                                              args.reader)).sum() / tokens
                 loss.backward()
                 with_link += float(loss.detach()) * tokens
             for group in optimizer.param_groups:
@@ -166,8 +174,9 @@ def main() -> int:
                 full = teacher_answer(model, tokenized.prompt_ids(preamble_ids), 32, stop)
                 block = context_block(model, builder, preamble_block, tokenized.chunk_ids)
                 tail = list(tokenized.suffix_ids) + full.answer_ids[:-1].tolist()
-                for key, (lk, lr_) in {"link": (link, lora), "none": (None, None)}.items():
-                    sums[key] += float(full.kl(tail_logits(model, block, lk, lr_, tail, full.length)).sum())
+                for key, (lk, lr_) in {"link": (link_or_none, lora), "none": (None, None)}.items():
+                    sums[key] += float(full.kl(tail_logits(model, block, lk, lr_, tail, full.length,
+                                                           args.reader)).sum())
             count += full.length
         results["validation"][spec] = {k: v / count for k, v in sums.items()} | {"tokens": count}
         print(spec, results["validation"][spec], flush=True)

@@ -11,6 +11,8 @@ packets of that adapter assembled after the preamble). Greedy answers of at most
 Example:
     python benchmarks/quality/fidelity_vs_kl.py --set biography:5:30 --blends 0 0.05 0.1 0.2 0.4 1 \\
         --threads 2 --json benchmarks/quality/fidelity_vs_kl.json
+    python benchmarks/quality/fidelity_vs_kl.py --plot benchmarks/quality/fidelity_vs_kl.png \
+        benchmarks/quality/fidelity_vs_kl_biography.json benchmarks/quality/fidelity_vs_kl_hotpotqa.json
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from kvpacket_rag.adapter import resolve_adapter
 from kvpacket_rag.benchmarks.common import machine_info
 from kvpacket_rag.builder import PacketBuilder
 from kvpacket_rag.datasets import load_samples
+from kvpacket_rag.evaluation.plots import labelled_panels
 from kvpacket_rag.generation import eos_ids
 from kvpacket_rag.kvcache import KVBuffer, PacketCache, assemble
 from kvpacket_rag.metrics import best_f1
@@ -80,6 +83,17 @@ def forced_logits(model, keys, values, tail_ids: list[int], n_logits: int) -> to
                        cache=as_cache(keys, values), use_cache=True, logits_to_keep=n_logits).logits[0]
 
 
+def plot(results: list[Path], path: Path) -> Path:
+    """Fidelity against KL (log scale), one panel per result file; full recompute itself (KL 0) is left out."""
+    panels = {}
+    for result in results:
+        data = json.loads(result.read_text())
+        points = [(f"a={key}" if key[0].isdigit() else "shipped" if key == "default" else key, row["kl"], row["fidelity"])
+                  for key, row in data["blends"].items() if row["kl"] > 1e-6]
+        panels[f"{data['set']} (seed {data['seed']})"] = points
+    return labelled_panels(panels, "teacher-forced KL per token (log)", "fidelity (F1 vs full recompute)", path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", default="biography:5:30", help="NAME:DOCS:N (test split, seed --seed)")
@@ -89,7 +103,13 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                        help="draw the result files named after it into PNG instead of measuring")
+    parser.add_argument("results", type=Path, nargs="*", help="result files for --plot")
     args = parser.parse_args(argv)
+    if args.plot is not None:
+        print(plot(args.results, args.plot))
+        return 0
     torch.set_num_threads(args.threads)
     model = load_model()
     formatter = PromptFormatter(model.tokenizer)

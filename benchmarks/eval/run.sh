@@ -50,6 +50,10 @@ for spec in biography:$N niah:${SHIPPED_N:-30} hotpotqa:${SHIPPED_N:-30}; do
   evaluate "${dataset}_shipped" "${spec##*:}" no_recompute,kv_packet
 done
 
+# SQuAD, the domain no adapter trains on: the shipped adapter against CacheBlend 15 %
+dataset=squad
+evaluate squad_shipped "$N" no_recompute,kv_packet,cacheblend:0.15
+
 notes=()
 [ -f benchmarks/eval/NOTES.md ] && notes=(--notes benchmarks/eval/NOTES.md)
 python -m kvpacket_rag.evaluation.report benchmarks/eval/*.json "${notes[@]}" --out benchmarks/RESULTS.md

@@ -4,7 +4,8 @@
 positions, where the preamble and each wrapped chunk attend only to themselves
 (causally) and the tail (question, answer) attends to everything before it.
 This is exactly what packet assembly computes, but differentiable in the
-adapter: the training student, and the oracle of the exactness tests.
+adapter: the oracle of the exactness tests, and the training student under
+gradient checkpointing (`kvpacket_rag.training.student`).
 
 When the adapter's packets are conditioned on the preamble (``prefix ==
 "preamble"``), every packet was built after its own copy of the preamble. The

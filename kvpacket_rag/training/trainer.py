@@ -1,8 +1,9 @@
 """The distillation trainer: teach header/trailer soft tokens to make packets behave like full attention.
 
-Teacher: the frozen model over the plain prompt (`training.teacher`). Student: the same model over
-``preamble | [H, chunk_1, T] | ... | [H, chunk_n, T] | question | answer[:-1]`` under the block-diagonal mask
-(`kvpacket_rag.reference.block_forward`, equal to the packet inference path). Loss: KL(teacher ‖ student) per
+Teacher: the frozen model over the plain prompt (`training.teacher`). Student: the packet path itself,
+differentiable (`training.student`: each wrapped chunk built alone, rotated and assembled after the preamble, then
+``question | answer[:-1]`` read over it), equal to one forward under the block-diagonal mask
+(`kvpacket_rag.reference.block_forward`), which the student becomes under gradient checkpointing. Loss: KL(teacher ‖ student) per
 answer token, averaged over the answer tokens of an effective batch. Only the adapter (soft tokens and, when configured, its build-time low-rank updates) gets gradients.
 
 Example:
@@ -33,11 +34,11 @@ from kvpacket_rag.generation import eos_ids
 from kvpacket_rag.lora import BuildLoRA
 from kvpacket_rag.models import LoadedModel, cache_dir, load_model
 from kvpacket_rag.prompt import PromptFormatter
-from kvpacket_rag.reference import block_forward
 
 from .checkpoint import list_checkpoints, load_checkpoint, restore, save_checkpoint
 from .config import SIGNATURE_DEFAULTS, TrainConfig, TrainingConfigError
 from .data import TokenizedSample, load_training_samples, parse_data_spec, tokenize_sample
+from .student import block_student_logits, preamble_block, student_logits
 from .teacher import TeacherCache, TeacherOutput
 
 
@@ -62,17 +63,6 @@ class TrainResult:
     final_loss: float
     wall_time_s: float
     log: list[dict] = field(default_factory=list)
-
-
-def student_logits(model: LoadedModel, adapter: PacketAdapter, preamble_ids: list[int], sample: TokenizedSample,
-                   answer_ids: torch.Tensor) -> torch.Tensor:
-    """Student logits ``[A, vocab]`` predicting each of the ``A`` answer tokens (differentiable in ``adapter``).
-
-    The tail is ``question suffix | answer[:-1]``; its last ``A`` positions predict ``answer[0..A-1]``.
-    """
-    tail = list(sample.suffix_ids) + answer_ids[:-1].tolist()
-    return block_forward(model, adapter, preamble_ids, [list(c) for c in sample.chunk_ids], tail,
-                         logits_tokens=answer_ids.numel())
 
 
 def parameter_groups(adapter: PacketAdapter, lr: float, lora_lr: float) -> list[dict]:
@@ -169,7 +159,8 @@ class Trainer:
                     group["lr"] = linear_lr(group["peak_lr"], step, c.total_steps)
                 lr = optimizer.param_groups[0]["lr"]
                 loss, tokens = self._accumulate(adapter, batch)
-                grad_norm = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in adapter.parameters()))
+                grad_norm = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in adapter.parameters()
+                                            if p.grad is not None))  # None: no path to the loss
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 log.append({"step": step + 1, "epoch": step // c.steps_per_epoch, "loss": loss, "lr": lr,
@@ -225,10 +216,14 @@ class Trainer:
         """Backward of the token-mean KL over ``batch`` (one sample at a time); returns (loss, answer tokens)."""
         tokens = sum(self.teacher[i].length for i in batch)
         total = 0.0
+        preamble = None if self.config.gradient_checkpointing else preamble_block(self.model, self.preamble_ids)
         for i in batch:
             teacher = self.teacher[i]
-            logits = student_logits(self.model, adapter, self.preamble_ids, self.samples[i],
-                                    teacher.answer_ids.to(self.model.device))
+            answer = teacher.answer_ids.to(self.model.device)
+            if preamble is None:  # gradient checkpointing drops the KV cache the packet student reads
+                logits = block_student_logits(self.model, adapter, self.preamble_ids, self.samples[i], answer)
+            else:
+                logits = student_logits(self.model, adapter, self.preamble_ids, self.samples[i], answer, preamble)
             loss = teacher.kl(logits).sum() / tokens
             loss.backward()
             total += float(loss.detach())

@@ -141,7 +141,9 @@ def test_gradient_checkpointing_gives_the_same_steps(tiny_llama, tmp_path, monke
         calls.clear()
         counts.append((trainer.run(), len(calls)))
     (plain, plain_calls), (checkpointed, checkpointed_calls) = counts
-    assert checkpointed_calls == 2 * plain_calls == 12  # the layer runs again in the backward pass
+    # checkpointed: one block-mask forward per sample (6), each run again in the backward pass; plain: the
+    # per-chunk student, one forward per chunk and one for the tail, never rerun
+    assert checkpointed_calls == 12 and plain_calls > 6
     torch.testing.assert_close(checkpointed.adapter.header, plain.adapter.header, atol=1e-5, rtol=1e-4)
     assert not tiny_llama.model.training
     assert not any(getattr(m, "gradient_checkpointing", False) for m in tiny_llama.model.modules())

@@ -8,11 +8,13 @@ import torch
 from kvpacket_rag.adapter import PacketAdapter
 from kvpacket_rag.builder import PacketBuilder
 from kvpacket_rag.generation import eos_ids
+from kvpacket_rag.lora import BuildLoRA
 from kvpacket_rag.kvcache import KVBuffer, PacketCache, assemble
 from kvpacket_rag.packet import KVPacket
 from kvpacket_rag.datasets import Sample
 from kvpacket_rag.prompt import PromptFormatter
 from kvpacket_rag.training import TeacherOutput, student_logits, teacher_answer, tokenize_sample
+from kvpacket_rag.training.student import block_student_logits
 
 CHUNKS = ("Ada Lovelace was born in London in 1815.",
           "The Analytical Engine was designed by Charles Babbage, a mathematician.",
@@ -54,6 +56,50 @@ def test_student_logits_equal_packet_path_on_answer_positions(tiny_model, tmp_pa
     want = packet_path_tail_logits(tiny_model, adapter, formatter, CHUNKS, tail, tmp_path, keep=answer.numel())
     assert got.shape == (answer.numel(), tiny_model.config.vocab_size)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def _lora_adapter(model, prefix: str) -> PacketAdapter:
+    lora = BuildLoRA.initialize(model, rank=4, seed=2)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for up in lora.up.values():
+            up.copy_(torch.randn(up.shape, generator=generator) * 0.05)
+    return PacketAdapter.initialize(model, 4, 4, seed=1, prefix=prefix).with_lora(lora)
+
+
+@pytest.mark.parametrize("prefix", ["none", "preamble"])
+def test_student_with_build_lora_equals_packet_path(tiny_model, tmp_path, prefix):
+    formatter = PromptFormatter(tiny_model.tokenizer)
+    adapter = _lora_adapter(tiny_model, prefix)
+    sample = _sample(tiny_model, formatter)
+    answer = teacher_answer(tiny_model, sample.prompt_ids(formatter.preamble_ids()), 6, set()).answer_ids
+    with torch.no_grad():
+        got = student_logits(tiny_model, adapter, formatter.preamble_ids(), sample, answer)
+    tail = list(sample.suffix_ids) + answer[:-1].tolist()
+    want = packet_path_tail_logits(tiny_model, adapter, formatter, CHUNKS, tail, tmp_path, keep=answer.numel())
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("prefix", ["none", "preamble"])
+def test_packet_student_and_block_mask_student_have_the_same_gradients(tiny_model, prefix):
+    """The per-chunk student (used in training) and the one-forward block-mask student (used under gradient
+    checkpointing) are the same function of the adapter: equal logits and equal gradients of every parameter."""
+    formatter = PromptFormatter(tiny_model.tokenizer)
+    sample = _sample(tiny_model, formatter)
+    teacher = teacher_answer(tiny_model, sample.prompt_ids(formatter.preamble_ids()), 6, set())
+    results = []
+    for student in (student_logits, block_student_logits):
+        adapter = _lora_adapter(tiny_model, prefix)
+        logits = student(tiny_model, adapter, formatter.preamble_ids(), sample, teacher.answer_ids)
+        teacher.kl(logits).sum().backward()
+        # None = no path to the loss (the last layer's query/output updates on chunk tokens): a zero gradient
+        results.append((logits.detach(), {name: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                                          for name, p in adapter.named_parameters()}))
+    (logits_a, grads_a), (logits_b, grads_b) = results
+    torch.testing.assert_close(logits_a, logits_b, atol=2e-5, rtol=1e-4)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 2  # soft tokens and low-rank updates
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-5, rtol=1e-3, msg=name)
 
 
 def test_teacher_equals_full_attention_forward(tiny_llama):

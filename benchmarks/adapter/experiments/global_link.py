@@ -36,7 +36,7 @@ from kvpacket_rag.lora import BuildLoRA
 from kvpacket_rag.prompt import PromptFormatter
 from kvpacket_rag.training import TrainConfig, Trainer, tokenize_sample
 from kvpacket_rag.training.teacher import teacher_answer
-from kvpacket_rag.training.trainer import student_logits
+from kvpacket_rag.training import student_logits
 
 
 def context_block(model, builder, preamble_block, chunk_ids) -> tuple[torch.Tensor, torch.Tensor]:

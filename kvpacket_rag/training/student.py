@@ -1,0 +1,111 @@
+"""The training student: the packet path itself, differentiable in the adapter.
+
+Each wrapped chunk is run on its own (after the preamble's cached keys and values when packets are built after
+the preamble), its keys are rotated to the chunk's place in the context, and the question and answer are read
+over the assembled cache: the engine's build → rotate → assemble → prefill, with gradients. It computes the same
+logits as one forward under the block mask (`kvpacket_rag.reference.block_forward`), without that forward's
+``N × N`` mask and without running a copy of the preamble per chunk, so it costs less per sample.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from kvpacket_rag.adapter import PREFIX_PREAMBLE, PacketAdapter
+from kvpacket_rag.models import LoadedModel
+from kvpacket_rag.reference import block_forward
+from kvpacket_rag.rope import delta_cos_sin, rotate_half
+
+from .data import TokenizedSample
+
+Block = tuple[torch.Tensor, torch.Tensor]
+"""Keys and values ``[layers, kv_heads, tokens, head_dim]``."""
+
+
+@torch.no_grad()
+def preamble_block(model: LoadedModel, preamble_ids: Sequence[int]) -> Block:
+    """The preamble's keys and values at positions ``0..P-1`` (no gradient: the adapter does not change them)."""
+    cache = DynamicCache()
+    model.model.model(input_ids=torch.tensor([list(preamble_ids)], device=model.device), cache=cache, use_cache=True)
+    return _stack(cache)
+
+
+def packet_forward(model: LoadedModel, adapter: PacketAdapter, preamble: Block, chunk_ids: Sequence[Sequence[int]],
+                   tail_ids: Sequence[int], logits_tokens: int) -> torch.Tensor:
+    """Logits ``[logits_tokens, vocab]`` of the last tail positions over the assembled packets.
+
+    Args:
+        preamble: `preamble_block` of the chat preamble the tail follows (and every packet is built after, when
+            ``adapter.prefix`` is ``"preamble"``).
+        chunk_ids: token ids of each chunk, in context order.
+        tail_ids: question suffix and teacher-forced answer tokens.
+
+    Equals `kvpacket_rag.reference.block_forward` to float rounding; gradients flow into the adapter's soft
+    tokens and build-time low-rank updates only.
+    """
+    keys, values = preamble
+    n_pre = keys.shape[2]
+    first = n_pre if adapter.prefix == PREFIX_PREAMBLE else 0
+    pieces_k, pieces_v, start = [keys], [values], n_pre
+    for ids in chunk_ids:
+        block = adapter.wrap(model.embed(torch.tensor(list(ids), dtype=torch.long, device=model.device)))
+        cache = _cache(keys, values) if first else DynamicCache()
+        positions = torch.arange(first, first + block.shape[0], device=model.device)[None]
+        with adapter.building(model):
+            model.model.model(inputs_embeds=block[None], position_ids=positions, cache=cache, use_cache=True)
+        block_k, block_v = _stack(cache)
+        pieces_k.append(_rotate(block_k[:, :, first:], start - first, model))
+        pieces_v.append(block_v[:, :, first:])
+        start += block.shape[0]
+    context = _cache(torch.cat(pieces_k, 2), torch.cat(pieces_v, 2))
+    positions = torch.arange(start, start + len(tail_ids), device=model.device)[None]
+    out = model.model(input_ids=torch.tensor([list(tail_ids)], device=model.device), position_ids=positions,
+                      cache=context, use_cache=True, logits_to_keep=logits_tokens)
+    return out.logits[0]
+
+
+def student_logits(model: LoadedModel, adapter: PacketAdapter, preamble_ids: list[int], sample: TokenizedSample,
+                   answer_ids: torch.Tensor, preamble: Block | None = None) -> torch.Tensor:
+    """Student logits ``[A, vocab]`` predicting each of the ``A`` answer tokens (differentiable in ``adapter``).
+
+    The tail is ``question suffix | answer[:-1]``; its last ``A`` positions predict ``answer[0..A-1]``.
+
+    Args:
+        preamble: `preamble_block` of ``preamble_ids``, computed once per run (None: computed here).
+
+    Under gradient checkpointing transformers drops the KV cache this path reads; use `block_student_logits` there.
+    """
+    tail = list(sample.suffix_ids) + answer_ids[:-1].tolist()
+    preamble = preamble if preamble is not None else preamble_block(model, preamble_ids)
+    return packet_forward(model, adapter, preamble, sample.chunk_ids, tail, answer_ids.numel())
+
+
+def block_student_logits(model: LoadedModel, adapter: PacketAdapter, preamble_ids: list[int],
+                         sample: TokenizedSample, answer_ids: torch.Tensor) -> torch.Tensor:
+    """`student_logits` as one forward under the block mask: slower, but it needs no KV cache, so it also works
+    with gradient checkpointing (which drops the cache inside transformers)."""
+    tail = list(sample.suffix_ids) + answer_ids[:-1].tolist()
+    return block_forward(model, adapter, preamble_ids, [list(c) for c in sample.chunk_ids], tail,
+                         logits_tokens=answer_ids.numel())
+
+
+def _stack(cache: DynamicCache) -> Block:
+    return torch.stack([layer.keys[0] for layer in cache.layers]), torch.stack([layer.values[0] for layer in cache.layers])
+
+
+def _cache(keys: torch.Tensor, values: torch.Tensor) -> DynamicCache:
+    cache = DynamicCache()
+    for layer in range(keys.shape[0]):
+        cache.update(keys[layer][None], values[layer][None], layer)
+    return cache
+
+
+def _rotate(keys: torch.Tensor, delta: int, model: LoadedModel) -> torch.Tensor:
+    """Post-RoPE keys moved ``delta`` positions later (differentiable, unlike `kvpacket_rag.rope.rotate_keys`)."""
+    if delta == 0:
+        return keys
+    cos, sin = delta_cos_sin(model.rope, delta, keys.device, keys.dtype)
+    return keys * cos + rotate_half(keys) * sin

@@ -26,8 +26,8 @@ Stages 1-6 keep their adapters in ``benchmarks/adapter/candidates/``, so a fresh
 
 Checkpoints, ``log.json`` and ``loss.png`` go to ``runs/smollm2_default/<stage>.run/``, teacher outputs to
 ``runs/teacher/``. Wall times on the 2-core CPU are in benchmarks/adapter/README.md: stages 1-3 took 2.4-2.9 h,
-stage 4 1.3 h, stage 5 35 min, stage 6 40 min and stage 7 33 min (teacher pass included); stage 7 is the part a
-fresh checkout runs. SQuAD is kept out of every stage: it is the unseen domain on which the adapter's
+stage 4 1.3 h, stage 5 35 min, stage 6 40 min and stage 7 33 min (teacher pass included; 27 min with the current
+per-chunk training student); stage 7 is the part a fresh checkout runs. SQuAD is kept out of every stage: it is the unseen domain on which the adapter's
 generalisation is measured.
 """
 

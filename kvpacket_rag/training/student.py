@@ -74,7 +74,7 @@ def student_logits(model: LoadedModel, adapter: PacketAdapter, preamble_ids: lis
     The tail is ``question suffix | answer[:-1]``; its last ``A`` positions predict ``answer[0..A-1]``.
 
     Args:
-        preamble: `preamble_block` of ``preamble_ids``, computed once per run (None: computed here).
+        preamble: `preamble_block` of ``preamble_ids``, computed once and shared by the samples (None: computed here).
 
     Under gradient checkpointing transformers drops the KV cache this path reads; use `block_student_logits` there.
     """

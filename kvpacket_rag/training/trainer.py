@@ -3,8 +3,9 @@
 Teacher: the frozen model over the plain prompt (`training.teacher`). Student: the packet path itself,
 differentiable (`training.student`: each wrapped chunk built alone, rotated and assembled after the preamble, then
 ``question | answer[:-1]`` read over it), equal to one forward under the block-diagonal mask
-(`kvpacket_rag.reference.block_forward`), which the student becomes under gradient checkpointing. Loss: KL(teacher ‖ student) per
-answer token, averaged over the answer tokens of an effective batch. Only the adapter (soft tokens and, when configured, its build-time low-rank updates) gets gradients.
+(`kvpacket_rag.reference.block_forward`), which the student becomes under gradient checkpointing. Loss:
+KL(teacher ‖ student) per answer token, averaged over the answer tokens of an effective batch. Only the adapter
+(soft tokens and, when configured, its build-time low-rank updates) gets gradients.
 
 Example:
     >>> from kvpacket_rag.training import TrainConfig, train

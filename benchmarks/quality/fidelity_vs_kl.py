@@ -6,12 +6,13 @@ preamble (each chunk read alone, at the same positions). ``a = 0`` is full recom
 packets; the values between give a family of approximations whose teacher-forced KL (per token, on the
 full-recompute answer) and fidelity (token F1 of the greedy answer against full recompute's) can be read off
 side by side. ``--adapters`` adds, on the same questions, the rows of trained packets (the product path:
-packets of that adapter assembled after the preamble). Greedy answers of at most 24 tokens (the harness's setting), float32 on CPU.
+packets of that adapter assembled after the preamble). Greedy answers of at most 24 tokens (the harness's
+setting), float32 on CPU.
 
 Example:
     python benchmarks/quality/fidelity_vs_kl.py --set biography:5:30 --blends 0 0.05 0.1 0.2 0.4 1 \\
         --threads 2 --json benchmarks/quality/fidelity_vs_kl.json
-    python benchmarks/quality/fidelity_vs_kl.py --plot benchmarks/quality/fidelity_vs_kl.png \
+    python benchmarks/quality/fidelity_vs_kl.py --plot benchmarks/quality/fidelity_vs_kl.png \\
         benchmarks/quality/fidelity_vs_kl_biography.json benchmarks/quality/fidelity_vs_kl_hotpotqa.json
 """
 

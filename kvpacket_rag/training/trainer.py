@@ -107,12 +107,14 @@ class Trainer:
         self.teacher: list[TeacherOutput] = []
         self.teacher_time_s = 0.0
         self.init_fingerprint: str | None = None
+        self.preamble: tuple[torch.Tensor, torch.Tensor] | None = None  # the preamble's keys/values, set by prepare
 
     # ---- data and teacher ------------------------------------------------------------------
 
     def prepare(self) -> None:
         """Load and tokenize the samples, then run (or read from cache) the teacher on each."""
         c = self.config
+        self.preamble = preamble_block(self.model, self.preamble_ids)
         adapter_tokens = c.n_header + c.n_trailer
         self.samples = [tokenize_sample(s, self.formatter, self.model, adapter_tokens, c.answer_cap)
                         for s in self.raw_samples]
@@ -217,18 +219,20 @@ class Trainer:
         """Backward of the token-mean KL over ``batch`` (one sample at a time); returns (loss, answer tokens)."""
         tokens = sum(self.teacher[i].length for i in batch)
         total = 0.0
-        preamble = None if self.config.gradient_checkpointing else preamble_block(self.model, self.preamble_ids)
         for i in batch:
             teacher = self.teacher[i]
-            answer = teacher.answer_ids.to(self.model.device)
-            if preamble is None:  # gradient checkpointing drops the KV cache the packet student reads
-                logits = block_student_logits(self.model, adapter, self.preamble_ids, self.samples[i], answer)
-            else:
-                logits = student_logits(self.model, adapter, self.preamble_ids, self.samples[i], answer, preamble)
+            logits = self._student_logits(adapter, self.samples[i], teacher.answer_ids.to(self.model.device))
             loss = teacher.kl(logits).sum() / tokens
             loss.backward()
             total += float(loss.detach())
         return total, tokens
+
+    def _student_logits(self, adapter: PacketAdapter, sample: TokenizedSample, answer: torch.Tensor) -> torch.Tensor:
+        """The packet-path student; under gradient checkpointing, which drops the KV cache that one reads, the
+        block-mask student (same logits and gradients)."""
+        if self.config.gradient_checkpointing:
+            return block_student_logits(self.model, adapter, self.preamble_ids, sample, answer)
+        return student_logits(self.model, adapter, self.preamble_ids, sample, answer, self.preamble)
 
     def _resume(self, checkpoint, adapter, optimizer) -> tuple[int, list[dict], float]:
         c = self.config

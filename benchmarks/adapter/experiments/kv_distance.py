@@ -28,7 +28,7 @@ from kvpacket_rag.datasets import load_samples  # noqa: E402
 from kvpacket_rag.generation import eos_ids  # noqa: E402
 from kvpacket_rag.models import load_model  # noqa: E402
 from kvpacket_rag.prompt import PromptFormatter  # noqa: E402
-from kvpacket_rag.rope import rotate_keys  # noqa: E402
+from kvpacket_rag.rope import rotate_half, rotate_keys  # noqa: E402
 from kvpacket_rag.training import tokenize_sample  # noqa: E402
 from kvpacket_rag.training.teacher import teacher_answer  # noqa: E402
 
@@ -37,8 +37,7 @@ def rotate_each(keys: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Ten
     """Keys ``[L, H, N, D]`` with token ``n`` rotated by ``positions[n]`` (negative: back towards 0)."""
     angles = positions.double()[:, None] * inv_freq.double()[None]
     angles = torch.cat([angles, angles], -1)
-    half = keys.shape[-1] // 2
-    return keys * angles.cos().float() + torch.cat([-keys[..., half:], keys[..., :half]], -1) * angles.sin().float()
+    return keys * angles.cos().float() + rotate_half(keys) * angles.sin().float()
 
 
 def distances(model, formatter, preamble, preamble_block, builders, n: int) -> None:

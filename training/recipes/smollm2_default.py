@@ -4,7 +4,7 @@ Run from the repository root, as one command:
 
     python training/recipes/smollm2_default.py
 
-Seven stages of ``kvpacket train`` (`STAGES`); a stage whose adapter file already exists is skipped (delete it
+Nine stages of ``kvpacket train`` (`STAGES`); a stage whose adapter file already exists is skipped (delete it
 to train it again), and an interrupted stage continues from its last checkpoint (``--resume``):
 
 1-3. Packets built from position 0 (the KV Packet paper's layout): 2 epochs = 128 optimizer steps of 4 samples
@@ -19,16 +19,19 @@ to train it again), and an interrupted stage continues from its last checkpoint 
 6.   The same design over a fresh draw of 192 samples (seed 2) in which needle-in-a-haystack samples are longer
      (4 chunks of 300 words) and more frequent: one epoch, 24 steps of 8, same learning rates.
 7.   More chunks per sample: a fresh draw of 192 samples (seed 3) with 3-5 biographies per sample and up to 6
-     chunks, needles as in stage 6; one epoch, 24 steps of 8, same learning rates. Writes
+     chunks, needles as in stage 6; one epoch, 24 steps of 8, same learning rates.
+8-9. Two more fresh draws of the same mixture (seeds 4 and 5), one epoch each at a third of the learning rates
+     (peak 1e-3 for the soft tokens, 7e-4 for the updates). Stage 9 writes
      ``kvpacket_rag/adapters/smollm2-135m-instruct.safetensors`` and its JSON card.
 
-Stages 1-6 keep their adapters in ``benchmarks/adapter/candidates/``, so a fresh checkout starts at stage 7.
+Stages 1-8 keep their adapters in ``benchmarks/adapter/candidates/``, so a fresh checkout starts at stage 9.
 
 Checkpoints, ``log.json`` and ``loss.png`` go to ``runs/smollm2_default/<stage>.run/``, teacher outputs to
 ``runs/teacher/``. Wall times on the 2-core CPU are in benchmarks/adapter/README.md: stages 1-3 took 2.4-2.9 h,
-stage 4 1.3 h, stage 5 35 min, stage 6 40 min and stage 7 33 min (teacher pass included; 27 min with the current
-per-chunk training student); stage 7 is the part a fresh checkout runs. SQuAD is kept out of every stage: it is the unseen domain on which the adapter's
-generalisation is measured.
+stage 4 1.3 h, stage 5 35 min, stage 6 40 min, stage 7 33 min (teacher pass included; 27 min with the current
+per-chunk training student), stages 8 and 9 16 and 19 min with teacher outputs partly cached; stage 9 is the
+part a fresh checkout runs, about 26 min with its teacher pass. SQuAD is kept
+out of every stage: it is the unseen domain on which the adapter's generalisation is measured.
 """
 
 from __future__ import annotations
@@ -60,9 +63,16 @@ PREAMBLE = _common("biography:0.4,hotpotqa:0.4,niah:0.2", {"biography": {"docs_p
                    max_chunks=4, samples=384, batch_size=8, answer_cap=32) + ["--threads", "2", "--prefix", "preamble"]
 LONG_NEEDLES = _common("biography:0.3,hotpotqa:0.3,niah:0.4", {"biography": {"docs_per_sample": [2, 3, 4]}, "niah": {"n_chunks": 4, "chunk_words": 300}},
                        max_chunks=4, samples=192, batch_size=8, answer_cap=32, seed=2) + ["--threads", "2", "--prefix", "preamble"]
-MORE_CHUNKS = _common("biography:0.35,hotpotqa:0.35,niah:0.3", {"biography": {"docs_per_sample": [3, 4, 5]}, "niah": {"n_chunks": 4, "chunk_words": 300}},
-                      max_chunks=6, samples=192, batch_size=8, answer_cap=32, seed=3) + ["--threads", "2", "--prefix", "preamble"]
+
+
+def more_chunks(seed: int) -> list[str]:
+    """Stage 7's mixture (3-5 biographies per sample, up to 6 chunks, needles of 4 x 300 words) over draw ``seed``."""
+    return _common("biography:0.35,hotpotqa:0.35,niah:0.3", {"biography": {"docs_per_sample": [3, 4, 5]}, "niah": {"n_chunks": 4, "chunk_words": 300}},
+                   max_chunks=6, samples=192, batch_size=8, answer_cap=32, seed=seed) + ["--threads", "2", "--prefix", "preamble"]
+
+
 BUILD_LORA = ["--lora-rank", "8", "--lora-alpha", "16", "--lora-lr", "2e-3"]
+LOW_LR_BUILD_LORA = ["--lora-rank", "8", "--lora-alpha", "16", "--lora-lr", "7e-4"]
 
 
 def stage(name: str, common: list[str], epochs: int, lr: str, out: Path, init: Path | None = None) -> list[str]:
@@ -73,12 +83,15 @@ def stage(name: str, common: list[str], epochs: int, lr: str, out: Path, init: P
             "--out", str(out)]
 
 
-STAGE1, STAGE2, STAGE3, STAGE4, STAGE5, STAGE6 = (CANDIDATES / f"smollm2-135m-instruct-stage{n}.safetensors" for n in range(1, 7))
+STAGE1, STAGE2, STAGE3, STAGE4, STAGE5, STAGE6, STAGE7, STAGE8 = (CANDIDATES / f"smollm2-135m-instruct-stage{n}.safetensors"
+                                                                  for n in range(1, 9))
 STAGES = [stage("stage1", FIRST, 2, "3e-2", STAGE1), stage("stage2", FIRST, 2, "1e-2", STAGE2, STAGE1),
           stage("stage3", FIRST, 2, "1e-2", STAGE3, STAGE2), stage("stage4", PREAMBLE, 2, "1e-2", STAGE4, STAGE3),
           stage("stage5", PREAMBLE, 1, "3e-3", STAGE5, STAGE4) + BUILD_LORA,
           stage("stage6", LONG_NEEDLES, 1, "3e-3", STAGE6, STAGE5) + BUILD_LORA,
-          stage("stage7", MORE_CHUNKS, 1, "3e-3", OUT, STAGE6) + BUILD_LORA]
+          stage("stage7", more_chunks(3), 1, "3e-3", STAGE7, STAGE6) + BUILD_LORA,
+          stage("stage8", more_chunks(4), 1, "1e-3", STAGE8, STAGE7) + LOW_LR_BUILD_LORA,
+          stage("stage9", more_chunks(5), 1, "1e-3", OUT, STAGE8) + LOW_LR_BUILD_LORA]
 
 
 def main(extra: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 # Reproduce benchmarks/quality/: the demo's suggested questions and the quality frontier of the adapter designs
 # on a validation draw (test split, seed 1; the reported questions of RESULTS.md use seed 0).
 #
-#   benchmarks/quality/run.sh            # 2 torch threads; about 75 minutes on a 2-core CPU
+#   benchmarks/quality/run.sh            # 2 torch threads; about 95 minutes on a 2-core CPU
 #
 # Delete a result file to measure it again; the frontier keeps the datasets already in its JSON.
 set -euo pipefail
@@ -16,12 +16,17 @@ PAPER=benchmarks/adapter/candidates/smollm2-135m-instruct-stage3.safetensors  # 
 $PY $OUT/frontier.py --sets biography:20 niah:10 squad:15 hotpotqa:10 --threads 2 \
   --variants kv_packet=benchmarks/adapter/candidates/smollm2-135m-instruct-stage4.safetensors paper-layout=$PAPER bare+preamble=none+preamble \
   --baselines no_recompute cacheblend:0.15 --json $OUT/frontier.json
-# stage 6 against stage 7 (shipped), with the baselines; ran with stage 7 as runs/stage7/candidate.safetensors
+# stage 6 against stage 7 (shipped before stage 9), with the baselines
 $PY $OUT/frontier.py --sets squad:15 biography:20 hotpotqa:10 niah:10 --threads 2 \
-  --variants stage7=default kv_packet=benchmarks/adapter/candidates/smollm2-135m-instruct-stage6.safetensors \
+  --variants stage7=benchmarks/adapter/candidates/smollm2-135m-instruct-stage7.safetensors kv_packet=benchmarks/adapter/candidates/smollm2-135m-instruct-stage6.safetensors \
   --baselines no_recompute cacheblend:0.15 --json $OUT/frontier_stage7.json
-$PY $OUT/frontier.py --sets biography:50 --threads 2 --variants stage7=default \
+$PY $OUT/frontier.py --sets biography:50 --threads 2 \
+  --variants stage7=benchmarks/adapter/candidates/smollm2-135m-instruct-stage7.safetensors \
   stage6=benchmarks/adapter/candidates/smollm2-135m-instruct-stage6.safetensors --baselines no_recompute \
   --json $OUT/frontier_biography50.json
+# stage 9 (shipped) against stage 7, with the baselines
+$PY $OUT/frontier.py --sets squad:15 biography:20 hotpotqa:10 niah:10 --threads 2 \
+  --variants stage9=default stage7=benchmarks/adapter/candidates/smollm2-135m-instruct-stage7.safetensors \
+  --baselines no_recompute cacheblend:0.15 --json $OUT/frontier_stage9.json
 [ -f $OUT/demo_paper.json ] || $PY $OUT/demo_questions.py --adapter $PAPER --json $OUT/demo_paper.json
 $PY $OUT/gather.py  # frontier_all.md and .png: every design of the runs above

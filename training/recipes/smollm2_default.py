@@ -30,8 +30,8 @@ Checkpoints, ``log.json`` and ``loss.png`` go to ``runs/smollm2_default/<stage>.
 ``runs/teacher/``. Wall times on the 2-core CPU are in benchmarks/adapter/README.md: stages 1-3 took 2.4-2.9 h,
 stage 4 1.3 h, stage 5 35 min, stage 6 40 min, stage 7 33 min (teacher pass included; 27 min with the current
 per-chunk training student), stages 8 and 9 16 and 19 min with teacher outputs partly cached; stage 9 is the
-part a fresh checkout runs, about 26 min with its teacher pass. SQuAD is kept
-out of every stage: it is the unseen domain on which the adapter's generalisation is measured.
+part a fresh checkout runs, about 26 min with its teacher pass. SQuAD is kept out of every stage: it is the
+unseen domain on which the adapter's generalisation is measured.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""`kvpacket train`: distil header/trailer adapters for a model (see `training`)."""
+"""`kvpacket train`: distil header/trailer adapters for a model; `kvpacket average-adapters`: average trained ones
+(see `training`)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,15 @@ def register(subparsers) -> None:
     parser.add_argument("--out", type=Path, required=True, help="adapter file to write (.safetensors)")
     parser.set_defaults(handler=run_train)
 
+    average = subparsers.add_parser(
+        "average-adapters", help="write the element-wise mean of adapters trained from one starting point",
+        description="Averages soft tokens and build-time low-rank factors of two or more adapters of one model with "
+                    "the same sizes, prefix and low-rank layout (for example, continuations of one adapter over "
+                    "different samples). Writes OUT (safetensors) and its JSON card.")
+    average.add_argument("adapters", nargs="+", type=Path, help="adapter files (.safetensors), two or more")
+    average.add_argument("--out", type=Path, required=True, help="adapter file to write (.safetensors)")
+    average.set_defaults(handler=run_average)
+
 
 def _json_object(text: str) -> dict:
     try:
@@ -100,4 +110,15 @@ def run_train(args: argparse.Namespace) -> int:
         f"stopped after step {result.steps} of {config.total_steps}; continue with --resume"
     print(f"{where}; steps {result.steps}, final loss {result.final_loss:.4f}, wall {result.wall_time_s:.0f} s, "
           f"log {config.run_dir / 'log.json'}", file=sys.stderr)
+    return 0
+
+
+def run_average(args: argparse.Namespace) -> int:
+    from kvpacket_rag.adapter import PacketAdapter
+    from kvpacket_rag.training.averaging import average_adapters
+
+    adapter = average_adapters([PacketAdapter.load(path) for path in args.adapters])
+    adapter.save(args.out)
+    print(f"adapter written to {args.out}; fingerprint {adapter.fingerprint[:12]}, mean of {len(args.adapters)}",
+          file=sys.stderr)
     return 0

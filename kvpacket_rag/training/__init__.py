@@ -18,8 +18,8 @@ from .teacher import TeacherCache, TeacherOutput, teacher_answer, teacher_key
 from .trainer import Trainer, TrainResult, epoch_order, linear_lr, plot_loss, student_logits, train
 
 __all__ = [
-    "AdapterAveragingError", "Checkpoint", "DEFAULT_DATA_OPTIONS", "TeacherCache", "TeacherOutput", "TokenizedSample", "TrainConfig",
-    "TrainResult", "Trainer", "TrainingConfigError", "TrainingDataError", "average_adapters", "epoch_order", "linear_lr",
-    "list_checkpoints", "load_checkpoint", "load_training_samples", "parse_data_spec", "plot_loss",
-    "student_logits", "teacher_answer", "teacher_key", "tokenize_sample", "train",
+    "AdapterAveragingError", "Checkpoint", "DEFAULT_DATA_OPTIONS", "TeacherCache", "TeacherOutput", "TokenizedSample",
+    "TrainConfig", "TrainResult", "Trainer", "TrainingConfigError", "TrainingDataError", "average_adapters",
+    "epoch_order", "linear_lr", "list_checkpoints", "load_checkpoint", "load_training_samples", "parse_data_spec",
+    "plot_loss", "student_logits", "teacher_answer", "teacher_key", "tokenize_sample", "train",
 ]

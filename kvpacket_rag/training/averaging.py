@@ -20,6 +20,9 @@ class AdapterAveragingError(ValueError):
     """The adapters cannot be averaged (different models, sizes, prefixes or low-rank layouts)."""
 
 
+LAYOUT_FIELDS = ("model", "header size", "trailer size", "prefix", "build-time LoRA (rank, scale, layers)")
+
+
 def _layout(adapter: PacketAdapter) -> tuple:
     lora = adapter.lora
     lora_layout = None if lora is None else (lora.rank, lora.alpha, tuple(sorted(lora.names)))
@@ -36,7 +39,7 @@ def average_adapters(adapters: Sequence[PacketAdapter], card: dict | None = None
     Args:
         adapters: two or more adapters of one model, with the same soft-token sizes, packet prefix and
             build-time LoRA layout (rank, scale and layers), or all without a LoRA.
-        card: the averaged adapter's card (default: the first adapter's, with the fingerprints averaged).
+        card: the averaged adapter's card (default: ``averaged_from``, the averaged adapters' fingerprints).
 
     Returns:
         A new float32 adapter; averaging one adapter with itself returns its values unchanged.
@@ -46,12 +49,12 @@ def average_adapters(adapters: Sequence[PacketAdapter], card: dict | None = None
     """
     if len(adapters) < 2:
         raise AdapterAveragingError(f"averaging needs at least two adapters, got {len(adapters)}")
-    layouts = {_layout(adapter) for adapter in adapters}
-    if len(layouts) != 1:
+    layouts = [_layout(adapter) for adapter in adapters]
+    differing = [field for i, field in enumerate(LAYOUT_FIELDS) if len({layout[i] for layout in layouts}) > 1]
+    if differing:
         raise AdapterAveragingError(
             "only adapters of one model with the same soft-token sizes, prefix and build-time LoRA layout can be "
-            f"averaged; got {len(layouts)} different layouts (model, header, trailer, prefix, LoRA): "
-            f"{sorted(map(str, layouts))}")
+            f"averaged; these differ: {', '.join(differing)}")
     first = adapters[0]
     lora = None
     if first.lora is not None:
@@ -59,6 +62,6 @@ def average_adapters(adapters: Sequence[PacketAdapter], card: dict | None = None
         lora = BuildLoRA.from_tensors({name: _mean([f[name] for f in factors]) for name in factors[0]},
                                       first.lora.alpha)
     if card is None:
-        card = {**first.card, "averaged_from": [adapter.fingerprint for adapter in adapters]}
+        card = {"averaged_from": [adapter.fingerprint for adapter in adapters]}
     return PacketAdapter(_mean([a.header for a in adapters]), _mean([a.trailer for a in adapters]),
                          first.model_fingerprint, card, prefix=first.prefix, lora=lora)

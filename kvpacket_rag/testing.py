@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 from .adapter import PacketAdapter
 from .builder import PacketBuilder
 from .kvcache import KVBuffer, PacketCache, assemble
+from .lora import BuildLoRA
 from .models import LoadedModel, wrap_model
 from .packet import KVPacket
 from .prompt import PromptFormatter
@@ -41,6 +42,15 @@ def make_tiny_model(arch: str, tokenizer, seed: int = 0, dtype: torch.dtype = to
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer), **overrides), attn_implementation="sdpa")
     return wrap_model(model.to(dtype), tokenizer, f"tiny-{arch}")
+
+
+def make_lora_adapter(model: LoadedModel, seed: int = 0, n_soft: int = 2, prefix: str = "preamble") -> PacketAdapter:
+    """A random ``n_soft`` + ``n_soft`` adapter with a rank-2 build-time LoRA of the key and value projections
+    whose updates are non-zero (``B`` drawn from N(0, 0.1²)), packets built after ``prefix``."""
+    lora = BuildLoRA.initialize(model, rank=2, targets=("k_proj", "v_proj"), seed=seed)
+    for up in lora.up.values():
+        torch.nn.init.normal_(up, std=0.1)
+    return PacketAdapter.initialize(model, n_soft, n_soft, seed=seed, prefix=prefix).with_lora(lora)
 
 
 @torch.no_grad()

@@ -7,9 +7,8 @@ import torch
 
 from kvpacket_rag.adapter import NO_ADAPTER, PacketAdapter
 from kvpacket_rag.errors import CorruptPacketError, IncompatiblePacketError
-from kvpacket_rag.lora import BuildLoRA
 
-from kvpacket_rag.testing import make_tiny_model
+from kvpacket_rag.testing import make_lora_adapter, make_tiny_model
 
 
 def test_initialisation_matches_embedding_statistics(tiny_llama):
@@ -91,15 +90,8 @@ def test_format_2_adapter_file_still_loads(tiny_llama, tmp_path):
     assert loaded.prefix == "preamble" and loaded.lora is None and loaded.fingerprint == adapter.fingerprint
 
 
-def _with_lora(model, seed=0):
-    lora = BuildLoRA.initialize(model, rank=2, targets=("k_proj", "v_proj"), seed=seed)
-    for up in lora.up.values():
-        torch.nn.init.normal_(up, std=0.1)
-    return PacketAdapter.initialize(model, 2, 2, seed=seed, prefix="preamble").with_lora(lora)
-
-
 def test_build_lora_round_trip_and_fingerprint(tiny_llama, tmp_path):
-    adapter = _with_lora(tiny_llama)
+    adapter = make_lora_adapter(tiny_llama)
     assert adapter.fingerprint != adapter.with_lora(None).fingerprint
     loaded = PacketAdapter.load(adapter.save(tmp_path / "lora.safetensors"), tiny_llama)
     assert loaded.fingerprint == adapter.fingerprint and loaded.lora.rank == 2
@@ -109,7 +101,7 @@ def test_build_lora_round_trip_and_fingerprint(tiny_llama, tmp_path):
 
 
 def test_build_lora_for_another_shape_is_refused(tiny_llama, tokenizer, tmp_path):
-    path = _with_lora(tiny_llama).save(tmp_path / "lora.safetensors")
+    path = make_lora_adapter(tiny_llama).save(tmp_path / "lora.safetensors")
     wider = make_tiny_model("llama", tokenizer, seed=0, num_key_value_heads=1)
     adapter = PacketAdapter.load(path)
     adapter.model_fingerprint = wider.fingerprint  # same name, other shapes: the weights themselves must not fit
@@ -118,7 +110,7 @@ def test_build_lora_for_another_shape_is_refused(tiny_llama, tokenizer, tmp_path
 
 
 def test_build_lora_without_scale_is_corrupt(tiny_llama, tmp_path):
-    adapter = _with_lora(tiny_llama)
+    adapter = make_lora_adapter(tiny_llama)
     tensors = {"header": adapter.header.detach(), "trailer": adapter.trailer.detach(), **adapter.lora.tensors()}
     path = _write(tmp_path / "noalpha.safetensors", tensors, {"format": "kvpacket-adapter/3", "card": "{}",
                   "prefix": "preamble", "model_fingerprint": tiny_llama.fingerprint, "fingerprint": adapter.fingerprint})

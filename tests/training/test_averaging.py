@@ -8,18 +8,13 @@ import torch
 
 from kvpacket_rag.adapter import PacketAdapter
 from kvpacket_rag.cli import main
-from kvpacket_rag.lora import BuildLoRA
+from kvpacket_rag.testing import make_lora_adapter
 from kvpacket_rag.training.averaging import AdapterAveragingError, average_adapters
 
 
 def _adapter(model, seed: int, n: int = 2, prefix: str = "preamble", lora: bool = True) -> PacketAdapter:
-    adapter = PacketAdapter.initialize(model, n, n, seed=seed, prefix=prefix)
-    if not lora:
-        return adapter
-    build = BuildLoRA.initialize(model, rank=2, targets=("k_proj", "v_proj"), seed=seed)
-    for up in build.up.values():
-        torch.nn.init.normal_(up, std=0.1)
-    return adapter.with_lora(build)
+    adapter = make_lora_adapter(model, seed, n, prefix)
+    return adapter if lora else adapter.with_lora(None)
 
 
 def test_average_is_the_element_wise_mean_and_round_trips(tiny_llama, tmp_path):

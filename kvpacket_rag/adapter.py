@@ -85,6 +85,21 @@ class PacketAdapter(torch.nn.Module):
         draw = lambda n: torch.randn(n, model.hidden_size, generator=generator) * std + mean  # noqa: E731
         return cls(draw(n_header), draw(n_trailer), model.fingerprint, prefix=prefix)
 
+    def grown(self, model: LoadedModel, n_header: int, n_trailer: int, seed: int = 0) -> "PacketAdapter":
+        """A larger copy (no card): new soft tokens, drawn as in `initialize`, go before the header and after the
+        trailer, so the existing ones keep their offsets to the chunk; the build-time LoRA is kept.
+
+        Raises:
+            ValueError: a size smaller than this adapter's.
+        """
+        if n_header < self.n_header or n_trailer < self.n_trailer:
+            raise ValueError(f"an adapter can only grow: it has {self.n_header}+{self.n_trailer} soft tokens, "
+                             f"asked for {n_header}+{n_trailer}")
+        new = PacketAdapter.initialize(model, n_header - self.n_header, n_trailer - self.n_trailer, seed=seed)
+        header = torch.cat([new.header, self.header.detach().float().cpu()])
+        trailer = torch.cat([self.trailer.detach().float().cpu(), new.trailer])
+        return PacketAdapter(header, trailer, self.model_fingerprint, None, self.prefix, copy.deepcopy(self.lora))
+
     @classmethod
     def empty(cls, model: LoadedModel, prefix: str = PREFIX_NONE) -> "PacketAdapter":
         """The 0+0 adapter: packets of the bare chunk (``prefix="none"``: the `no_recompute` baseline)."""

@@ -187,3 +187,15 @@ def test_shipped_adapter_is_found_for_the_same_weights_under_another_name(tiny_l
     assert tiny_llama.name != "org/tiny" and adapter_module.shipped_adapter(tiny_llama) == shipped  # by fingerprint
     loaded = adapter_module.resolve_adapter(tiny_llama, "default")
     assert loaded.fingerprint == PacketAdapter.load(shipped).fingerprint
+
+
+def test_grown_keeps_the_tokens_next_to_the_chunk_and_the_lora(tiny_llama):
+    adapter = make_lora_adapter(tiny_llama, n_soft=2)
+    grown = adapter.grown(tiny_llama, 5, 3, seed=1)
+    assert (grown.n_header, grown.n_trailer, grown.prefix) == (5, 3, adapter.prefix)
+    assert torch.equal(grown.header[3:], adapter.header) and torch.equal(grown.trailer[:2], adapter.trailer)
+    for name, tensor in adapter.lora.tensors().items():
+        assert torch.equal(grown.lora.tensors()[name], tensor)
+    assert adapter.grown(tiny_llama, 2, 2).fingerprint == adapter.fingerprint
+    with pytest.raises(ValueError, match="only grow"):
+        adapter.grown(tiny_llama, 1, 2)

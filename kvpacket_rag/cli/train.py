@@ -42,7 +42,8 @@ def register(subparsers) -> None:
                         help="build every packet after the chat preamble ('preamble') or from position 0 ('none', "
                              "the paper's layout) (default: %(default)s)")
     parser.add_argument("--init-adapter", type=Path, default=None,
-                        help="start from this adapter file instead of a random initialisation")
+                        help="start from this adapter file instead of a random initialisation (one with fewer soft tokens "
+                             "than --n-header/--n-trailer is grown: new tokens before its header and after its trailer)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--answer-cap", type=int, default=64, help="teacher answer tokens at most (default: %(default)s)")
     parser.add_argument("--teacher-top-k", type=int, default=None,

@@ -57,8 +57,10 @@ class TrainConfig:
             attention projections). A start adapter's updates are kept and the targets it lacks are added at zero.
         prefix: what every packet is built after: ``"preamble"`` (the chat preamble, the prompt's own prefix of
             every chunk) or ``"none"`` (position 0, as in the KV Packet paper).
-        init_adapter: start from this adapter file (same model and sizes) instead of a random initialisation,
-            e.g. to continue training with more data or a new schedule (None: draw from the embedding statistics).
+        init_adapter: start from this adapter file (same model, at most ``n_header``/``n_trailer`` soft tokens:
+            a smaller one is grown, its tokens kept next to the chunk) instead of a random initialisation, e.g. to
+            continue training with more data, a new schedule or more soft tokens (None: draw from the embedding
+            statistics).
         seed: adapter initialisation, sample draw and per-epoch shuffling.
         answer_cap: maximum tokens of the teacher's greedy answer.
         teacher_top_k: keep the teacher's top-k log-probabilities plus the rest mass (None: full vocabulary).

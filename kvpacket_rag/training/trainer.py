@@ -190,11 +190,12 @@ class Trainer:
             adapter = PacketAdapter.initialize(self.model, c.n_header, c.n_trailer, seed=c.seed, prefix=c.prefix)
             return adapter.with_lora(self._initial_lora(None))
         adapter = PacketAdapter.load(c.init_adapter, self.model)
-        if (adapter.n_header, adapter.n_trailer) != (c.n_header, c.n_trailer):
+        if adapter.n_header > c.n_header or adapter.n_trailer > c.n_trailer:
             raise TrainingConfigError(f"init_adapter {c.init_adapter} has {adapter.n_header}+{adapter.n_trailer} soft "
-                                      f"tokens but the run asks for {c.n_header}+{c.n_trailer}; pass matching "
-                                      "--n-header/--n-trailer")
+                                      f"tokens but the run asks for {c.n_header}+{c.n_trailer}; pass at least as many "
+                                      "with --n-header/--n-trailer")
         self.init_fingerprint = adapter.fingerprint
+        adapter = adapter.grown(self.model, c.n_header, c.n_trailer, seed=c.seed)
         return PacketAdapter(adapter.header, adapter.trailer, adapter.model_fingerprint, prefix=c.prefix,
                              lora=self._initial_lora(adapter.lora))  # no card
 

@@ -109,6 +109,18 @@ def test_warm_start_from_an_adapter_file(tiny_llama, tmp_path):
         Trainer(_config(tmp_path / "b", init_adapter=tmp_path / "start.safetensors", n_header=2), tiny_llama).run()
 
 
+def test_warm_start_grows_a_smaller_adapter(tiny_llama, tmp_path):
+    """More soft tokens than the starting adapter: new ones go before the header and after the trailer."""
+    start = PacketAdapter.initialize(tiny_llama, 2, 3, seed=11)
+    start.save(tmp_path / "start.safetensors")
+    trainer = Trainer(_config(tmp_path, init_adapter=tmp_path / "start.safetensors", stop_after_steps=1), tiny_llama)
+    trainer.prepare()
+    grown = trainer._initial_adapter()
+    assert (grown.n_header, grown.n_trailer) == (4, 4)
+    assert torch.equal(grown.header[2:], start.header) and torch.equal(grown.trailer[:3], start.trailer)
+    assert trainer.run().adapter.n_header == 4 and trainer.init_fingerprint == start.fingerprint
+
+
 def test_teacher_outputs_are_cached_on_disk(tiny_llama, tmp_path):
     config = _config(tmp_path, teacher_top_k=16)
     first = Trainer(config, tiny_llama)

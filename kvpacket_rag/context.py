@@ -21,8 +21,10 @@ if TYPE_CHECKING:
     from .models import LoadedModel
     from .packet import KVPacket
 
-PacketKind = Union[Literal["adapted", "bare"], "PacketAdapter"]
-"""Which packets of a chunk: ``adapted`` (the engine's adapter), ``bare`` (no adapter) or those of a given adapter."""
+PacketKind = Union[Literal["adapted", "bare", "exact"], "PacketAdapter"]
+"""Which packets of a chunk: ``adapted`` (the engine's adapter), ``bare`` (no adapter, built from position 0),
+``exact`` (no adapter, built after the chat preamble: what full recompute computes for the context's first chunk)
+or those of a given adapter."""
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 
-from .adapter import PacketAdapter, resolve_adapter
+from .adapter import PREFIX_PREAMBLE, PacketAdapter, resolve_adapter
 from .aio import iterate_in_thread
 from .builder import PacketBuilder
 from .context import ContextMethod, PacketFetch, PacketKind, PreparedContext
@@ -179,6 +179,7 @@ class PacketEngine:
         self.formatter = PromptFormatter(self.model.tokenizer, system_prompt)
         self.builder = PacketBuilder(self.model, self.adapter, self.formatter)
         self.bare_builder = PacketBuilder(self.model, None, self.formatter)
+        self.exact_builder = PacketBuilder(self.model, PacketAdapter.empty(self.model, PREFIX_PREAMBLE), self.formatter)
         self._builders: dict[str, PacketBuilder] = {}
         self.counters = {"packets_built": 0, "packets_loaded": 0}
         self._preamble: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -196,7 +197,8 @@ class PacketEngine:
     def build_packets(self, chunks: Sequence[str], kind: PacketKind = "adapted", progress: bool = False) -> list[str]:
         """Make sure every chunk has a stored packet of ``kind``; return their keys (builds only the missing ones).
 
-        ``kind``: ``adapted`` (this engine's adapter, the default), ``bare`` (no adapter) or a `PacketAdapter`.
+        ``kind``: ``adapted`` (this engine's adapter, the default), ``bare`` (no adapter), ``exact`` (no adapter,
+        built after the chat preamble: exact as a context's first chunk) or a `PacketAdapter`.
         """
         return self._fetch(chunks, self.builder_for(kind), progress).keys
 
@@ -215,8 +217,10 @@ class PacketEngine:
             return self.builder
         if kind == "bare":
             return self.bare_builder
+        if kind == "exact":
+            return self.exact_builder
         if not isinstance(kind, PacketAdapter):
-            raise ValueError(f"packet kind must be 'adapted', 'bare' or a PacketAdapter, got {kind!r}")
+            raise ValueError(f"packet kind must be 'adapted', 'bare', 'exact' or a PacketAdapter, got {kind!r}")
         with self._compute:
             if kind.fingerprint not in self._builders:
                 kind.check_model(self.model)

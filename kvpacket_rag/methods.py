@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from .baselines import CacheBlend, Epic
-from .context import ContextMethod, ContextSource, PacketKind, PreparedContext, synchronize
+from .context import ContextMethod, ContextSource, PacketFetch, PacketKind, PreparedContext, synchronize
 from .flops import forward_flops, rotation_flops
 from .kvcache import PacketCache, assemble
 
@@ -26,19 +26,25 @@ class PacketMethod(ContextMethod):
         use_adapter: True for `kv_packet` (trained header/trailer); False for `no_recompute` (bare chunks).
         adapter: packets of this adapter instead of the engine's (to compare adapters in one run);
             requires ``name``.
-        name: the method's name (default: ``kv_packet`` or ``no_recompute``).
+        name: the method's name (default: ``kv_packet``, ``kv_packet_first_exact`` or ``no_recompute``).
+        exact_first: read the first chunk from its ``exact`` packet (built plain after the chat preamble, the keys
+            and values full recompute computes for it) and the others from their packets: still no model forward,
+            one more stored packet per chunk.
     """
 
-    def __init__(self, use_adapter: bool = True, adapter: "PacketAdapter | None" = None, name: str | None = None):
+    def __init__(self, use_adapter: bool = True, adapter: "PacketAdapter | None" = None, name: str | None = None,
+                 exact_first: bool = False):
         if adapter is not None and not name:
             raise ValueError("a packet method with its own adapter needs a name, e.g. 'kv_packet@candidate'")
         kind: PacketKind = adapter if adapter is not None else ("adapted" if use_adapter else "bare")
-        self.packet_kinds = (kind,)
-        self.name = name or ("kv_packet" if use_adapter else "no_recompute")
+        self.exact_first = exact_first
+        self.packet_kinds = ("exact", kind) if exact_first else (kind,)
+        default = ("kv_packet_first_exact" if exact_first else "kv_packet") if use_adapter else "no_recompute"
+        self.name = name or default
 
     def prepare(self, source: ContextSource, chunks, buffer, reserve):
         start = time.perf_counter()
-        fetched = source.packets_for(chunks, self.packet_kinds[0])
+        fetched = self._fetch(source, list(chunks))
         loaded = time.perf_counter()
         preamble = source.preamble_block()
         blocks = [preamble, *fetched.packets]  # packets are decoded (if quantized) and rotated into the buffer in one pass
@@ -51,6 +57,13 @@ class PacketMethod(ContextMethod):
                                assembly_s=done - loaded, context_flops=rotation_flops(source.model.config, packet_tokens),
                                packet_keys=fetched.keys, packets_built=fetched.built,
                                tokens_built=fetched.built_tokens)
+
+    def _fetch(self, source: ContextSource, chunks: list) -> PacketFetch:
+        if not (self.exact_first and chunks):
+            return source.packets_for(chunks, self.packet_kinds[-1])
+        first, rest = source.packets_for(chunks[:1], "exact"), source.packets_for(chunks[1:], self.packet_kinds[-1])
+        return PacketFetch(first.packets + rest.packets, first.keys + rest.keys, first.build_s + rest.build_s,
+                           first.built + rest.built, first.built_tokens + rest.built_tokens)
 
 
 class FullRecompute(ContextMethod):
@@ -87,6 +100,7 @@ class ClosedBook(ContextMethod):
 
 METHODS: dict[str, Callable[..., ContextMethod]] = {
     "kv_packet": lambda: PacketMethod(True),
+    "kv_packet_first_exact": lambda: PacketMethod(True, exact_first=True),
     "no_recompute": lambda: PacketMethod(False),
     "full_recompute": FullRecompute,
     "closed_book": ClosedBook,
@@ -95,12 +109,12 @@ METHODS: dict[str, Callable[..., ContextMethod]] = {
 }
 """Every method by name: a factory called with the text after ``:`` in ``NAME:ARG`` (or with nothing)."""
 
-PARAMETERLESS = {"kv_packet", "no_recompute", "full_recompute", "closed_book"}
+PARAMETERLESS = {"kv_packet", "kv_packet_first_exact", "no_recompute", "full_recompute", "closed_book"}
 
 
 def get_method(spec: str | ContextMethod) -> ContextMethod:
-    """A method object from its name (``kv_packet``, ``no_recompute``, ``full_recompute``, ``closed_book``,
-    ``cacheblend:RATIO``, ``epic:K``) or the object itself.
+    """A method object from its name (``kv_packet``, ``kv_packet_first_exact``, ``no_recompute``,
+    ``full_recompute``, ``closed_book``, ``cacheblend:RATIO``, ``epic:K``) or the object itself.
 
     Raises:
         ValueError: unknown name or bad parameter, listing the valid names.

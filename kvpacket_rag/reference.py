@@ -15,6 +15,9 @@ positions inside each block are those the packet was built with, and the tail
 sees the real preamble and every wrapped chunk, never the copies.
 
 An adapter's build-time LoRA applies to the wrapped chunks' tokens only (the gate of `packed_layout`).
+
+With ``exact_first`` the first chunk is read as full recompute reads it: plain, right after the preamble, in the
+preamble's block (the `kv_packet_first_exact` method); the other chunks follow as packets.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def block_causal_mask(block_lengths: Sequence[int], tail_length: int, dtype: tor
 
 
 def packed_layout(model: LoadedModel, adapter: PacketAdapter, preamble_ids: Sequence[int],
-                  chunk_ids: Sequence[Sequence[int]], tail_ids: Sequence[int]):
+                  chunk_ids: Sequence[Sequence[int]], tail_ids: Sequence[int], exact_first: bool = False):
     """Embeddings ``[1, N, hidden]``, position ids ``[1, N]``, mask ``[1, 1, N, N]`` and build gate ``[1, N, 1]``
     (1.0 on wrapped-chunk tokens, 0.0 on the preamble, its copies and the tail) of the packet path.
 
@@ -60,8 +63,13 @@ def packed_layout(model: LoadedModel, adapter: PacketAdapter, preamble_ids: Sequ
     preamble = embed(preamble_ids)
     n_pre = preamble.shape[0]
     conditioned = adapter.prefix == PREFIX_PREAMBLE
-    pieces, positions, blocks, hidden, gate = [preamble], [torch.arange(n_pre)], [n_pre], [], [torch.zeros(n_pre)]
-    start, offset = n_pre, n_pre  # global position of the next wrapped chunk; its offset in the sequence
+    if exact_first and chunk_ids:  # the first chunk joins the preamble's block, plain
+        head, chunk_ids = torch.cat([preamble, embed(chunk_ids[0])]), chunk_ids[1:]
+    else:
+        head = preamble
+    n_head = head.shape[0]
+    pieces, positions, blocks, hidden, gate = [head], [torch.arange(n_head)], [n_head], [], [torch.zeros(n_head)]
+    start, offset = n_head, n_head  # global position of the next wrapped chunk; its offset in the sequence
     for ids in chunk_ids:
         block = adapter.wrap(embed(ids))
         length = block.shape[0]
@@ -85,13 +93,15 @@ def packed_layout(model: LoadedModel, adapter: PacketAdapter, preamble_ids: Sequ
 
 
 def block_forward(model: LoadedModel, adapter: PacketAdapter, preamble_ids: Sequence[int],
-                  chunk_ids: Sequence[Sequence[int]], tail_ids: Sequence[int], logits_tokens: int | None = None) -> torch.Tensor:
+                  chunk_ids: Sequence[Sequence[int]], tail_ids: Sequence[int], logits_tokens: int | None = None,
+                  exact_first: bool = False) -> torch.Tensor:
     """Logits ``[len(tail) or logits_tokens, vocab]`` of the tail tokens under the packet path's block mask.
 
     Args:
         logits_tokens: keep only the last this-many positions (default: the whole tail).
+        exact_first: read the first chunk plain after the preamble, as full recompute does.
     """
-    embeds, positions, mask, gate = packed_layout(model, adapter, preamble_ids, chunk_ids, tail_ids)
+    embeds, positions, mask, gate = packed_layout(model, adapter, preamble_ids, chunk_ids, tail_ids, exact_first)
     keep = logits_tokens if logits_tokens is not None else len(tail_ids)
     with adapter.building(model, gate):
         output = model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=keep)

@@ -12,7 +12,7 @@ import threading
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from .adapter import PacketAdapter
+from .adapter import PREFIX_PREAMBLE, PacketAdapter
 from .builder import PacketBuilder
 from .kvcache import KVBuffer, PacketCache, assemble
 from .lora import BuildLoRA
@@ -55,11 +55,13 @@ def make_lora_adapter(model: LoadedModel, seed: int = 0, n_soft: int = 2, prefix
 
 @torch.no_grad()
 def packet_path_logits(model: LoadedModel, adapter: PacketAdapter, formatter: PromptFormatter, chunks, question: str,
-                       tmp_path=None) -> torch.Tensor:
+                       tmp_path=None, exact_first: bool = False) -> torch.Tensor:
     """Question logits ``[len(suffix), vocab]`` through the packet path: build each packet alone, save/load it
-    (through ``tmp_path`` files, else an in-memory store), rotate, assemble after the preamble, prefill."""
+    (through ``tmp_path`` files, else an in-memory store), rotate, assemble after the preamble, prefill.
+    ``exact_first``: the first chunk's packet is built plain after the preamble (no adapter)."""
     builder = PacketBuilder(model, adapter, formatter)
-    packets = [builder.build(chunk) for chunk in chunks]
+    exact = PacketBuilder(model, PacketAdapter.empty(model, PREFIX_PREAMBLE), formatter)
+    packets = [(exact if exact_first and i == 0 else builder).build(chunk) for i, chunk in enumerate(chunks)]
     if tmp_path is not None:
         packets = [KVPacket.load(p.save(tmp_path / f"{i}.kvp")) for i, p in enumerate(packets)]
     else:
@@ -79,11 +81,11 @@ def packet_path_logits(model: LoadedModel, adapter: PacketAdapter, formatter: Pr
 
 
 def reference_logits(model: LoadedModel, adapter: PacketAdapter, formatter: PromptFormatter, chunks,
-                     question: str) -> torch.Tensor:
+                     question: str, exact_first: bool = False) -> torch.Tensor:
     """The same logits from one forward of the same embeddings under the block-diagonal mask."""
     with torch.no_grad():
         return block_forward(model, adapter, formatter.preamble_ids(), [formatter.chunk_ids(c) for c in chunks],
-                             formatter.suffix_ids(question))
+                             formatter.suffix_ids(question), exact_first=exact_first)
 
 
 def stream_threads() -> list[threading.Thread]:

@@ -10,7 +10,7 @@ from kvpacket_rag.builder import PacketBuilder
 from kvpacket_rag.kvcache import KVBuffer, assemble
 from kvpacket_rag.lora import ALL_TARGETS, DEFAULT_TARGETS, BuildLoRA
 from kvpacket_rag.prompt import PromptFormatter
-from kvpacket_rag.testing import packet_path_logits, reference_logits
+from kvpacket_rag.testing import make_lora_adapter, packet_path_logits, reference_logits
 
 CHUNKS = ["Ada Lovelace was born in London in 1815.",
           "The Analytical Engine was designed by Charles Babbage, a mathematician.",
@@ -86,6 +86,31 @@ def test_first_preamble_prefixed_packet_is_the_plain_prompt(tiny_llama):
     embeds = torch.cat([embed(preamble), adapter.wrap(embed(formatter.chunk_ids(CHUNKS[0]))), embed(suffix)])
     with torch.no_grad():
         want = model.model(inputs_embeds=embeds[None], logits_to_keep=len(suffix)).logits[0]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("prefix", ["none", "preamble"])
+def test_first_exact_packet_path_equals_block_mask_forward(tiny_model, tmp_path, prefix):
+    """The first chunk read from its plain packet built after the preamble, the others from adapted packets with
+    build-time low-rank updates: the same logits as one forward in which the first chunk shares the preamble's
+    block."""
+    formatter = PromptFormatter(tiny_model.tokenizer)
+    adapter = make_lora_adapter(tiny_model, seed=5, prefix=prefix)
+    got = packet_path_logits(tiny_model, adapter, formatter, CHUNKS, QUESTION, tmp_path, exact_first=True)
+    want = reference_logits(tiny_model, adapter, formatter, CHUNKS, QUESTION, exact_first=True)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert (got - reference_logits(tiny_model, adapter, formatter, CHUNKS, QUESTION)).abs().max() > 1e-3
+
+
+def test_first_exact_with_one_chunk_is_full_recompute(tiny_llama):
+    """One chunk read exactly: one plain causal forward of ``preamble | chunk | question``."""
+    formatter = PromptFormatter(tiny_llama.tokenizer)
+    adapter = make_lora_adapter(tiny_llama, seed=6)
+    got = packet_path_logits(tiny_llama, adapter, formatter, CHUNKS[:1], QUESTION, exact_first=True)
+    suffix = formatter.suffix_ids(QUESTION)
+    ids = formatter.preamble_ids() + formatter.chunk_ids(CHUNKS[0]) + suffix
+    with torch.no_grad():
+        want = tiny_llama.model(input_ids=torch.tensor([ids]), logits_to_keep=len(suffix)).logits[0]
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 

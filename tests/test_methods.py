@@ -14,8 +14,10 @@ CHUNKS = ["Ada Lovelace was born in London.", "Alan Turing studied at Cambridge.
 
 
 def test_registry_names_every_method_with_its_packet_kinds():
-    assert set(METHODS) == {"kv_packet", "no_recompute", "full_recompute", "closed_book", "cacheblend", "epic"}
+    assert set(METHODS) == {"kv_packet", "kv_packet_first_exact", "no_recompute", "full_recompute", "closed_book",
+                            "cacheblend", "epic"}
     assert get_method("kv_packet").packet_kinds == ("adapted",)
+    assert get_method("kv_packet_first_exact").packet_kinds == ("exact", "adapted")
     assert get_method("no_recompute").packet_kinds == ("bare",)
     assert isinstance(get_method("cacheblend:0.2"), CacheBlend) and get_method("cacheblend:0.2").packet_kinds == ("bare",)
     assert isinstance(get_method("epic:4"), Epic) and get_method("epic:4").name == "epic:4"
@@ -43,3 +45,17 @@ def test_a_method_with_its_own_adapter_reads_that_adapters_packets(tiny_llama):
     assert engine.builder_for(adapter) is engine.builder_for(adapter)
     with pytest.raises(ValueError, match="packet kind"):
         engine.builder_for("adapter")
+
+
+def test_first_exact_reads_the_first_chunks_exact_packet_and_the_others_adapted(tiny_llama):
+    engine = PacketEngine(tiny_llama, adapter=PacketAdapter.initialize(tiny_llama, 2, 2, seed=4, prefix="preamble"))
+    chunks = [*CHUNKS, "Grace Hopper wrote a compiler."]
+    answer = engine.answer("Where was Ada born?", chunks, method="kv_packet_first_exact", generation=GenerationConfig(2))
+    assert answer.packet_keys == [engine.packet_key(chunks[0], "exact"),
+                                  *(engine.packet_key(c) for c in chunks[1:])]
+    assert answer.packets_built == 3
+    assert engine.packet_key(chunks[0], "exact") not in (engine.packet_key(chunks[0]), engine.packet_key(chunks[0], "bare"))
+    again = engine.answer("Where was Ada born?", chunks, method="kv_packet_first_exact", generation=GenerationConfig(2))
+    assert again.packets_built == 0 and again.text == answer.text
+    nothing = engine.answer("Where was Ada born?", [], method="kv_packet_first_exact", generation=GenerationConfig(2))
+    assert nothing.packet_keys == []

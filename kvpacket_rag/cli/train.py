@@ -44,6 +44,9 @@ def register(subparsers) -> None:
     parser.add_argument("--init-adapter", type=Path, default=None,
                         help="start from this adapter file instead of a random initialisation (one with fewer soft tokens "
                              "than --n-header/--n-trailer is grown: new tokens before its header and after its trailer)")
+    parser.add_argument("--exact-first", action="store_true",
+                        help="train for the kv_packet_first_exact method: the first chunk of every sample is read "
+                             "plain after the preamble, the others as packets")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--answer-cap", type=int, default=64, help="teacher answer tokens at most (default: %(default)s)")
     parser.add_argument("--teacher-top-k", type=int, default=None,
@@ -92,7 +95,7 @@ def config_from_args(args: argparse.Namespace):
         lr=args.lr, n_header=args.n_header, n_trailer=args.n_trailer, prefix=args.prefix,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_lr=args.lora_lr,
         lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()), init_adapter=args.init_adapter,
-        seed=args.seed, answer_cap=args.answer_cap,
+        exact_first=args.exact_first, seed=args.seed, answer_cap=args.answer_cap,
         teacher_top_k=args.teacher_top_k, system_prompt=args.system_prompt,
         gradient_checkpointing=args.gradient_checkpointing, device=args.device, dtype=args.dtype,
         threads=args.threads, checkpoint_every=args.checkpoint_every, run_dir=args.run_dir,

@@ -20,9 +20,9 @@ DEFAULT_DATA_OPTIONS: dict[str, dict[str, Any]] = {"biography": {"docs_per_sampl
 
 # Settings whose change makes a checkpoint of an earlier run invalid (the rest may change on --resume).
 RESUME_KEYS = ("model", "data", "data_options", "max_chunks", "samples", "split", "epochs", "batch_size", "lr",
-               "n_header", "n_trailer", "lora_rank", "lora_alpha", "lora_lr", "lora_targets", "prefix", "seed", "answer_cap", "teacher_top_k", "system_prompt", "dtype", "init_adapter")
+               "n_header", "n_trailer", "lora_rank", "lora_alpha", "lora_lr", "lora_targets", "prefix", "seed", "answer_cap", "teacher_top_k", "system_prompt", "dtype", "init_adapter", "exact_first")
 
-SIGNATURE_DEFAULTS: dict[str, Any] = {"lora_targets": list(DEFAULT_TARGETS)}
+SIGNATURE_DEFAULTS: dict[str, Any] = {"lora_targets": list(DEFAULT_TARGETS), "exact_first": False}
 """Resume settings added after earlier checkpoints were written: the value such a checkpoint implies."""
 
 
@@ -61,6 +61,8 @@ class TrainConfig:
             a smaller one is grown, its tokens kept next to the chunk) instead of a random initialisation, e.g. to
             continue training with more data, a new schedule or more soft tokens (None: draw from the embedding
             statistics).
+        exact_first: train for the ``kv_packet_first_exact`` method: the student reads the first chunk of every
+            sample plain after the preamble (exactly, as full recompute does) and the others as packets.
         seed: adapter initialisation, sample draw and per-epoch shuffling.
         answer_cap: maximum tokens of the teacher's greedy answer.
         teacher_top_k: keep the teacher's top-k log-probabilities plus the rest mass (None: full vocabulary).
@@ -96,6 +98,7 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     prefix: str = PREFIX_NONE
     init_adapter: Path | None = None
+    exact_first: bool = False
     seed: int = 0
     answer_cap: int = 64
     teacher_top_k: int | None = None

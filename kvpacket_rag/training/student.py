@@ -34,7 +34,7 @@ def preamble_block(model: LoadedModel, preamble_ids: Sequence[int]) -> Block:
 
 
 def packet_forward(model: LoadedModel, adapter: PacketAdapter, preamble: Block, chunk_ids: Sequence[Sequence[int]],
-                   tail_ids: Sequence[int], logits_tokens: int) -> torch.Tensor:
+                   tail_ids: Sequence[int], logits_tokens: int, exact_first: bool = False) -> torch.Tensor:
     """Logits ``[logits_tokens, vocab]`` of the last tail positions over the assembled packets.
 
     Args:
@@ -42,6 +42,7 @@ def packet_forward(model: LoadedModel, adapter: PacketAdapter, preamble: Block, 
             ``adapter.prefix`` is ``"preamble"``).
         chunk_ids: token ids of each chunk, in context order.
         tail_ids: question suffix and teacher-forced answer tokens.
+        exact_first: read the first chunk plain after the preamble (no gradient), the others as packets.
 
     Equals `kvpacket_rag.reference.block_forward` to float rounding; gradients flow into the adapter's soft
     tokens and build-time low-rank updates only.
@@ -50,6 +51,9 @@ def packet_forward(model: LoadedModel, adapter: PacketAdapter, preamble: Block, 
     n_pre = keys.shape[2]
     first = n_pre if adapter.prefix == PREFIX_PREAMBLE else 0
     pieces_k, pieces_v, start = [keys], [values], n_pre
+    if exact_first and chunk_ids:
+        head_k, head_v = _plain_after(model, preamble, chunk_ids[0])
+        pieces_k, pieces_v, start, chunk_ids = [head_k], [head_v], head_k.shape[2], chunk_ids[1:]
     for ids in chunk_ids:
         block = adapter.wrap(model.embed(torch.tensor(list(ids), dtype=torch.long, device=model.device)))
         cache = _cache(keys, values) if first else DynamicCache()
@@ -68,28 +72,40 @@ def packet_forward(model: LoadedModel, adapter: PacketAdapter, preamble: Block, 
 
 
 def student_logits(model: LoadedModel, adapter: PacketAdapter, preamble_ids: list[int], sample: TokenizedSample,
-                   answer_ids: torch.Tensor, preamble: Block | None = None) -> torch.Tensor:
+                   answer_ids: torch.Tensor, preamble: Block | None = None, exact_first: bool = False) -> torch.Tensor:
     """Student logits ``[A, vocab]`` predicting each of the ``A`` answer tokens (differentiable in ``adapter``).
 
     The tail is ``question suffix | answer[:-1]``; its last ``A`` positions predict ``answer[0..A-1]``.
 
     Args:
         preamble: `preamble_block` of ``preamble_ids``, computed once and shared by the samples (None: computed here).
+        exact_first: see `packet_forward`.
 
     Under gradient checkpointing transformers drops the KV cache this path reads; use `block_student_logits` there.
     """
     tail = list(sample.suffix_ids) + answer_ids[:-1].tolist()
     preamble = preamble if preamble is not None else preamble_block(model, preamble_ids)
-    return packet_forward(model, adapter, preamble, sample.chunk_ids, tail, answer_ids.numel())
+    return packet_forward(model, adapter, preamble, sample.chunk_ids, tail, answer_ids.numel(), exact_first)
 
 
 def block_student_logits(model: LoadedModel, adapter: PacketAdapter, preamble_ids: list[int],
-                         sample: TokenizedSample, answer_ids: torch.Tensor) -> torch.Tensor:
+                         sample: TokenizedSample, answer_ids: torch.Tensor, exact_first: bool = False) -> torch.Tensor:
     """`student_logits` as one forward under the block mask: slower, but it needs no KV cache, so it also works
     with gradient checkpointing (which drops the cache inside transformers)."""
     tail = list(sample.suffix_ids) + answer_ids[:-1].tolist()
     return block_forward(model, adapter, preamble_ids, [list(c) for c in sample.chunk_ids], tail,
-                         logits_tokens=answer_ids.numel())
+                         logits_tokens=answer_ids.numel(), exact_first=exact_first)
+
+
+@torch.no_grad()
+def _plain_after(model: LoadedModel, preamble: Block, ids: Sequence[int]) -> Block:
+    """Keys and values of ``preamble | ids``, the chunk run plain after the preamble (full recompute's own)."""
+    cache = _cache(*preamble)
+    start = preamble[0].shape[2]
+    positions = torch.arange(start, start + len(ids), device=model.device)[None]
+    model.model.model(input_ids=torch.tensor([list(ids)], device=model.device), position_ids=positions, cache=cache,
+                      use_cache=True)
+    return _stack(cache)
 
 
 def _stack(cache: DynamicCache) -> Block:

@@ -232,8 +232,10 @@ class Trainer:
         """The packet-path student; under gradient checkpointing, which drops the KV cache that one reads, the
         block-mask student (same logits and gradients)."""
         if self.config.gradient_checkpointing:
-            return block_student_logits(self.model, adapter, self.preamble_ids, sample, answer)
-        return student_logits(self.model, adapter, self.preamble_ids, sample, answer, self.preamble)
+            return block_student_logits(self.model, adapter, self.preamble_ids, sample, answer,
+                                        self.config.exact_first)
+        return student_logits(self.model, adapter, self.preamble_ids, sample, answer, self.preamble,
+                              self.config.exact_first)
 
     def _resume(self, checkpoint, adapter, optimizer) -> tuple[int, list[dict], float]:
         c = self.config
@@ -258,7 +260,7 @@ class Trainer:
         c = self.config
         settings = c.to_dict()
         keys = ("init_adapter", "data", "max_chunks", "samples", "split", "epochs", "batch_size", "lr", "lora_rank",
-                "lora_alpha", "lora_lr", "lora_targets", "seed",
+                "lora_alpha", "lora_lr", "lora_targets", "seed", "exact_first",
                 "prefix", "answer_cap", "teacher_top_k", "system_prompt", "gradient_checkpointing", "device", "threads")
         answers = [t.length for t in self.teacher]
         return {

@@ -121,6 +121,22 @@ def test_warm_start_grows_a_smaller_adapter(tiny_llama, tmp_path):
     assert trainer.run().adapter.n_header == 4 and trainer.init_fingerprint == start.fingerprint
 
 
+def test_training_for_first_exact_reads_the_first_chunk_plainly(tiny_llama, tmp_path):
+    config = _config(tmp_path, prefix="preamble", exact_first=True, epochs=1)
+    trainer = Trainer(config, tiny_llama)
+    trainer.prepare()
+    adapter = PacketAdapter.initialize(tiny_llama, 4, 4, seed=3, prefix="preamble")
+    sample, teacher = trainer.samples[0], trainer.teacher[0]
+    with torch.no_grad():
+        got = trainer._student_logits(adapter, sample, teacher.answer_ids)
+        want = student_logits(tiny_llama, adapter, trainer.preamble_ids, sample, teacher.answer_ids, exact_first=True)
+        packets = student_logits(tiny_llama, adapter, trainer.preamble_ids, sample, teacher.answer_ids)
+    torch.testing.assert_close(got, want)
+    assert len(sample.chunk_ids) == 2 and (got - packets).abs().max() > 1e-4  # the first chunk is read otherwise
+    assert trainer.run().finished
+    assert json.loads(config.out.with_suffix(".json").read_text())["exact_first"] is True
+
+
 def test_teacher_outputs_are_cached_on_disk(tiny_llama, tmp_path):
     config = _config(tmp_path, teacher_top_k=16)
     first = Trainer(config, tiny_llama)

@@ -80,17 +80,19 @@ def test_student_with_build_lora_equals_packet_path(tiny_model, tmp_path, prefix
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("prefix", ["none", "preamble"])
-def test_packet_student_and_block_mask_student_have_the_same_gradients(tiny_model, prefix):
+@pytest.mark.parametrize("prefix, exact_first", [("none", False), ("preamble", False), ("preamble", True)])
+def test_packet_student_and_block_mask_student_have_the_same_gradients(tiny_model, prefix, exact_first):
     """The per-chunk student (used in training) and the one-forward block-mask student (used under gradient
-    checkpointing) are the same function of the adapter: equal logits and equal gradients of every parameter."""
+    checkpointing) are the same function of the adapter: equal logits and equal gradients of every parameter,
+    also when the first chunk is read exactly (``kv_packet_first_exact``)."""
     formatter = PromptFormatter(tiny_model.tokenizer)
     sample = _sample(tiny_model, formatter)
     teacher = teacher_answer(tiny_model, sample.prompt_ids(formatter.preamble_ids()), 6, set())
     results = []
     for student in (student_logits, block_student_logits):
         adapter = _lora_adapter(tiny_model, prefix)
-        logits = student(tiny_model, adapter, formatter.preamble_ids(), sample, teacher.answer_ids)
+        logits = student(tiny_model, adapter, formatter.preamble_ids(), sample, teacher.answer_ids,
+                         exact_first=exact_first)
         teacher.kl(logits).sum().backward()
         # None = no path to the loss (the last layer's query/output updates on chunk tokens): a zero gradient
         results.append((logits.detach(), {name: torch.zeros_like(p) if p.grad is None else p.grad.clone()

@@ -57,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="per-question results already measured (adapter-independent ones are reused)")
     parser.add_argument("--kl-only", nargs="+", default=None, metavar="ADAPTER",
                         help="only print teacher-forced KL per token of these adapters and no_recompute: files, 'none' or "
-                             "'default', each optionally with '+preamble' (packets built after the chat preamble)")
+                             "'default', each optionally with '+preamble' (packets built after the chat preamble) and "
+                             "then '@first-exact' (the first chunk read exactly, as kv_packet_first_exact does)")
     return parser.parse_args(argv)
 
 
@@ -166,6 +167,9 @@ def summarize(spec: str, records: list[dict], methods: list[str]) -> dict:
             "kl_ratio_kv_packet_to_no_recompute": ratio, "samples": per_sample}
 
 
+FIRST_EXACT = "@first-exact"
+
+
 @torch.no_grad()
 def kl_only(model, adapter_paths: list[str], specs: list[str], n: int, seed: int, max_new_tokens: int) -> str:
     """A cheap comparison of adapters (e.g. checkpoints): teacher-forced KL per token only, no answers generated;
@@ -175,7 +179,10 @@ def kl_only(model, adapter_paths: list[str], specs: list[str], n: int, seed: int
     from kvpacket_rag.training import teacher_answer
 
     formatter = PromptFormatter(model.tokenizer)
-    adapters = {"no_recompute": PacketAdapter.empty(model), **{spec: resolve_adapter(model, spec) for spec in adapter_paths}}
+    adapters = {"no_recompute": (PacketAdapter.empty(model), False)}
+    for spec in adapter_paths:  # SPEC@first-exact: read with the first chunk exact (kv_packet_first_exact)
+        path = spec.removesuffix(FIRST_EXACT)
+        adapters[spec] = resolve_adapter(model, path), path != spec
     lines = ["| set | n | " + " | ".join(adapters) + " |", "|---|---|" + "---|" * len(adapters)]
     first = adapter_paths[0]
     for spec in specs:
@@ -186,8 +193,9 @@ def kl_only(model, adapter_paths: list[str], specs: list[str], n: int, seed: int
             teacher = teacher_answer(model, prompt, max_new_tokens, eos_ids(model.tokenizer, model.config))
             tokens += teacher.length
             question = {}
-            for name, adapter in adapters.items():
-                logits = student_logits(model, adapter, formatter.preamble_ids(), tokenized, teacher.answer_ids)
+            for name, (adapter, exact_first) in adapters.items():
+                logits = student_logits(model, adapter, formatter.preamble_ids(), tokenized, teacher.answer_ids,
+                                        exact_first=exact_first)
                 question[name] = float(teacher.kl(logits).sum())
                 totals[name] += question[name]
             for name in adapters:

@@ -1,7 +1,8 @@
 """Quality frontier of adapter designs: fidelity, KL, recall, F1 and TTFT ratio per variant and dataset.
 
 Every variant is ``NAME=ADAPTER``: ``none`` (bare packets), ``default`` (the shipped adapter) or an adapter
-file, optionally with ``+preamble`` (its packets built after the chat preamble instead of from position 0).
+file, optionally with ``+preamble`` (its packets built after the chat preamble instead of from position 0) and
+then ``@first-exact`` (the first chunk read from its exact packet, as the ``kv_packet_first_exact`` method does).
 All variants and baselines answer the same questions in one harness run per dataset
 (`kvpacket_rag.evaluation.harness.evaluate`: the product path, full recompute as the reference, packets built
 before timing), so their fidelity, KL and TTFT ratios share one reference and one clock.
@@ -38,10 +39,15 @@ FIELDS = ("fidelity", "kl", "recall", "f1", "ttft_vs_full", "ttft_s")
 FIDELITY = "fidelity (F1 vs full-recompute answer)"
 
 
+FIRST_EXACT = "@first-exact"
+
+
 def variant_method(model, variant: str) -> PacketMethod:
-    """``NAME=ADAPTER[+preamble]`` as a packet method named ``NAME``."""
+    """``NAME=ADAPTER[+preamble][@first-exact]`` as a packet method named ``NAME`` (``@first-exact``: the first
+    chunk read from its exact packet, as ``kv_packet_first_exact`` does)."""
     name, _, spec = variant.partition("=")
-    return PacketMethod(adapter=resolve_adapter(model, spec), name=name)
+    path = spec.removesuffix(FIRST_EXACT)
+    return PacketMethod(adapter=resolve_adapter(model, path), name=name, exact_first=path != spec)
 
 
 def run_set(model, spec: str, methods: list, seed: int, max_new_tokens: int) -> dict:
@@ -75,7 +81,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", nargs="+", required=True, help="NAME=ADAPTER[+preamble] ...")
+    parser.add_argument("--variants", nargs="+", required=True, help="NAME=ADAPTER[+preamble][@first-exact] ...")
     parser.add_argument("--baselines", nargs="*", default=["no_recompute"], help="other methods, e.g. cacheblend:0.15")
     parser.add_argument("--sets", nargs="+", default=["biography:30", "hotpotqa:20"], help="DATASET[:N] ...")
     parser.add_argument("--seed", type=int, default=1, help="validation draw (the reported questions use seed 0)")

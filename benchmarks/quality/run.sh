@@ -2,7 +2,7 @@
 # Reproduce benchmarks/quality/: the demo's suggested questions and the quality frontier of the adapter designs
 # on a validation draw (test split, seed 1; the reported questions of RESULTS.md use seed 0).
 #
-#   benchmarks/quality/run.sh            # 2 torch threads; about 95 minutes on a 2-core CPU
+#   benchmarks/quality/run.sh            # 2 torch threads; about 2 hours on a 2-core CPU
 #
 # Delete a result file to measure it again; the frontier keeps the datasets already in its JSON.
 set -euo pipefail
@@ -29,4 +29,9 @@ $PY $OUT/frontier.py --sets squad:15 biography:20 hotpotqa:10 niah:10 --threads 
   --variants stage9=default stage7=benchmarks/adapter/candidates/smollm2-135m-instruct-stage7.safetensors \
   --baselines no_recompute cacheblend:0.15 --json $OUT/frontier_stage9.json
 [ -f $OUT/demo_paper.json ] || $PY $OUT/demo_questions.py --adapter $PAPER --json $OUT/demo_paper.json
+# reading the first chunk exactly (kv_packet_first_exact): stage 9 untrained, and a candidate trained for it
+$PY $OUT/frontier.py --sets squad:15 biography:20 hotpotqa:10 niah:10 --threads 2 \
+  --variants stage9=default stage9-first-exact=default@first-exact \
+  first-exact=benchmarks/adapter/experiments/first_exact/first-exact.safetensors@first-exact \
+  --baselines no_recompute --json $OUT/frontier_first_exact.json
 $PY $OUT/gather.py  # frontier_all.md and .png: every design of the runs above

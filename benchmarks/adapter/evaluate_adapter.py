@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvpacket_rag.adapter import PacketAdapter
-from kvpacket_rag.benchmarks.common import machine_info, write_outputs
+from kvpacket_rag.benchmarks.common import machine_info, split_first_exact, write_outputs
 from kvpacket_rag.datasets import load_samples
 from kvpacket_rag.adapter import resolve_adapter
 from kvpacket_rag.engine import PacketEngine
@@ -167,9 +167,6 @@ def summarize(spec: str, records: list[dict], methods: list[str]) -> dict:
             "kl_ratio_kv_packet_to_no_recompute": ratio, "samples": per_sample}
 
 
-FIRST_EXACT = "@first-exact"
-
-
 @torch.no_grad()
 def kl_only(model, adapter_paths: list[str], specs: list[str], n: int, seed: int, max_new_tokens: int) -> str:
     """A cheap comparison of adapters (e.g. checkpoints): teacher-forced KL per token only, no answers generated;
@@ -180,9 +177,9 @@ def kl_only(model, adapter_paths: list[str], specs: list[str], n: int, seed: int
 
     formatter = PromptFormatter(model.tokenizer)
     adapters = {"no_recompute": (PacketAdapter.empty(model), False)}
-    for spec in adapter_paths:  # SPEC@first-exact: read with the first chunk exact (kv_packet_first_exact)
-        path = spec.removesuffix(FIRST_EXACT)
-        adapters[spec] = resolve_adapter(model, path), path != spec
+    for spec in adapter_paths:
+        path, exact_first = split_first_exact(spec)
+        adapters[spec] = resolve_adapter(model, path), exact_first
     lines = ["| set | n | " + " | ".join(adapters) + " |", "|---|---|" + "---|" * len(adapters)]
     first = adapter_paths[0]
     for spec in specs:

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvpacket_rag.benchmarks.common import machine_info
+from kvpacket_rag.benchmarks.common import machine_info, split_first_exact
 from kvpacket_rag.datasets import load_samples
 from kvpacket_rag.adapter import resolve_adapter
 from kvpacket_rag.engine import PacketEngine
@@ -39,15 +39,12 @@ FIELDS = ("fidelity", "kl", "recall", "f1", "ttft_vs_full", "ttft_s")
 FIDELITY = "fidelity (F1 vs full-recompute answer)"
 
 
-FIRST_EXACT = "@first-exact"
-
-
 def variant_method(model, variant: str) -> PacketMethod:
     """``NAME=ADAPTER[+preamble][@first-exact]`` as a packet method named ``NAME`` (``@first-exact``: the first
     chunk read from its exact packet, as ``kv_packet_first_exact`` does)."""
     name, _, spec = variant.partition("=")
-    path = spec.removesuffix(FIRST_EXACT)
-    return PacketMethod(adapter=resolve_adapter(model, path), name=name, exact_first=path != spec)
+    path, exact_first = split_first_exact(spec)
+    return PacketMethod(adapter=resolve_adapter(model, path), name=name, exact_first=exact_first)
 
 
 def run_set(model, spec: str, methods: list, seed: int, max_new_tokens: int) -> dict:

@@ -1,4 +1,4 @@
-"""Facts every benchmark records next to its figures."""
+"""Facts every benchmark records next to its figures, and the adapter specs the quality scripts share."""
 
 from __future__ import annotations
 
@@ -12,6 +12,16 @@ import sys
 from pathlib import Path
 
 import torch
+
+
+FIRST_EXACT = "@first-exact"
+"""Suffix of an adapter spec whose packets are read with the first chunk exact (``kv_packet_first_exact``)."""
+
+
+def split_first_exact(spec: str) -> tuple[str, bool]:
+    """``"ADAPTER[@first-exact]"`` -> ``(ADAPTER, whether the first chunk is read exactly)``."""
+    adapter = spec.removesuffix(FIRST_EXACT)
+    return adapter, adapter != spec
 
 
 def machine_info(threads: int) -> dict:

@@ -32,6 +32,7 @@ from .generation import GenerationConfig
 from .index import Document, PacketIndex, RAGAnswer, SearchHit, stream_answer
 from .models import DEFAULT_MODEL, cache_dir
 from .prompt import ChatTurn
+from .rag import PACKET_READINGS
 
 CORPUS_DIR = Path(__file__).resolve().parent / "data" / "corpus"
 QUESTIONS_FILE = "questions.json"
@@ -264,6 +265,8 @@ class DemoChat:
         generation: decoding settings (default: greedy, 48 new tokens).
         max_history: earlier turns kept in the prompt (older ones are dropped, and the turn that drops one
             reassembles the conversation).
+        method: how packets are read: ``kv_packet`` (adapter packets) or ``kv_packet_first_exact`` (the first
+            retrieved chunk from its exact packet, the others from adapter packets).
     """
 
     index: PacketIndex
@@ -271,12 +274,15 @@ class DemoChat:
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=48))
     max_history: int = 8
     history: list[ChatTurn] = field(default_factory=list)
+    method: str = "kv_packet"
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.max_history < 0:
             raise ValueError(f"max_history must be >= 0, got {self.max_history}")
+        if self.method not in PACKET_READINGS:
+            raise ValueError(f"method must be one of {', '.join(PACKET_READINGS)}, got {self.method!r}")
         self.index.engine.preamble_block()  # computed once per engine; keeps it out of the first TTFT
         self.session = self.index.engine.session()
 
@@ -307,7 +313,7 @@ class DemoChat:
         hits = self.retrieve(question)
         retrieval_s = time.perf_counter() - started
         history = tuple(self.history[-self.max_history:]) if self.max_history else ()
-        packet = self._answer(question, hits, history, "kv_packet", on_piece, started, retrieval_s)
+        packet = self._answer(question, hits, history, self.method, on_piece, started, retrieval_s)
         full = None
         if compare:
             again = time.perf_counter()
@@ -322,7 +328,7 @@ class DemoChat:
                                recorded_keys=[h.packet_key for h in hits], missing=self.index.missing_packets,
                                history=history, generation=self.generation, method=method, sources=hits,
                                started=started, retrieval_s=retrieval_s,
-                               session=self.session if method == "kv_packet" else None)
+                               session=self.session if method == self.method else None)
         for piece in stream:
             if on_piece is not None:
                 on_piece(method, piece)

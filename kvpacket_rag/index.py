@@ -298,7 +298,8 @@ class PacketIndex:
             history: earlier turns of the conversation; they follow the packets in the prompt, so the packets
                 of a follow-up question are reused from the store.
             generation: decoding settings (default: greedy, 64 tokens).
-            method: ``kv_packet`` (default) or a baseline (``full_recompute``, ``no_recompute``, ...).
+            method: ``kv_packet`` (default), ``kv_packet_first_exact`` or a baseline (``full_recompute``,
+                ``no_recompute``, ...).
             min_score: drop chunks below this cosine similarity; with none left the answer is closed-book.
 
         Raises:

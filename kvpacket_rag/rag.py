@@ -195,6 +195,10 @@ def _ensure(engine: "PacketEngine", texts: Sequence[str], recorded_keys: Sequenc
     return keys, (len(built), sum(len(engine.chunk_ids(text)) for text in built))
 
 
+PACKET_READINGS = ("kv_packet", "kv_packet_first_exact")
+"""The methods that read the chunks' adapter packets (the ones an index records keys for); both forward no chunk."""
+
+
 def stream_answer(engine: "PacketEngine", question: str, texts: Sequence[str], *,
                   recorded_keys: Sequence[str | None] | None = None, missing: MissingPackets = "build",
                   history: Sequence[ChatTurn] = (), generation: GenerationConfig | None = None,
@@ -220,7 +224,7 @@ def stream_answer(engine: "PacketEngine", question: str, texts: Sequence[str], *
     texts = list(texts)
     closed_book = not texts
     prebuilt = (0, 0)
-    if texts and method == "kv_packet":
+    if texts and method in PACKET_READINGS:
         prebuilt = _ensure(engine, texts, recorded_keys, missing)[1]
     method = "closed_book" if closed_book else method
     if session is None:

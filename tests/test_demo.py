@@ -133,6 +133,27 @@ def test_follow_ups_over_the_same_chunks_come_from_the_chat_session(tiny_llama, 
     assert second.to_dict()["conversation_cached"] is True
 
 
+def test_chat_reads_packets_through_the_method_it_is_given(tiny_llama, embedder, tmp_path):
+    from kvpacket_rag.generation import GenerationConfig
+
+    engine = _engine(tiny_llama, tmp_path / "packets")
+    index, _ = open_demo_index(engine, load_corpus()[:2], tmp_path, progress=False, log=lambda _: None)
+    chat = DemoChat(index, top_k=2, generation=GenerationConfig(max_new_tokens=4), method="kv_packet_first_exact")
+    first = chat.ask("Where is Bramblegate Bakery?", compare=True)
+    second = chat.ask("When was it founded?")
+    texts = [h.text for h in first.sources]
+    assert first.packet.answer.method == "kv_packet_first_exact" and first.full.answer.method == "full_recompute"
+    expected = engine.answer("Where is Bramblegate Bakery?", texts, method="kv_packet_first_exact",
+                             generation=chat.generation)
+    assert first.packet.answer.token_ids == expected.token_ids
+    assert [h.text for h in second.sources] == texts and second.conversation_cached  # from the session
+    fresh = engine.answer("When was it founded?", [h.text for h in second.sources], history=chat.history[:1],
+                          method="kv_packet_first_exact", generation=chat.generation)
+    assert second.packet.answer.token_ids == fresh.token_ids
+    with pytest.raises(ValueError, match="kv_packet_first_exact"):
+        DemoChat(index, method="full_recompute")
+
+
 def test_bad_top_k_is_a_clear_cli_error(capsys):
     assert cli_main(["demo", "--top-k", "0"]) == 2
     assert "--top-k must be >= 1" in capsys.readouterr().err

@@ -18,10 +18,12 @@ import tempfile
 from pathlib import Path
 
 from kvpacket_rag.demo import DemoChat, make_demo_engine, open_demo_index, suggested_questions
+from kvpacket_rag.rag import PACKET_READINGS
 
 
-def count_correct(adapter: str, threads: int) -> dict:
-    """``{"kv_packet": k, "full_recompute": m, "n": n, "questions": [...]}`` for one adapter spec."""
+def count_correct(adapter: str, threads: int, method: str = "kv_packet") -> dict:
+    """``{"kv_packet": k, "full_recompute": m, "n": n, "questions": [...]}`` for one adapter spec; ``kv_packet``
+    counts the packet answers, read through ``method``."""
     import torch
 
     torch.set_num_threads(threads)
@@ -30,28 +32,29 @@ def count_correct(adapter: str, threads: int) -> dict:
         index, _ = open_demo_index(engine, root=root, progress=False, log=lambda _: None)
         rows = []
         for suggestion in suggested_questions():
-            chat = DemoChat(index)
+            chat = DemoChat(index, method=method)
             reply = chat.ask(suggestion.question, compare=True)
             expected = suggestion.answer.lower()
             rows.append({"question": suggestion.question, "expected": suggestion.answer,
                          "kv_packet": reply.packet.text, "full_recompute": reply.full.text,
                          "kv_packet_correct": expected in reply.packet.text.lower(),
                          "full_recompute_correct": expected in reply.full.text.lower()})
-    return {"adapter": adapter, "n": len(rows), "kv_packet": sum(r["kv_packet_correct"] for r in rows),
+    return {"adapter": adapter, "method": method, "n": len(rows), "kv_packet": sum(r["kv_packet_correct"] for r in rows),
             "full_recompute": sum(r["full_recompute_correct"] for r in rows), "questions": rows}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", default="default", help="'default', 'none' or an adapter file")
+    parser.add_argument("--method", choices=PACKET_READINGS, default="kv_packet", help="how packets are read")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="write the per-question answers here")
     args = parser.parse_args(argv)
-    result = count_correct(args.adapter, args.threads)
+    result = count_correct(args.adapter, args.threads, args.method)
     for row in result["questions"]:
         mark = "ok " if row["kv_packet_correct"] else "MISS"
         print(f"{mark} {row['question']!r}: packets {row['kv_packet']!r} | full {row['full_recompute']!r}")
-    print(f"{args.adapter}: kv_packet {result['kv_packet']}/{result['n']}, full recompute "
+    print(f"{args.adapter}: {args.method} {result['kv_packet']}/{result['n']}, full recompute "
           f"{result['full_recompute']}/{result['n']}")
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

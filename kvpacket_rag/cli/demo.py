@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from ..generation import GenerationConfig
+from ..rag import PACKET_READINGS
 from .common import add_model_arguments
 
 EXIT_WORDS = {"exit", "quit", ":q"}
@@ -27,6 +28,9 @@ def register(subparsers) -> None:
                       help="answer this question and exit (repeat for several; no chat history between them)")
     demo.add_argument("--compare", action="store_true",
                       help="also answer by full recompute of the same documents and show both TTFTs")
+    demo.add_argument("--method", choices=PACKET_READINGS, default="kv_packet",
+                      help="how packets are read: kv_packet (default) or kv_packet_first_exact (the first retrieved "
+                           "document from its exact packet: one more stored packet per document)")
     demo.add_argument("--top-k", type=int, default=3, help="documents retrieved per question (default 3)")
     demo.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit in tokens (default 48)")
     demo.add_argument("--cache-dir", type=Path, default=None,
@@ -54,7 +58,7 @@ def run_demo(args: argparse.Namespace) -> int:
     engine = core.make_demo_engine(args.model, args.adapter, root / "packets", args.device, args.dtype)
     index, summary = core.open_demo_index(engine, corpus, root, progress=not args.json)
     print(f"kvpacket demo: {_summary_line(summary)}", file=sys.stderr, flush=True)
-    chat = core.DemoChat(index, top_k=args.top_k, generation=generation)
+    chat = core.DemoChat(index, top_k=args.top_k, generation=generation, method=args.method)
     suggested = core.suggested_questions(corpus_dir)
 
     if args.question:
@@ -122,7 +126,7 @@ def _print_reply(chat, question: str, compare: bool) -> None:
 
     def on_piece(method: str, piece: str) -> None:
         if current["method"] != method:
-            label = "Bot (KV packets)" if method == "kv_packet" else "Full recompute "
+            label = "Bot (KV packets)" if method in PACKET_READINGS else "Full recompute "
             print(f"{'' if current['method'] is None else chr(10)}{label}: ", end="")
             current["method"] = method
         print(piece, end="", flush=True)
@@ -136,7 +140,7 @@ def _print_reply(chat, question: str, compare: bool) -> None:
     packet = reply.packet
     asked = ("the new message; the conversation came from the session's cache" if reply.conversation_cached
              else "question and chat history" if reply.history_turns else "the question only")
-    print(f"  kv_packet:      TTFT {_ms(packet.timings['ttft_s'])} through {len(packet.packet_keys)} packets "
+    print(f"  {packet.answer.method + ':':<15} TTFT {_ms(packet.timings['ttft_s'])} through {len(packet.packet_keys)} packets "
           f"({packet.answer.forwarded_tokens} tokens forwarded: {asked}; retrieval {_ms(reply.retrieval_s)})")
     if reply.full is not None:
         full = reply.full

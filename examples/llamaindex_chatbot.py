@@ -90,7 +90,7 @@ for question in questions:
 
 # %%
 chunks = [n.node.get_content() for n in response.source_nodes]
-for method in ("kv_packet", "full_recompute"):
+for method in ("kv_packet_first_exact", "full_recompute"):
     answer = engine.answer(questions[-1], chunks, method=method)
     print(f"{method:15s} TTFT {answer.timings['ttft_s'] * 1000:6.0f} ms, {answer.forwarded_tokens:4d} tokens "
           f"forwarded: {answer.text}")

@@ -54,11 +54,11 @@ def make_engine(url: str):
 
 
 def ingest(url: str) -> dict:
-    """Worker 1: build and store the packet of every chunk."""
+    """Worker 1: build and store the packets of every chunk (its adapter packet and its exact packet)."""
     engine = make_engine(url)
     chunks, _ = corpus_chunks()
     start = time.perf_counter()
-    keys = engine.build_packets(chunks)
+    keys = engine.ingest_packets(chunks)
     return {"pid": os.getpid(), "chunks": len(chunks), "keys": len(set(keys)),
             "built": engine.counters["packets_built"], "seconds": time.perf_counter() - start}
 

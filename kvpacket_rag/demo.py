@@ -180,7 +180,8 @@ def open_demo_index(engine, corpus: Sequence[Document] | None = None, root: str 
         index.save(directory)
     built = engine.counters["packets_built"] - built_before
     summary = IngestSummary(directory, reopened, len(index.documents), len(index), built,
-                            max(0, len(index.packet_keys()) - built), time.perf_counter() - started)
+                            max(0, len(index.packet_keys()) * len(engine.ingest_kinds) - built),
+                            time.perf_counter() - started)
     return index, summary
 
 
@@ -265,8 +266,8 @@ class DemoChat:
         generation: decoding settings (default: greedy, 48 new tokens).
         max_history: earlier turns kept in the prompt (older ones are dropped, and the turn that drops one
             reassembles the conversation).
-        method: how packets are read: ``kv_packet`` (adapter packets) or ``kv_packet_first_exact`` (the first
-            retrieved chunk from its exact packet, the others from adapter packets).
+        method: how packets are read: ``kv_packet_first_exact`` (the first retrieved chunk from its exact packet,
+            the others from adapter packets) or ``kv_packet`` (adapter packets only); default: the engine's method.
     """
 
     index: PacketIndex
@@ -274,13 +275,14 @@ class DemoChat:
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=48))
     max_history: int = 8
     history: list[ChatTurn] = field(default_factory=list)
-    method: str = "kv_packet"
+    method: str | None = None
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.max_history < 0:
             raise ValueError(f"max_history must be >= 0, got {self.max_history}")
+        self.method = self.method or self.index.engine.method.name
         if self.method not in PACKET_READINGS:
             raise ValueError(f"method must be one of {', '.join(PACKET_READINGS)}, got {self.method!r}")
         self.index.engine.preamble_block()  # computed once per engine; keeps it out of the first TTFT

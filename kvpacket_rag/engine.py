@@ -31,7 +31,7 @@ from .errors import EmptyInputError
 from .flops import forward_flops
 from .generation import GenerationConfig, eos_ids
 from .kvcache import KVBuffer, PacketCache
-from .methods import get_method
+from .methods import DEFAULT_METHOD, get_method
 from .models import LoadedModel, load_model
 from .prompt import DEFAULT_SYSTEM_PROMPT, ChatTurn, PromptFormatter
 from .scheduler import Keep, Prepare, Request, Scheduler, SchedulerConfig
@@ -161,6 +161,9 @@ class PacketEngine:
         scheduler: batch and queue limits of the request scheduler (default `SchedulerConfig()`).
         session_bytes: byte budget of the caches kept by chat sessions (`session`); least recently used first
             dropped beyond it.
+        method: how answers read the chunks when no method is named (default `DEFAULT_METHOD`,
+            ``kv_packet_first_exact``: the first chunk from its exact packet, the others from adapter packets;
+            ``kv_packet`` reads every chunk from its adapter packet and stores one packet per chunk instead of two).
 
     Thread-safe: one engine may serve several threads and coroutines at once. Every answer (`answer`, `stream`,
     `chat`, chat session turns and their async forms) goes through the engine's `Scheduler`: one decode loop whose
@@ -172,7 +175,9 @@ class PacketEngine:
     def __init__(self, model: LoadedModel | str | None = None, adapter: PacketAdapter | str | Path | None = "default",
                  store: PacketStore | None = None, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
                  device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-                 scheduler: SchedulerConfig | None = None, session_bytes: int = DEFAULT_SESSION_BYTES):
+                 scheduler: SchedulerConfig | None = None, session_bytes: int = DEFAULT_SESSION_BYTES,
+                 method: str | ContextMethod = DEFAULT_METHOD):
+        self.method = get_method(method)
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
         self.adapter = resolve_adapter(self.model, adapter)
         self.store = store if store is not None else InMemoryStore(max_bytes=DEFAULT_STORE_BYTES)
@@ -201,6 +206,19 @@ class PacketEngine:
         built after the chat preamble: exact as a context's first chunk) or a `PacketAdapter`.
         """
         return self._fetch(chunks, self.builder_for(kind), progress).keys
+
+    @property
+    def ingest_kinds(self) -> list[PacketKind]:
+        """The packet kinds `ingest_packets` builds: those the engine's `method` reads, and ``adapted``."""
+        return [*(kind for kind in self.method.packet_kinds if kind != "adapted"), "adapted"]
+
+    def ingest_packets(self, chunks: Sequence[str], progress: bool = False) -> list[str]:
+        """Build (only the missing) packets of ``chunks`` of every kind in `ingest_kinds` (any chunk may be
+        retrieved first, so with ``kv_packet_first_exact`` every chunk gets its exact packet too); return the
+        adapted packets' keys, in order (the keys an index records)."""
+        for kind in self.ingest_kinds[:-1]:
+            self.build_packets(chunks, kind, progress)
+        return self.build_packets(chunks, progress=progress)
 
     def packets_for(self, chunks: Sequence[str], kind: PacketKind = "adapted") -> PacketFetch:
         """Packets of ``chunks`` of ``kind`` from the store, building and storing missing ones (see `build_packets`)."""
@@ -254,6 +272,10 @@ class PacketEngine:
             self.counters["packets_loaded"] += len(found) - len(missing)
             return PacketFetch(found, keys, build_s, len(missing), sum(len(ids[n]) for n in missing))
 
+    def method_for(self, method: str | ContextMethod | None) -> ContextMethod:
+        """The method named by ``method`` (a name or an object), or the engine's `method` for None."""
+        return self.method if method is None else get_method(method)
+
     def preamble_ids(self) -> list[int]:
         """Token ids of the cached chat preamble."""
         return self.formatter.preamble_ids()
@@ -278,19 +300,20 @@ class PacketEngine:
 
     # ---- answering -----------------------------------------------------------------------
 
-    def answer(self, question: str, chunks: Sequence[str], method: str | ContextMethod = "kv_packet",
+    def answer(self, question: str, chunks: Sequence[str], method: str | ContextMethod | None = None,
                history: Sequence[ChatTurn] = (), generation: GenerationConfig | None = None) -> Answer:
         """Answer ``question`` over ``chunks`` (in context order). See `stream` for the arguments."""
         return self.stream(question, chunks, method, history, generation).collect()
 
-    def stream(self, question: str, chunks: Sequence[str], method: str | ContextMethod = "kv_packet",
+    def stream(self, question: str, chunks: Sequence[str], method: str | ContextMethod | None = None,
                history: Sequence[ChatTurn] = (), generation: GenerationConfig | None = None) -> AnswerStream:
         """Stream the answer to ``question`` over ``chunks``.
 
         Args:
             question: the user's question (non-empty).
             chunks: retrieved chunk texts, in the order they appear in the context (may be empty).
-            method: ``kv_packet`` (default), ``no_recompute``, ``full_recompute``, ``closed_book``, ... or an object.
+            method: ``kv_packet_first_exact``, ``kv_packet``, ``no_recompute``, ``full_recompute``, ``closed_book``,
+                ... or an object (default: the engine's `method`).
             history: earlier turns of the conversation; they follow the packets in the prompt.
             generation: decoding settings (default: greedy, 64 tokens).
 
@@ -303,11 +326,11 @@ class PacketEngine:
         """
         if not question or not question.strip():
             raise EmptyInputError("the question is empty; pass the text to answer")
-        chunks, method, history = list(chunks), get_method(method), tuple(history)
+        chunks, method, history = list(chunks), self.method_for(method), tuple(history)
         return self._open(lambda stream: self._run(stream, question, chunks, method, history,
                                                    generation or GenerationConfig()))
 
-    def astream(self, question: str, chunks: Sequence[str], method: str | ContextMethod = "kv_packet",
+    def astream(self, question: str, chunks: Sequence[str], method: str | ContextMethod | None = None,
                 history: Sequence[ChatTurn] = (), generation: GenerationConfig | None = None) -> AsyncAnswerStream:
         """`stream` for asyncio: ``async for piece in engine.astream(...)``; the model runs in a worker thread.
 
@@ -319,7 +342,7 @@ class PacketEngine:
         chunks, history = list(chunks), tuple(history)
         return AsyncAnswerStream(lambda: self.stream(question, chunks, method, history, generation))
 
-    async def aanswer(self, question: str, chunks: Sequence[str], method: str | ContextMethod = "kv_packet",
+    async def aanswer(self, question: str, chunks: Sequence[str], method: str | ContextMethod | None = None,
                       history: Sequence[ChatTurn] = (), generation: GenerationConfig | None = None) -> Answer:
         """`answer` for asyncio, without blocking the event loop (see `astream`)."""
         return await self.astream(question, chunks, method, history, generation).collect()

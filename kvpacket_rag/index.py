@@ -117,8 +117,9 @@ class IngestReport:
 
     Attributes:
         documents: documents added; skipped: ids of documents already indexed with the same text.
-        chunks: chunk records added; packets_built: packets newly built; packets_reused: chunks whose packet
-            was already stored; seconds: wall time.
+        chunks: chunk records added; packets_built: packets newly built; packets_reused: packets already
+            stored (both count every packet kind the engine ingests, see `PacketEngine.ingest_kinds`); seconds: wall
+            time.
     """
 
     documents: int = 0
@@ -202,10 +203,10 @@ class PacketIndex:
         if texts:
             built_before = self.engine.counters["packets_built"]
             unique = list(dict.fromkeys(texts))  # a chunk repeated in this batch is built once
-            key_of = dict(zip(unique, self.engine.build_packets(unique, progress=progress)))
+            key_of = dict(zip(unique, self.engine.ingest_packets(unique, progress=progress)))
             keys = [key_of[text] for text in texts]
             report.packets_built = self.engine.counters["packets_built"] - built_before
-            report.packets_reused = len(keys) - report.packets_built
+            report.packets_reused = len(keys) * len(self.engine.ingest_kinds) - report.packets_built
             vectors = self.embedder.embed(texts)
             report.chunks = self._add_records(pending, keys, vectors)
         report.documents = len(pending)
@@ -281,14 +282,14 @@ class PacketIndex:
         return hits
 
     def answer(self, question: str, k: int = 4, *, history: Sequence[ChatTurn] = (),
-               generation: GenerationConfig | None = None, method: str = "kv_packet",
+               generation: GenerationConfig | None = None, method: str | None = None,
                min_score: float | None = None) -> RAGAnswer:
         """Retrieve the top-``k`` chunks and answer through their packets. See `stream`."""
         return self.stream(question, k, history=history, generation=generation, method=method,
                            min_score=min_score).collect()
 
     def stream(self, question: str, k: int = 4, *, history: Sequence[ChatTurn] = (),
-               generation: GenerationConfig | None = None, method: str = "kv_packet",
+               generation: GenerationConfig | None = None, method: str | None = None,
                min_score: float | None = None) -> RAGAnswerStream:
         """Retrieve the top-``k`` chunks and stream the answer through their packets.
 
@@ -298,8 +299,8 @@ class PacketIndex:
             history: earlier turns of the conversation; they follow the packets in the prompt, so the packets
                 of a follow-up question are reused from the store.
             generation: decoding settings (default: greedy, 64 tokens).
-            method: ``kv_packet`` (default), ``kv_packet_first_exact`` or a baseline (``full_recompute``,
-                ``no_recompute``, ...).
+            method: ``kv_packet_first_exact``, ``kv_packet`` or a baseline (``full_recompute``, ``no_recompute``,
+                ...); default: the engine's method.
             min_score: drop chunks below this cosine similarity; with none left the answer is closed-book.
 
         Raises:
@@ -414,14 +415,18 @@ class PacketIndex:
                                                     "packet_key": self.engine.packet_key(record.text)})
 
     def _check_packets(self, missing: MissingPackets) -> None:
-        texts = {r.packet_key: r.text for r in self.records.values()}
-        absent = [key for key in texts if not self.engine.store.contains(key)]
-        if absent and missing == "error":
+        texts = list(dict.fromkeys(r.text for r in self.records.values()))
+        store, key = self.engine.store, self.engine.packet_key
+        absent = {str(kind): [text for text in texts if not store.contains(key(text, kind))]
+                  for kind in self.engine.ingest_kinds}
+        count = sum(map(len, absent.values()))
+        if count and missing == "error":
             raise PacketNotFoundError(
-                f"{len(absent)} of {len(texts)} packets of this index are not in the engine's store; open it with "
-                "the store it was built into, or pass missing_packets='build' to rebuild them")
-        if absent:
-            self.engine.build_packets([texts[key] for key in absent])
+                f"{count} of {len(texts) * len(absent)} packets of this index are not in the engine's store; open it "
+                "with the store it was built into, or pass missing_packets='build' to rebuild them")
+        for kind in self.engine.ingest_kinds:
+            if absent[str(kind)]:
+                self.engine.build_packets(absent[str(kind)], kind)
 
     def packet_keys(self) -> list[str]:
         """Distinct packet keys of the indexed chunks."""

@@ -109,6 +109,9 @@ METHODS: dict[str, Callable[..., ContextMethod]] = {
 }
 """Every method by name: a factory called with the text after ``:`` in ``NAME:ARG`` (or with nothing)."""
 
+DEFAULT_METHOD = "kv_packet_first_exact"
+"""How answers read the chunks unless told otherwise: no model forward over them, the first retrieved chunk exact."""
+
 PARAMETERLESS = {"kv_packet", "kv_packet_first_exact", "no_recompute", "full_recompute", "closed_book"}
 
 

@@ -188,27 +188,42 @@ def _ensure(engine: "PacketEngine", texts: Sequence[str], recorded_keys: Sequenc
     if absent and missing == "error":
         raise PacketNotFoundError(
             f"{len(absent)} of {len(keys)} retrieved packets are not in the store (first: {keys[absent[0]][:12]}…); "
-            "rebuild them with engine.build_packets(texts) or allow building on demand with missing='build'")
+            "rebuild them with engine.ingest_packets(texts) or allow building on demand with missing='build'")
     built = list(dict.fromkeys(texts[n] for n in absent))
     if built:
         engine.build_packets(built)
     return keys, (len(built), sum(len(engine.chunk_ids(text)) for text in built))
 
 
-PACKET_READINGS = ("kv_packet", "kv_packet_first_exact")
-"""The methods that read the chunks' adapter packets (the ones an index records keys for); both forward no chunk."""
+PACKET_READINGS = ("kv_packet_first_exact", "kv_packet")
+"""The methods that read the chunks' adapter packets (the ones an index records keys for); neither forwards a chunk."""
+
+
+def _ensure_first_exact(engine: "PacketEngine", text: str, missing: MissingPackets) -> tuple[int, int]:
+    """Make sure the first chunk's ``exact`` packet is stored; ``(packets built, their chunk tokens)``."""
+    key = engine.packet_key(text, "exact")
+    if engine.store.contains(key):
+        return 0, 0
+    if missing == "error":
+        raise PacketNotFoundError(
+            f"the exact packet of the first retrieved chunk ({key[:12]}…) is not in the store; ingest the corpus "
+            "with this engine (it builds the packets its method reads), or allow building on demand with "
+            "missing='build'")
+    engine.build_packets([text], "exact")
+    return 1, len(engine.chunk_ids(text))
 
 
 def stream_answer(engine: "PacketEngine", question: str, texts: Sequence[str], *,
                   recorded_keys: Sequence[str | None] | None = None, missing: MissingPackets = "build",
                   history: Sequence[ChatTurn] = (), generation: GenerationConfig | None = None,
-                  method: str = "kv_packet", sources: Sequence[SearchHit] | None = None,
+                  method: str | None = None, sources: Sequence[SearchHit] | None = None,
                   started: float | None = None, retrieval_s: float = 0.0,
                   session: ChatSession | str | None = None) -> RAGAnswerStream:
     """Stream the answer to ``question`` over retrieved chunk ``texts`` (context order) through their packets.
 
-    With no texts the question is answered closed-book (``closed_book`` is True). Packets are checked with
-    `ensure_packets` first. Every integration answers through this function, so the same question, chunks,
+    With no texts the question is answered closed-book (``closed_book`` is True). ``method`` defaults to the
+    engine's. Packets are checked with `ensure_packets` first (and the first chunk's exact packet, for a method
+    that reads it). Every integration answers through this function, so the same question, chunks,
     history and generation settings give the same answer everywhere.
 
     With ``session`` (a `kvpacket_rag.session.ChatSession` or a session id of ``engine``) the turn goes through
@@ -224,9 +239,12 @@ def stream_answer(engine: "PacketEngine", question: str, texts: Sequence[str], *
     texts = list(texts)
     closed_book = not texts
     prebuilt = (0, 0)
-    if texts and method in PACKET_READINGS:
+    method = engine.method_for("closed_book" if closed_book else method)
+    if "adapted" in method.packet_kinds:
         prebuilt = _ensure(engine, texts, recorded_keys, missing)[1]
-    method = "closed_book" if closed_book else method
+    if "exact" in method.packet_kinds:
+        exact = _ensure_first_exact(engine, texts[0], missing)
+        prebuilt = (prebuilt[0] + exact[0], prebuilt[1] + exact[1])
     if session is None:
         stream = engine.stream(question, texts, method=method, history=tuple(history), generation=generation)
     else:

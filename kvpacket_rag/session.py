@@ -34,7 +34,6 @@ from .context import ContextMethod, PreparedContext
 from .errors import EmptyInputError
 from .generation import GenerationConfig
 from .kvcache import KVBuffer, PacketCache
-from .methods import get_method
 from .prompt import ChatTurn
 
 if TYPE_CHECKING:
@@ -156,12 +155,12 @@ class ChatSession:
         self.history: list[ChatTurn] = list(history)
 
     def answer(self, question: str, chunks: Sequence[str], history: Sequence[ChatTurn] | None = None,
-               method: str | ContextMethod = "kv_packet", generation: GenerationConfig | None = None) -> "Answer":
+               method: str | ContextMethod | None = None, generation: GenerationConfig | None = None) -> "Answer":
         """Answer ``question`` over ``chunks``; see `stream`."""
         return self.stream(question, chunks, history, method, generation).collect()
 
     def stream(self, question: str, chunks: Sequence[str], history: Sequence[ChatTurn] | None = None,
-               method: str | ContextMethod = "kv_packet", generation: GenerationConfig | None = None
+               method: str | ContextMethod | None = None, generation: GenerationConfig | None = None
                ) -> "AnswerStream":
         """Stream the answer to ``question`` over ``chunks`` after the conversation, reusing the kept cache.
 
@@ -173,7 +172,7 @@ class ChatSession:
             question: the user's message (non-empty).
             chunks: retrieved chunk texts in context order (may be empty with ``method="closed_book"``).
             history: the turns before this one (default: `history`, the turns answered through this session).
-            method: how the context is assembled when it is (default ``kv_packet``).
+            method: how the context is assembled when it is (default: the engine's `method`).
             generation: decoding settings (default: greedy, 64 tokens).
 
         Once the answer completes, the turn is appended to `history` and the cache kept; a stream closed early
@@ -185,11 +184,11 @@ class ChatSession:
         if not question or not question.strip():
             raise EmptyInputError("the question is empty; pass the text to answer")
         turns = tuple(self.history if history is None else history)
-        chunks, method, generation = tuple(chunks), get_method(method), generation or GenerationConfig()
+        chunks, method, generation = tuple(chunks), self.engine.method_for(method), generation or GenerationConfig()
         return self.engine._open(lambda stream: self._run(stream, question, chunks, method, turns, generation))
 
     def astream(self, question: str, chunks: Sequence[str], history: Sequence[ChatTurn] | None = None,
-                method: str | ContextMethod = "kv_packet", generation: GenerationConfig | None = None
+                method: str | ContextMethod | None = None, generation: GenerationConfig | None = None
                 ) -> "AsyncAnswerStream":
         """`stream` for asyncio (``async for piece in session.astream(...)``); the model runs in a worker thread, so
         the event loop stays free. Errors `stream` raises before the first token come from the first ``__anext__``."""
@@ -199,7 +198,7 @@ class ChatSession:
         return self.engine._open_async(lambda: self.stream(question, chunks, history, method, generation))
 
     async def aanswer(self, question: str, chunks: Sequence[str], history: Sequence[ChatTurn] | None = None,
-                      method: str | ContextMethod = "kv_packet", generation: GenerationConfig | None = None
+                      method: str | ContextMethod | None = None, generation: GenerationConfig | None = None
                       ) -> "Answer":
         """`answer` for asyncio, without blocking the event loop (see `astream`)."""
         return await self.astream(question, chunks, history, method, generation).collect()

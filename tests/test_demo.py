@@ -75,17 +75,17 @@ def test_saved_index_is_reopened_and_only_changed_documents_are_rebuilt(tiny_lla
     logs: list[str] = []
     engine = _engine(tiny_llama, tmp_path / "packets")
     index, first = open_demo_index(engine, corpus, tmp_path, progress=False, log=logs.append)
-    assert not first.reopened and first.packets_built == 6 and first.documents == 6
+    assert not first.reopened and first.packets_built == 12 and first.documents == 6  # adapter and exact packets
     assert (index_dir_for(engine, tmp_path) / "manifest.json").is_file()
 
     engine = _engine(tiny_llama, tmp_path / "packets")  # a new process: nothing in memory
     _, again = open_demo_index(engine, corpus, tmp_path, progress=False, log=logs.append)
-    assert again.reopened and again.packets_built == 0 and again.packets_reused == 6
+    assert again.reopened and again.packets_built == 0 and again.packets_reused == 12
 
     edited = [*corpus[:5], Document(corpus[5].text + " It also sells postcards.", corpus[5].doc_id, corpus[5].metadata)]
     engine = _engine(tiny_llama, tmp_path / "packets")
     index, synced = open_demo_index(engine, edited, tmp_path, progress=False, log=logs.append)
-    assert synced.reopened and synced.packets_built == 1 and synced.documents == 6
+    assert synced.reopened and synced.packets_built == 2 and synced.documents == 6
     assert any("postcards" in hit.text for hit in index.search(corpus[5].text, 1))
 
 
@@ -108,7 +108,9 @@ def test_chat_records_turns_and_reset_forgets_them(tiny_llama, embedder, tmp_pat
     chat = DemoChat(index, top_k=2, generation=GenerationConfig(max_new_tokens=3))
     first = chat.ask("Where is Bramblegate Bakery?", compare=True)
     assert first.full is not None and first.full.answer.method == "full_recompute"
-    assert first.packet.packet_keys == [h.packet_key for h in first.sources] and first.history_turns == 0
+    exact = engine.packet_key(first.sources[0].text, "exact")  # the first chunk is read from its exact packet
+    assert first.packet.packet_keys == [exact] + [h.packet_key for h in first.sources[1:]]
+    assert first.history_turns == 0
     second = chat.ask("When was it founded?")
     assert second.history_turns == 1 and len(chat.history) == 2
     chat.reset()
@@ -183,7 +185,7 @@ def test_demo_answers_from_a_fresh_cache_then_reuses_every_packet(fresh_cache):
     first = _demo(fresh_cache, "--question", question.question, "--compare", "--json")
     assert first.returncode == 0, first.stderr
     result = json.loads(first.stdout)
-    assert result["ingest"]["packets_built"] == len(corpus) and not result["ingest"]["reopened"]
+    assert result["ingest"]["packets_built"] == 2 * len(corpus) and not result["ingest"]["reopened"]
     assert Path(result["ingest"]["index_dir"]).parent == fresh_cache / "demo"
     (answer,) = result["answers"]
     sources = [s["doc_id"] for s in answer["sources"]]
@@ -195,7 +197,7 @@ def test_demo_answers_from_a_fresh_cache_then_reuses_every_packet(fresh_cache):
     # No --question and no terminal on stdin: the suggested questions, answered non-interactively.
     second = _demo(fresh_cache)
     assert second.returncode == 0, second.stderr
-    assert f"packets: 0 built, {len(corpus)} reused" in second.stderr
+    assert f"packets: 0 built, {2 * len(corpus)} reused" in second.stderr
     assert "reopened the saved index" in second.stderr
     assert second.stdout.count("Bot (KV packets):") == len(suggested_questions())
     source_lines = [line for line in second.stdout.splitlines() if line.strip().startswith("sources:")]

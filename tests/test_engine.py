@@ -31,7 +31,7 @@ def greedy_reference(engine: PacketEngine, chunks, question, steps: int, history
     with torch.no_grad():
         for _ in range(steps):
             logits = block_forward(engine.model, engine.adapter, f.preamble_ids(), [f.chunk_ids(c) for c in chunks],
-                                   tail + out, logits_tokens=1)
+                                   tail + out, logits_tokens=1, exact_first=engine.method.exact_first)
             out.append(int(logits[-1].argmax()))
     return out
 
@@ -56,11 +56,39 @@ def test_stream_yields_the_same_text(engine):
     assert "".join(pieces) == stream.answer.text == engine.answer("Who was in the navy?", CHUNKS, generation=GREEDY8).text
 
 
+def test_the_default_method_reads_the_first_chunk_exactly_and_can_be_changed(engine, tiny_llama):
+    assert engine.method.name == "kv_packet_first_exact" and engine.method.exact_first
+    answer = engine.answer("Who was in the navy?", CHUNKS, generation=GREEDY8)
+    named = engine.answer("Who was in the navy?", CHUNKS, method="kv_packet_first_exact", generation=GREEDY8)
+    assert answer.method == "kv_packet_first_exact" and answer.token_ids == named.token_ids
+    assert answer.packet_keys[0] == engine.packet_key(CHUNKS[0], "exact")
+    assert answer.packet_keys[1:] == [engine.packet_key(c) for c in CHUNKS[1:]]
+    plain = PacketEngine(tiny_llama, adapter=engine.adapter, method="kv_packet")
+    assert plain.answer("Who?", CHUNKS, generation=GenerationConfig(2)).method == "kv_packet"
+    with pytest.raises(ValueError, match="unknown method"):
+        PacketEngine(tiny_llama, adapter=None, method="kv_pakcet")
+
+
+def test_ingestion_builds_the_packets_the_method_reads(tiny_llama):
+    first_exact = PacketEngine(tiny_llama, adapter=PacketAdapter.initialize(tiny_llama, 2, 2, seed=1))
+    keys = first_exact.ingest_packets(CHUNKS)
+    assert keys == [first_exact.packet_key(c) for c in CHUNKS] and first_exact.counters["packets_built"] == 6
+    assert all(first_exact.store.contains(first_exact.packet_key(c, "exact")) for c in CHUNKS)
+    answer = first_exact.answer("Who?", CHUNKS[::-1], generation=GenerationConfig(2))
+    assert answer.packets_built == 0  # any chunk may come first: its exact packet is already stored
+    adapted_only = PacketEngine(tiny_llama, adapter=first_exact.adapter, method="kv_packet")
+    assert adapted_only.ingest_kinds == ["adapted"] and adapted_only.ingest_packets(CHUNKS) == keys
+    assert adapted_only.counters["packets_built"] == 3
+
+
 def test_packets_are_built_once_and_reused(tiny_llama):
     engine = PacketEngine(tiny_llama, adapter=None)
     engine.answer("q?", CHUNKS, generation=GenerationConfig(max_new_tokens=1))
     engine.answer("another q?", CHUNKS[::-1], generation=GenerationConfig(max_new_tokens=1))
-    assert engine.counters["packets_built"] == 3 and engine.counters["packets_loaded"] == 3
+    # 3 adapter packets and the exact packets of the two chunks that came first; Turing's adapter packet reused
+    assert engine.counters["packets_built"] == 5 and engine.counters["packets_loaded"] == 1
+    engine.answer("a third q?", CHUNKS, generation=GenerationConfig(max_new_tokens=1))
+    assert engine.counters["packets_built"] == 5 and engine.counters["packets_loaded"] == 4
 
 
 def test_full_recompute_forwards_every_context_token(engine):
@@ -114,7 +142,7 @@ def test_real_model_answers_without_reading_documents(default_model):
     docs = ["Lumen Labs was founded in 2011 in Tromsø, Norway.", "Orchard Robotics was founded by Mateo Ruiz.",
             "Harbor Bank is based in Halifax, Canada.", "Quill Press was founded in 1988 by Fiona Baird.",
             "Nimbus Air flies turboprop planes to 31 islands."]
-    engine.build_packets(docs)
+    engine.ingest_packets(docs)
     engine.preamble_block()  # cached once per engine, like the packets
     seen: list[int] = []
     hook = default_model.model.model.layers[0].register_forward_pre_hook(

@@ -14,7 +14,7 @@ from kvpacket_rag.embedder import Embedder  # noqa: E402
 from kvpacket_rag.adapter import SHIPPED_ADAPTERS  # noqa: E402
 from kvpacket_rag.errors import EmptyInputError, IncompatiblePacketError, KVPacketError, PacketNotFoundError  # noqa: E402
 from kvpacket_rag.index import DuplicateDocumentError, Document, IndexMismatchError, PacketIndex  # noqa: E402
-from kvpacket_rag.rag import MissingPacketKeyError, ensure_packets  # noqa: E402
+from kvpacket_rag.rag import MissingPacketKeyError, ensure_packets, stream_answer  # noqa: E402
 from kvpacket_rag.prompt import ChatTurn  # noqa: E402
 from kvpacket_rag.store import InMemoryStore  # noqa: E402
 
@@ -57,7 +57,9 @@ def test_ingest_search_and_content_addressed_packets(engine, embedder):
     built = engine.counters["packets_built"]
     report = index.add_documents([Document(text, doc_id, {"source": doc_id}) for doc_id, text in CORPUS.items()])
     assert report.documents == 3 and len(report.chunks) > 3  # 24-token chunks split each document
-    assert report.packets_built == len(report.chunks) == engine.counters["packets_built"] - built
+    # every chunk gets its adapter packet and its exact packet (it may be retrieved first)
+    assert report.packets_built == 2 * len(report.chunks) == engine.counters["packets_built"] - built
+    assert all(engine.store.contains(engine.packet_key(r.text, "exact")) for r in report.chunks)
     assert all(engine.store.contains(r.packet_key) for r in report.chunks)
     hits = index.search("Who founded Quill Press?", k=3)
     assert hits[0].chunk.doc_id == "quill" and hits[0].chunk.metadata == {"source": "quill"}
@@ -65,13 +67,13 @@ def test_ingest_search_and_content_addressed_packets(engine, embedder):
     assert index.search("Which airline flies to islands?", k=1)[0].chunk.doc_id == "nimbus"
     # same text again: skipped under the same id; under a new id it is indexed but no packet is built
     again = index.add_documents([Document(CORPUS["quill"], "quill"), Document(CORPUS["quill"], "quill-copy")])
-    assert again.skipped == ["quill"] and again.packets_built == 0 and again.packets_reused == len(again.chunks) > 0
+    assert again.skipped == ["quill"] and again.packets_built == 0 and again.packets_reused == 2 * len(again.chunks) > 0
     # duplicate chunks never fill the context twice
     keys = [h.packet_key for h in index.search("Quill Press founder", k=6)]
     assert len(keys) == len(set(keys))
     # later documents build only their own packets
     later = index.add_documents(["Harbor Bank is a cooperative bank in Halifax, Canada, founded in 1952."])
-    assert later.packets_built == len(later.chunks) == 1
+    assert later.packets_built == 2 * len(later.chunks) == 2
     with pytest.raises(DuplicateDocumentError, match="delete_document"):
         index.add_documents([Document("Quill Press moved to Glasgow.", "quill")])
     assert index.delete_document("quill-copy") == len(again.chunks) and index.delete_document("nope") == 0
@@ -85,11 +87,12 @@ def test_answer_equals_engine_over_retrieved_chunks_and_streams_the_same(index, 
     assert result.sources[0].chunk.doc_id == "quill" and not result.closed_book
     direct = engine.answer(question, texts, generation=GEN)
     assert result.text == direct.text and result.answer.token_ids == direct.token_ids
-    assert result.packet_keys == [h.packet_key for h in result.sources]
+    exact = engine.packet_key(result.sources[0].text, "exact")  # the first chunk is read from its exact packet
+    assert result.packet_keys == [exact] + [h.packet_key for h in result.sources[1:]]
     assert result.timings["ttft_s"] >= result.timings["engine_ttft_s"] and result.timings["retrieval_s"] > 0
     stream = index.stream(question, k=2, generation=GEN)
-    assert [h.packet_key for h in stream.sources] == result.packet_keys
-    assert "".join(stream) == result.text == stream.result.text
+    assert [h.packet_key for h in stream.sources] == [h.packet_key for h in result.sources]
+    assert "".join(stream) == result.text == stream.result.text and stream.result.packet_keys == result.packet_keys
 
 
 def test_follow_up_turns_reuse_packets(index, engine):
@@ -126,7 +129,7 @@ def test_save_and_open_without_rebuilding(index, engine, embedder, tmp_path):
     assert [h.chunk for h in reopened.search(question, 3)] == [h.chunk for h in index.search(question, 3)]
     assert reopened.answer(question, 2, generation=GEN).text == index.answer(question, 2, generation=GEN).text
     report = reopened.add_documents(["Orchard Robotics builds fruit-picking robots in Valencia."])
-    assert report.packets_built == 1 and len({r.chunk_id for r in reopened.records.values()}) == 4
+    assert report.packets_built == 2 and len({r.chunk_id for r in reopened.records.values()}) == 4
 
 
 def test_open_refuses_another_model_adapter_or_embedder(index, engine, embedder, tmp_path):
@@ -144,7 +147,7 @@ def test_open_refuses_another_model_adapter_or_embedder(index, engine, embedder,
     with pytest.raises(PacketNotFoundError, match="missing_packets='build'"):
         PacketIndex.open(path, fresh_store, embedder, missing_packets="error")
     PacketIndex.open(path, fresh_store, embedder)
-    assert fresh_store.counters["packets_built"] == 3
+    assert fresh_store.counters["packets_built"] == 6  # adapter and exact packets
     next(path.glob("chunks.*.jsonl")).write_text("{}\n")
     with pytest.raises(KVPacketError, match="checksum"):
         PacketIndex.open(path, engine, embedder)
@@ -166,6 +169,19 @@ def test_retrieved_chunks_with_bad_packet_keys(index, engine):
     built = engine.counters["packets_built"]
     assert ensure_packets(engine, texts, [good, None]) == [good, new_key]
     assert engine.counters["packets_built"] == built + 1 and engine.store.contains(new_key)
+
+
+def test_a_missing_exact_packet_of_the_first_chunk_is_built_or_reported(engine):
+    texts = [CORPUS["quill"], CORPUS["lumen"]]
+    older = PacketEngine(engine.model, adapter=engine.adapter, store=InMemoryStore())
+    keys = older.build_packets(texts)  # adapter packets only, as an ingestion for kv_packet stores them
+    with pytest.raises(PacketNotFoundError, match="exact packet of the first retrieved chunk"):
+        stream_answer(older, "Who founded Quill Press?", texts, recorded_keys=keys, missing="error")
+    answer = stream_answer(older, "Who founded Quill Press?", texts, recorded_keys=keys, generation=GEN).collect()
+    assert answer.packets_built == 1 and older.store.contains(older.packet_key(texts[0], "exact"))
+    again = stream_answer(older, "Who founded Quill Press?", texts, recorded_keys=keys, missing="error",
+                          generation=GEN).collect()
+    assert again.text == answer.text and again.packets_built == 0
 
 
 def test_reopening_over_a_persistent_store_builds_nothing(default_model, embedder, tmp_path):

@@ -21,7 +21,7 @@ from kvpacket_rag.demo import DemoChat, make_demo_engine, open_demo_index, sugge
 from kvpacket_rag.rag import PACKET_READINGS
 
 
-def count_correct(adapter: str, threads: int, method: str = "kv_packet") -> dict:
+def count_correct(adapter: str, threads: int, method: str = "kv_packet_first_exact") -> dict:
     """``{"kv_packet": k, "full_recompute": m, "n": n, "questions": [...]}`` for one adapter spec; ``kv_packet``
     counts the packet answers, read through ``method``."""
     import torch
@@ -46,7 +46,8 @@ def count_correct(adapter: str, threads: int, method: str = "kv_packet") -> dict
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapter", default="default", help="'default', 'none' or an adapter file")
-    parser.add_argument("--method", choices=PACKET_READINGS, default="kv_packet", help="how packets are read")
+    parser.add_argument("--method", choices=PACKET_READINGS, default=PACKET_READINGS[0],
+                        help="how packets are read (default %(default)s)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="write the per-question answers here")
     args = parser.parse_args(argv)

@@ -25,8 +25,9 @@ def register(subparsers) -> None:
     ask.add_argument("--docs", nargs="+", type=Path, default=[SAMPLE_DOCS],
                      help="text files or directories (default: the bundled sample documents)")
     ask.add_argument("--question", required=True)
-    ask.add_argument("--method", default="kv_packet",
-                     help="kv_packet | no_recompute | full_recompute | closed_book | cacheblend:R | epic:K")
+    ask.add_argument("--method", default=None,
+                     help="kv_packet_first_exact (default) | kv_packet | no_recompute | full_recompute | closed_book | "
+                          "cacheblend:R | epic:K")
     ask.add_argument("--store", default=None, help="store directory or redis:// URL (default: in memory)")
     ask.add_argument("--max-new-tokens", type=int, default=64)
     ask.add_argument("--json", action="store_true", help="print the answer, timings and FLOPs as JSON")
@@ -77,10 +78,10 @@ def _open_store(spec: str | None):
 def run_build(args: argparse.Namespace) -> int:
     docs = read_documents(args.docs)
     engine = make_engine(args, store=_open_store(args.store))
-    keys = engine.build_packets([text for _, text in docs], progress=True)
+    keys = engine.ingest_packets([text for _, text in docs], progress=True)
     for (name, _), key in zip(docs, keys):
         print(f"{key}  {name}")
-    print(f"{engine.counters['packets_built']} built, {len(keys) - engine.counters['packets_built']} already stored",
+    print(f"{engine.counters['packets_built']} built, {engine.counters['packets_loaded']} already stored",
           file=sys.stderr)
     return 0
 

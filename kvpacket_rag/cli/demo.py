@@ -28,9 +28,9 @@ def register(subparsers) -> None:
                       help="answer this question and exit (repeat for several; no chat history between them)")
     demo.add_argument("--compare", action="store_true",
                       help="also answer by full recompute of the same documents and show both TTFTs")
-    demo.add_argument("--method", choices=PACKET_READINGS, default="kv_packet",
-                      help="how packets are read: kv_packet (default) or kv_packet_first_exact (the first retrieved "
-                           "document from its exact packet: one more stored packet per document)")
+    demo.add_argument("--method", choices=PACKET_READINGS, default=None,
+                      help="how packets are read: kv_packet_first_exact (default: the first retrieved document from "
+                           "its exact packet, the others from adapter packets) or kv_packet (adapter packets only)")
     demo.add_argument("--top-k", type=int, default=3, help="documents retrieved per question (default 3)")
     demo.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit in tokens (default 48)")
     demo.add_argument("--cache-dir", type=Path, default=None,

@@ -152,6 +152,11 @@ def test_targets_logic(result):
     assert checks["kv_packet context FLOPs ≤ 1e-3 × full"] is True
     # with a 0+0 adapter kv_packet is no_recompute: its KL cannot be 5x smaller than its own
     assert checks["kv_packet KL ≤ 0.2 × no_recompute KL"] is False
+    both = json.loads(json.dumps(result))
+    both["methods"]["kv_packet_first_exact"] = {**both["methods"]["kv_packet"], "fidelity": 0.5}
+    checks = {name: met for name, met, _ in targets(both)}
+    assert checks["kv_packet_first_exact fidelity ≥ 0.85"] is False
+    assert checks["kv_packet fidelity ≥ 0.85"] is (result["methods"]["kv_packet"]["fidelity"] >= 0.85)
 
 
 def test_plot_needs_json(result):

@@ -59,7 +59,7 @@ class KVPacketDocumentTransformer(BaseDocumentTransformer):
         pieces = self._split(documents)
         texts = [d.page_content for d, _ in pieces]
         unique = list(dict.fromkeys(texts))
-        key_of = dict(zip(unique, self.llm.engine.build_packets(unique)))
+        key_of = dict(zip(unique, self.llm.engine.ingest_packets(unique)))
         return [_with_key(d, key_of[d.page_content], **extra) for d, extra in pieces]
 
 

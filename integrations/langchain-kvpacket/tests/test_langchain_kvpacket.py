@@ -56,12 +56,13 @@ def test_faiss_chain_equals_packet_index_and_builds_each_packet_once(engine, emb
         assert [s["doc_id"] for s in info["sources"]] == [h.chunk.doc_id for h in direct.sources]
         assert info["forwarded_tokens"] == direct.answer.question_tokens
         assert message.usage_metadata["output_tokens"] == len(direct.answer.token_ids)
-    assert engine.counters["packets_built"] == len(CORPUS) == engine.store.stats()["puts"]
+    # each chunk's adapter packet and exact packet, built once at ingestion
+    assert engine.counters["packets_built"] == 2 * len(CORPUS) == engine.store.stats()["puts"]
     chunks = list(chain.stream(Q1))
     assert len(chunks) > 2 and "".join(c.content for c in chunks) == index.answer(Q1, k=2, generation=GEN).text
     assert chunks[-1].response_metadata["kvpacket"]["timings"]["ttft_s"] > 0
     assert asyncio.run(chain.ainvoke(Q1)).content == chain.invoke(Q1).content  # async via the defaults
-    assert engine.counters["packets_built"] == len(CORPUS)
+    assert engine.counters["packets_built"] == 2 * len(CORPUS)
 
 
 def test_any_vector_store_with_the_ingestion_transformer(engine, embedder):
@@ -70,7 +71,7 @@ def test_any_vector_store_with_the_ingestion_transformer(engine, embedder):
     assert len(documents) > len(CORPUS) and all(engine.store.contains(d.metadata[PACKET_KEY]) for d in documents)
     assert all(d.metadata["source"] in CORPUS for d in documents)
     built = engine.counters["packets_built"]
-    assert built == len({d.page_content for d in documents})
+    assert built == 2 * len({d.page_content for d in documents})  # adapter and exact packets
     store = InMemoryVectorStore(KVPacketEmbeddings(embedder))
     store.add_documents(documents)
     chain = create_kvpacket_rag_chain(store.as_retriever(search_kwargs={"k": 3}), llm)
@@ -102,7 +103,7 @@ def test_documents_without_keys_or_packets(engine, embedder):
     with pytest.raises(PacketNotFoundError, match="not in the store"):
         strict_same_store.invoke(Q1, documents=documents)
     assert llm.invoke(Q1, documents=documents).content  # build policy: rebuilt on demand
-    assert engine.counters["packets_built"] == 3
+    assert engine.counters["packets_built"] == 4  # and the first document's exact packet
     # keys recorded under another adapter
     other = ChatKVPacket(engine=PacketEngine(engine.model, adapter=PacketAdapter.initialize(engine.model, seed=11)))
     with pytest.raises(IncompatiblePacketError, match="re-run the packet ingestion"):
@@ -185,8 +186,9 @@ def test_usage_reports_packet_cache_reads_creations_and_finish_reason(engine, em
     documents = lc_documents()[:2]
     built = fresh.invoke(Q1, documents=documents)
     tokens = sum(len(fresh.engine.chunk_ids(d.page_content)) for d in documents)
-    assert built.usage_metadata["input_token_details"]["cache_creation"] == tokens
-    assert built.response_metadata["kvpacket"]["packets_built"] == 2
+    first = len(fresh.engine.chunk_ids(documents[0].page_content))  # the first document's exact packet too
+    assert built.usage_metadata["input_token_details"]["cache_creation"] == tokens + first
+    assert built.response_metadata["kvpacket"]["packets_built"] == 3
     assert built.response_metadata["finish_reason"] == "length" and built.usage_metadata["output_tokens"] == 2
     again = fresh.invoke(Q1, documents=documents)
     assert again.response_metadata["kvpacket"]["packets_hit"] == 2
@@ -211,5 +213,5 @@ def test_settings_come_from_keywords_then_environment(monkeypatch, tmp_path):
     llm = ChatKVPacket(adapter="default", max_tokens=2)
     assert (llm.adapter, llm.store, llm.dtype, llm.device) == ("default", str(tmp_path / "packets"), "float32", "cpu")
     assert isinstance(llm.engine.store, LocalStore) and llm.engine is ChatKVPacket(adapter="default").engine
-    assert llm.invoke(Q1, documents=lc_documents()[:1]).response_metadata["kvpacket"]["packets_built"] == 1
+    assert llm.invoke(Q1, documents=lc_documents()[:1]).response_metadata["kvpacket"]["packets_built"] == 2
     assert len(list((tmp_path / "packets").rglob("*"))) > 0

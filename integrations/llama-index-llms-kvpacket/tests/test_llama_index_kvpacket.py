@@ -60,7 +60,7 @@ def test_faiss_query_engine_equals_packet_index_and_builds_each_packet_once(engi
     assert PACKET_KEY not in nodes[0].get_content(metadata_mode="llm")  # hidden from prompts and embeddings
     packet_index = PacketIndex(engine, embedder)
     packet_index.add_documents([KVDocument(text, doc_id) for doc_id, text in CORPUS.items()])
-    assert engine.counters["packets_built"] == len(CORPUS) == engine.store.stats()["puts"]
+    assert engine.counters["packets_built"] == 2 * len(CORPUS) == engine.store.stats()["puts"]  # adapter + exact
 
     query_engine = as_kvpacket_query_engine(index, llm, similarity_top_k=2)
     for question in (Q1, Q2):
@@ -71,21 +71,21 @@ def test_faiss_query_engine_equals_packet_index_and_builds_each_packet_once(engi
         info = response.metadata["kvpacket"]
         assert info["packet_keys"] == direct.packet_keys and info["closed_book"] is False
         assert info["forwarded_tokens"] == direct.answer.question_tokens  # only the question ran through the model
-    assert engine.counters["packets_built"] == len(CORPUS) == engine.store.stats()["puts"]
+    assert engine.counters["packets_built"] == 2 * len(CORPUS) == engine.store.stats()["puts"]  # adapter + exact
 
     streaming = as_kvpacket_query_engine(index, llm, streaming=True, similarity_top_k=2)
     response = streaming.query(Q1)
     pieces = list(response.response_gen)
     assert len(pieces) > 1 and "".join(pieces) == packet_index.answer(Q1, k=2, generation=GEN).text
     assert response.metadata["kvpacket"]["timings"]["ttft_s"] > 0
-    assert engine.counters["packets_built"] == len(CORPUS)
+    assert engine.counters["packets_built"] == 2 * len(CORPUS)
 
 
 def test_default_vector_store_builds_missing_packets_on_demand_or_refuses(engine, embedder):
     llm, embed_model = KVPacketLLM(engine, max_new_tokens=TOKENS), KVPacketEmbedding(embedder)
     index = VectorStoreIndex.from_documents(documents(), embed_model=embed_model)  # no packet ingestion step
     response = as_kvpacket_query_engine(index, llm, similarity_top_k=2).query(Q1)
-    assert engine.counters["packets_built"] == 2
+    assert engine.counters["packets_built"] == 3  # two adapter packets and the first node's exact packet
     texts = [n.node.get_content() for n in response.source_nodes]
     assert response.response == engine.answer(Q1, texts, generation=GEN).text
     strict = KVPacketLLM(PacketEngine(engine.model, adapter=engine.adapter), max_new_tokens=TOKENS,
@@ -199,7 +199,8 @@ def test_raw_usage_finish_reason_and_cache_tokens(engine):
     first = llm.complete(Q1, nodes=nodes)
     usage = first.raw["usage"]
     tokens = sum(len(engine.chunk_ids(n.get_content())) for n in nodes)
-    assert usage["cache_creation_tokens"] == tokens and first.raw["kvpacket"]["packets_built"] == 2
+    tokens += len(engine.chunk_ids(nodes[0].get_content()))  # the first node's exact packet too
+    assert usage["cache_creation_tokens"] == tokens and first.raw["kvpacket"]["packets_built"] == 3
     assert first.raw["finish_reason"] == "length" and usage["completion_tokens"] == 2
     again = llm.complete(Q1, nodes=nodes).raw
     assert again["usage"]["cache_creation_tokens"] == 0 and again["kvpacket"]["packets_hit"] == 2

@@ -69,7 +69,8 @@ class KVPacketTransform(TransformComponent):
     def __call__(self, nodes: Sequence[BaseNode], **kwargs: Any) -> Sequence[BaseNode]:
         texts = [node_text(node, self.metadata_mode) for node in nodes]
         unique = list(dict.fromkeys(texts))
-        key_of = dict(zip(unique, self._llm.engine.build_packets(unique, progress=kwargs.get("show_progress", False))))
+        progress = kwargs.get("show_progress", False)
+        key_of = dict(zip(unique, self._llm.engine.ingest_packets(unique, progress=progress)))
         for node, text in zip(nodes, texts):
             _mark_packet(node, key_of[text])
         return nodes

@@ -50,7 +50,8 @@ def register(subparsers) -> None:
     gc.add_argument("--model", default=None,
                     help="keep only packets of this model (Hugging Face id/directory, or 'default'); loads it")
     gc.add_argument("--adapter", default="default",
-                    help="with --model: the adapter whose packets to keep besides bare ones ('default', a file, 'none')")
+                    help="with --model: the adapter whose packets to keep besides bare and exact ones ('default', a "
+                         "file, 'none')")
     gc.add_argument("--model-fingerprint", default=None, help="keep only packets with this model fingerprint")
     gc.add_argument("--adapter-fingerprint", action="append", default=None,
                     help="keep only packets with this adapter fingerprint (repeatable; 'none' = bare packets)")
@@ -124,15 +125,17 @@ def run_rm(args) -> int:
 
 
 def _fingerprints(model_name: str, adapter: str) -> tuple[str, str, list[str]]:
-    """Model, tokenizer and adapter fingerprints to keep: the given adapter's and bare packets'."""
-    from ..adapter import NO_ADAPTER, resolve_adapter
+    """Model, tokenizer and packet-provenance fingerprints to keep: packets of the given adapter, bare packets and
+    exact packets (bare, built after the chat preamble: the first chunk of ``kv_packet_first_exact``), as an engine
+    with the default system prompt builds them."""
+    from ..engine import PacketEngine
     from ..models import load_model
+    from ..store import InMemoryStore
 
     model = load_model(None if model_name == "default" else model_name)
-    adapters = [NO_ADAPTER]
-    if adapter != "none":
-        adapters.append(resolve_adapter(model, adapter).fingerprint)
-    return model.fingerprint, model.tokenizer_fingerprint, adapters
+    engine = PacketEngine(model, adapter=None if adapter == "none" else adapter, store=InMemoryStore())
+    builders = (engine.bare_builder, engine.exact_builder, engine.builder)
+    return model.fingerprint, model.tokenizer_fingerprint, list(dict.fromkeys(b.adapter_fingerprint for b in builders))
 
 
 def _human(size: int) -> str:

@@ -101,3 +101,17 @@ def test_a_model_without_a_shipped_adapter_speaks_in_options(tmp_path, tiny_llam
     err = capsys.readouterr().err
     assert status == 2 and "pass --adapter none" in err and "adapter=None" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_gc_by_model_keeps_the_packets_its_engine_reads(default_model, tmp_path, capsys):
+    from kvpacket_rag.engine import PacketEngine
+
+    store = LocalStore(tmp_path / "s")
+    engine = PacketEngine(default_model, store=store)  # the shipped adapter and the default method
+    engine.ingest_packets(["Quill Press was founded in 1988.", "Harbor Bank is based in Halifax."])
+    engine.build_packets(["Quill Press was founded in 1988."], "bare")
+    assert store.stats()["packets"] == 5
+    assert main(["store", "gc", "--store", str(tmp_path / "s"), "--model", "default"]) == 0
+    assert "removed 0 entries" in capsys.readouterr().out and store.stats()["packets"] == 5
+    assert main(["store", "gc", "--store", str(tmp_path / "s"), "--model", "default", "--adapter", "none"]) == 0
+    assert "removed 2 entries" in capsys.readouterr().out  # the adapter packets; bare and exact ones are kept

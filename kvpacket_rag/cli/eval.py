@@ -8,7 +8,7 @@ import shlex
 import tempfile
 from pathlib import Path
 
-DEFAULT_METHODS = "full_recompute,no_recompute,closed_book,kv_packet,cacheblend:0.15,epic:32"
+DEFAULT_METHODS = "full_recompute,no_recompute,closed_book,kv_packet,kv_packet_first_exact,cacheblend:0.15,epic:32"
 
 
 def register(subparsers) -> None:

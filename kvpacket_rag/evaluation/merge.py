@@ -74,7 +74,7 @@ def _drop_unused_sessions(all_sessions: list[dict], methods: dict) -> tuple[list
 
 def _rank(name: str) -> tuple:
     """Display order: the reference, the packet methods, then each sweep by its setting, then the rest."""
-    fixed = [REFERENCE, "no_recompute", "closed_book", "kv_packet"]
+    fixed = [REFERENCE, "no_recompute", "closed_book", "kv_packet", "kv_packet_first_exact"]
     if name in fixed:
         return (fixed.index(name), 0.0, name)
     family, _, arg = name.partition(":")

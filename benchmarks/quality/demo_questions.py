@@ -39,7 +39,8 @@ def count_correct(adapter: str, threads: int, method: str = "kv_packet_first_exa
                          "kv_packet": reply.packet.text, "full_recompute": reply.full.text,
                          "kv_packet_correct": expected in reply.packet.text.lower(),
                          "full_recompute_correct": expected in reply.full.text.lower()})
-    return {"adapter": adapter, "method": method, "n": len(rows), "kv_packet": sum(r["kv_packet_correct"] for r in rows),
+    return {"adapter": adapter, "method": method, "n": len(rows),
+            "kv_packet": sum(r["kv_packet_correct"] for r in rows),
             "full_recompute": sum(r["full_recompute_correct"] for r in rows), "questions": rows}
 
 

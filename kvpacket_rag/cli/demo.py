@@ -140,7 +140,8 @@ def _print_reply(chat, question: str, compare: bool) -> None:
     packet = reply.packet
     asked = ("the new message; the conversation came from the session's cache" if reply.conversation_cached
              else "question and chat history" if reply.history_turns else "the question only")
-    print(f"  {packet.answer.method + ':':<15} TTFT {_ms(packet.timings['ttft_s'])} through {len(packet.packet_keys)} packets "
+    label = packet.answer.method + ":"
+    print(f"  {label:<15} TTFT {_ms(packet.timings['ttft_s'])} through {len(packet.packet_keys)} packets "
           f"({packet.answer.forwarded_tokens} tokens forwarded: {asked}; retrieval {_ms(reply.retrieval_s)})")
     if reply.full is not None:
         full = reply.full

@@ -36,4 +36,8 @@ $PY $OUT/frontier.py --sets squad:15 biography:20 hotpotqa:10 niah:10 --threads 
   --baselines no_recompute --json $OUT/frontier_first_exact.json
 $PY $OUT/frontier.py --sets squad:30 biography:30 hotpotqa:30 niah:30 --threads 2 \
   --variants stage9=default stage9-first-exact=default@first-exact --baselines --json $OUT/frontier_first_exact30.json
+$PY $OUT/frontier.py --sets squad:30 biography:30 hotpotqa:30 --threads 2 \
+  --variants first-exact-trained=benchmarks/adapter/experiments/first_exact/first-exact.safetensors@first-exact \
+  --baselines --json $OUT/frontier_first_exact_trained30.json
+[ -f $OUT/demo_first_exact.json ] || $PY $OUT/demo_questions.py --method kv_packet_first_exact --json $OUT/demo_first_exact.json
 $PY $OUT/gather.py  # frontier_all.md and .png: every design of the runs above

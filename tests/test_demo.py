@@ -89,6 +89,17 @@ def test_saved_index_is_reopened_and_only_changed_documents_are_rebuilt(tiny_lla
     assert any("postcards" in hit.text for hit in index.search(corpus[5].text, 1))
 
 
+def test_an_index_ingested_for_kv_packet_gets_its_exact_packets_when_reopened(tiny_llama, embedder, tmp_path):
+    corpus = load_corpus()[:3]
+    older = PacketEngine(tiny_llama, adapter=None, store=open_store(tmp_path / "packets"), method="kv_packet")
+    _, first = open_demo_index(older, corpus, tmp_path, progress=False, log=lambda _: None)
+    assert first.packets_built == 3  # one packet per chunk
+    engine = _engine(tiny_llama, tmp_path / "packets")  # the default method also reads exact packets
+    index, again = open_demo_index(engine, corpus, tmp_path, progress=False, log=lambda _: None)
+    assert again.reopened and again.packets_built == 3 and again.packets_reused == 3
+    assert all(engine.store.contains(engine.packet_key(r.text, "exact")) for r in index.records.values())
+
+
 def test_follow_up_questions_retrieve_the_entity_of_the_conversation(tiny_llama, embedder, tmp_path):
     engine = _engine(tiny_llama, tmp_path / "packets")
     index, _ = open_demo_index(engine, load_corpus(), tmp_path, progress=False, log=lambda _: None)

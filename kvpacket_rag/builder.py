@@ -44,6 +44,12 @@ class PacketBuilder:
         self.adapter_fingerprint = self._provenance()
         """What the packets' provenance records (hashed once: it is read for every packet key and fetch)."""
 
+    def _kind(self) -> str:
+        """``adapter``, ``exact`` (no adapter, after the preamble) or ``bare``, for progress bars."""
+        if self.adapter.n_header or self.adapter.n_trailer or self.adapter.lora is not None:
+            return "adapter"
+        return "exact" if self.prefix_ids else "bare"
+
     def _provenance(self) -> str:
         """The adapter's fingerprint, plus a digest of the prefix token ids when packets are built after the
         preamble (another system prompt: other packets)."""
@@ -93,7 +99,7 @@ class PacketBuilder:
             self._check_length(len(ids))
         order = sorted(range(len(id_lists)), key=lambda i: len(id_lists[i]))
         packets: list[KVPacket | None] = [None] * len(id_lists)
-        bar = tqdm(total=len(order), desc="building packets", unit="chunk", disable=not progress)
+        bar = tqdm(total=len(order), desc=f"building {self._kind()} packets", unit="chunk", disable=not progress)
         start = 0
         while start < len(order):
             batch = self._next_batch(order, id_lists, start)

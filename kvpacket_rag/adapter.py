@@ -123,11 +123,16 @@ class PacketAdapter(torch.nn.Module):
         return self.trailer.shape[0]
 
     @property
+    def is_empty(self) -> bool:
+        """No soft tokens and no build-time LoRA: its packets hold the bare chunk."""
+        return self.n_header == 0 and self.n_trailer == 0 and self.lora is None
+
+    @property
     def fingerprint(self) -> str:
         """``none`` for a 0+0 adapter (``none+preamble`` with the preamble prefix), else sha256 hex over
         sizes, prefix and float32 values, build LoRA included (adapters of prefix ``none`` keep their format-1
         fingerprint, adapters without a LoRA their format-2 one)."""
-        if self.n_header == 0 and self.n_trailer == 0 and self.lora is None:
+        if self.is_empty:
             return NO_ADAPTER if self.prefix == PREFIX_NONE else f"{NO_ADAPTER}+{self.prefix}"
         prefix = "" if self.prefix == PREFIX_NONE else f"prefix={self.prefix}|"
         digest = hashlib.sha256(f"{self.n_header}|{self.n_trailer}|{prefix}".encode())

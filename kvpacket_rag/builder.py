@@ -46,7 +46,7 @@ class PacketBuilder:
 
     def _kind(self) -> str:
         """``adapter``, ``exact`` (no adapter, after the preamble) or ``bare``, for progress bars."""
-        if self.adapter.n_header or self.adapter.n_trailer or self.adapter.lora is not None:
+        if not self.adapter.is_empty:
             return "adapter"
         return "exact" if self.prefix_ids else "bare"
 

@@ -8,7 +8,7 @@ comparable across methods. `METHODS` lists every method by name; `get_method` pa
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from .baselines import CacheBlend, Epic
 from .context import ContextMethod, ContextSource, PacketFetch, PacketKind, PreparedContext, synchronize
@@ -108,6 +108,15 @@ METHODS: dict[str, Callable[..., ContextMethod]] = {
     "epic": Epic,
 }
 """Every method by name: a factory called with the text after ``:`` in ``NAME:ARG`` (or with nothing)."""
+
+def packet_kinds_read(methods: Iterable[ContextMethod]) -> list[PacketKind]:
+    """The distinct packet kinds ``methods`` read, in the order first seen (an adapter counts once per fingerprint)."""
+    kinds: dict[str, PacketKind] = {}
+    for method in methods:
+        for kind in method.packet_kinds:
+            kinds.setdefault(kind if isinstance(kind, str) else kind.fingerprint, kind)
+    return list(kinds.values())
+
 
 DEFAULT_METHOD = "kv_packet_first_exact"
 """How answers read the chunks unless told otherwise: no model forward over them, the first retrieved chunk exact."""

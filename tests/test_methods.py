@@ -8,9 +8,18 @@ from kvpacket_rag.adapter import PacketAdapter
 from kvpacket_rag.baselines import CacheBlend, Epic
 from kvpacket_rag.engine import PacketEngine
 from kvpacket_rag.generation import GenerationConfig
-from kvpacket_rag.methods import METHODS, ClosedBook, FullRecompute, PacketMethod, get_method
+from kvpacket_rag.methods import METHODS, ClosedBook, FullRecompute, PacketMethod, get_method, packet_kinds_read
 
 CHUNKS = ["Ada Lovelace was born in London.", "Alan Turing studied at Cambridge."]
+
+
+def test_the_packet_kinds_of_several_methods_are_listed_once_each(tiny_llama):
+    names = ("kv_packet_first_exact", "cacheblend:0.15", "kv_packet", "epic:4", "full_recompute")
+    assert packet_kinds_read(get_method(n) for n in names) == ["exact", "adapted", "bare"]
+    adapter = PacketAdapter.initialize(tiny_llama, 2, 2, seed=1)
+    copy = adapter.with_prefix(adapter.prefix)  # another object, the same fingerprint
+    same = [PacketMethod(adapter=adapter, name="a"), PacketMethod(adapter=copy, name="b")]
+    assert packet_kinds_read(same) == [adapter]
 
 
 def test_registry_names_every_method_with_its_packet_kinds():

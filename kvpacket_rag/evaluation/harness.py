@@ -30,7 +30,7 @@ from ..datasets import Sample
 from ..engine import Answer, PacketEngine
 from ..generation import GenerationConfig
 from ..context import ContextMethod
-from ..methods import get_method
+from ..methods import get_method, packet_kinds_read
 from ..metrics import answer_recall, best_f1, exact_match, macro_f1, micro_f1
 from .teacher import forced_logprobs, kl_per_token
 
@@ -174,8 +174,7 @@ def _run_sample(engine: PacketEngine, sample: Sample, order: list[str], methods:
 
 def _build_packets(engine: PacketEngine, chunks: Sequence[str], methods: Sequence[ContextMethod]) -> list[str]:
     """Build the packets of ``chunks`` that ``methods`` read; return the keys not stored before."""
-    kinds = list({kind if isinstance(kind, str) else kind.fingerprint: kind
-                  for method in methods for kind in method.packet_kinds}.values())
+    kinds = packet_kinds_read(methods)
     keys = [engine.packet_key(chunk, kind) for kind in kinds for chunk in chunks]
     new = [k for k in dict.fromkeys(keys) if not engine.store.contains(k)]
     for kind in kinds:

@@ -417,16 +417,16 @@ class PacketIndex:
     def _check_packets(self, missing: MissingPackets) -> None:
         texts = list(dict.fromkeys(r.text for r in self.records.values()))
         store, key = self.engine.store, self.engine.packet_key
-        absent = {str(kind): [text for text in texts if not store.contains(key(text, kind))]
-                  for kind in self.engine.ingest_kinds}
-        count = sum(map(len, absent.values()))
+        absent = [(kind, [text for text in texts if not store.contains(key(text, kind))])
+                  for kind in self.engine.ingest_kinds]
+        count = sum(len(missing_texts) for _, missing_texts in absent)
         if count and missing == "error":
             raise PacketNotFoundError(
                 f"{count} of {len(texts) * len(absent)} packets of this index are not in the engine's store; open it "
                 "with the store it was built into, or pass missing_packets='build' to rebuild them")
-        for kind in self.engine.ingest_kinds:
-            if absent[str(kind)]:
-                self.engine.build_packets(absent[str(kind)], kind)
+        for kind, missing_texts in absent:
+            if missing_texts:
+                self.engine.build_packets(missing_texts, kind)
 
     def packet_keys(self) -> list[str]:
         """Distinct packet keys of the indexed chunks."""

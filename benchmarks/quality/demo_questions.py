@@ -21,7 +21,7 @@ from kvpacket_rag.demo import DemoChat, make_demo_engine, open_demo_index, sugge
 from kvpacket_rag.rag import PACKET_READINGS
 
 
-def count_correct(adapter: str, threads: int, method: str = "kv_packet_first_exact") -> dict:
+def count_correct(adapter: str, threads: int, method: str = PACKET_READINGS[0]) -> dict:
     """``{"kv_packet": k, "full_recompute": m, "n": n, "questions": [...]}`` for one adapter spec; ``kv_packet``
     counts the packet answers, read through ``method``."""
     import torch

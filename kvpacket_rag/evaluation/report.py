@@ -19,12 +19,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..rag import PACKET_READINGS
 from .harness import REFERENCE
 from .table import LEGEND, breakdown_rows, header, quality_rows
 
 HEADLINE = ("no_recompute", "kv_packet", "kv_packet_first_exact", "cacheblend:0.15", "epic:32", "closed_book")
-READINGS = ("kv_packet", "kv_packet_first_exact")
-"""The packet methods whose acceptance targets the page checks."""
 F1_FLOOR = 0.3
 F1_RATIO = {"biography": 0.95}
 DEFAULT_F1_RATIO = 0.90
@@ -86,7 +85,7 @@ def label(result: dict) -> str:
 
 
 def targets(result: dict, others: Sequence[dict] = ()) -> list[tuple[str, bool | None, str]]:
-    """The acceptance targets of the issue for one result, for each packet method in `READINGS` it ran:
+    """The acceptance targets of the issue for one result, for each packet reading (`PACKET_READINGS`) it ran:
     (target, met (None: not applicable), numbers).
 
     ``others``: further runs on the same dataset (sweeps at fewer questions) whose CacheBlend/EPIC settings
@@ -94,7 +93,7 @@ def targets(result: dict, others: Sequence[dict] = ()) -> list[tuple[str, bool |
     """
     if REFERENCE not in result["methods"]:
         return []
-    return [check for name in READINGS if name in result["methods"] for check in _targets(result, name, others)]
+    return [check for name in PACKET_READINGS if name in result["methods"] for check in _targets(result, name, others)]
 
 
 def _targets(result: dict, name: str, others: Sequence[dict]) -> list[tuple[str, bool | None, str]]:

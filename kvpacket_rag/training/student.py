@@ -33,6 +33,43 @@ def preamble_block(model: LoadedModel, preamble_ids: Sequence[int]) -> Block:
     return _stack(cache)
 
 
+def packet_blocks(model: LoadedModel, adapter: PacketAdapter, preamble: Block, chunk_ids: Sequence[Sequence[int]],
+                  exact_first: bool = False) -> tuple[list[Block], int]:
+    """The assembled context as pieces: ``[preamble, chunk_1, ..., chunk_n]`` keys/values at their global positions.
+
+    Each wrapped chunk is built on its own (after the preamble when ``adapter.prefix`` is ``"preamble"``) and its
+    keys rotated to its place. With ``exact_first`` the first chunk is run plain after the preamble (no gradient).
+    Returns the pieces and the position after the last one.
+    """
+    keys, values = preamble
+    n_pre = keys.shape[2]
+    first = n_pre if adapter.prefix == PREFIX_PREAMBLE else 0
+    pieces, start = [preamble], n_pre
+    if exact_first and chunk_ids:
+        head_k, head_v = _plain_after(model, preamble, chunk_ids[0])
+        pieces, start, chunk_ids = [(head_k, head_v)], head_k.shape[2], chunk_ids[1:]
+    for ids in chunk_ids:
+        block = adapter.wrap(model.embed(torch.tensor(list(ids), dtype=torch.long, device=model.device)))
+        cache = _cache(keys, values) if first else DynamicCache()
+        positions = torch.arange(first, first + block.shape[0], device=model.device)[None]
+        with adapter.building(model):
+            model.model.model(inputs_embeds=block[None], position_ids=positions, cache=cache, use_cache=True)
+        block_k, block_v = _stack(cache)
+        pieces.append((_rotate(block_k[:, :, first:], start - first, model), block_v[:, :, first:]))
+        start += block.shape[0]
+    return pieces, start
+
+
+def read_tail(model: LoadedModel, pieces: Sequence[Block], tail_ids: Sequence[int], logits_tokens: int) -> torch.Tensor:
+    """Logits ``[logits_tokens, vocab]`` of the last ``tail_ids`` positions, read over the concatenated ``pieces``."""
+    start = sum(keys.shape[2] for keys, _ in pieces)
+    context = _cache(torch.cat([k for k, _ in pieces], 2), torch.cat([v for _, v in pieces], 2))
+    positions = torch.arange(start, start + len(tail_ids), device=model.device)[None]
+    out = model.model(input_ids=torch.tensor([list(tail_ids)], device=model.device), position_ids=positions,
+                      cache=context, use_cache=True, logits_to_keep=logits_tokens)
+    return out.logits[0]
+
+
 def packet_forward(model: LoadedModel, adapter: PacketAdapter, preamble: Block, chunk_ids: Sequence[Sequence[int]],
                    tail_ids: Sequence[int], logits_tokens: int, exact_first: bool = False) -> torch.Tensor:
     """Logits ``[logits_tokens, vocab]`` of the last tail positions over the assembled packets.
@@ -47,28 +84,8 @@ def packet_forward(model: LoadedModel, adapter: PacketAdapter, preamble: Block, 
     Equals `kvpacket_rag.reference.block_forward` to float rounding; gradients flow into the adapter's soft
     tokens and build-time low-rank updates only.
     """
-    keys, values = preamble
-    n_pre = keys.shape[2]
-    first = n_pre if adapter.prefix == PREFIX_PREAMBLE else 0
-    pieces_k, pieces_v, start = [keys], [values], n_pre
-    if exact_first and chunk_ids:
-        head_k, head_v = _plain_after(model, preamble, chunk_ids[0])
-        pieces_k, pieces_v, start, chunk_ids = [head_k], [head_v], head_k.shape[2], chunk_ids[1:]
-    for ids in chunk_ids:
-        block = adapter.wrap(model.embed(torch.tensor(list(ids), dtype=torch.long, device=model.device)))
-        cache = _cache(keys, values) if first else DynamicCache()
-        positions = torch.arange(first, first + block.shape[0], device=model.device)[None]
-        with adapter.building(model):
-            model.model.model(inputs_embeds=block[None], position_ids=positions, cache=cache, use_cache=True)
-        block_k, block_v = _stack(cache)
-        pieces_k.append(_rotate(block_k[:, :, first:], start - first, model))
-        pieces_v.append(block_v[:, :, first:])
-        start += block.shape[0]
-    context = _cache(torch.cat(pieces_k, 2), torch.cat(pieces_v, 2))
-    positions = torch.arange(start, start + len(tail_ids), device=model.device)[None]
-    out = model.model(input_ids=torch.tensor([list(tail_ids)], device=model.device), position_ids=positions,
-                      cache=context, use_cache=True, logits_to_keep=logits_tokens)
-    return out.logits[0]
+    pieces, _ = packet_blocks(model, adapter, preamble, chunk_ids, exact_first)
+    return read_tail(model, pieces, tail_ids, logits_tokens)
 
 
 def student_logits(model: LoadedModel, adapter: PacketAdapter, preamble_ids: list[int], sample: TokenizedSample,

@@ -47,6 +47,11 @@ def register(subparsers) -> None:
     parser.add_argument("--exact-first", action="store_true",
                         help="train for the kv_packet_first_exact method: the first chunk of every sample is read "
                              "plain after the preamble, the others as packets")
+    parser.add_argument("--context-tokens", type=int, default=0,
+                        help="also distil the first N tokens of each sample's last chunk, read as plain text after the "
+                             "other chunks' packets (0: the answer only; default: %(default)s)")
+    parser.add_argument("--context-weight", type=float, default=1.0,
+                        help="weight of that per-token KL against the answer's (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--answer-cap", type=int, default=64, help="teacher answer tokens at most (default: %(default)s)")
     parser.add_argument("--teacher-top-k", type=int, default=None,
@@ -95,7 +100,8 @@ def config_from_args(args: argparse.Namespace):
         lr=args.lr, n_header=args.n_header, n_trailer=args.n_trailer, prefix=args.prefix,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_lr=args.lora_lr,
         lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()), init_adapter=args.init_adapter,
-        exact_first=args.exact_first, seed=args.seed, answer_cap=args.answer_cap,
+        exact_first=args.exact_first, context_tokens=args.context_tokens, context_weight=args.context_weight,
+        seed=args.seed, answer_cap=args.answer_cap,
         teacher_top_k=args.teacher_top_k, system_prompt=args.system_prompt,
         gradient_checkpointing=args.gradient_checkpointing, device=args.device, dtype=args.dtype,
         threads=args.threads, checkpoint_every=args.checkpoint_every, run_dir=args.run_dir,

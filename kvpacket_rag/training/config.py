@@ -20,9 +20,11 @@ DEFAULT_DATA_OPTIONS: dict[str, dict[str, Any]] = {"biography": {"docs_per_sampl
 
 # Settings whose change makes a checkpoint of an earlier run invalid (the rest may change on --resume).
 RESUME_KEYS = ("model", "data", "data_options", "max_chunks", "samples", "split", "epochs", "batch_size", "lr",
-               "n_header", "n_trailer", "lora_rank", "lora_alpha", "lora_lr", "lora_targets", "prefix", "seed", "answer_cap", "teacher_top_k", "system_prompt", "dtype", "init_adapter", "exact_first")
+               "n_header", "n_trailer", "lora_rank", "lora_alpha", "lora_lr", "lora_targets", "prefix", "seed", "answer_cap", "teacher_top_k", "system_prompt", "dtype", "init_adapter", "exact_first",
+               "context_tokens", "context_weight")
 
-SIGNATURE_DEFAULTS: dict[str, Any] = {"lora_targets": list(DEFAULT_TARGETS), "exact_first": False}
+SIGNATURE_DEFAULTS: dict[str, Any] = {"lora_targets": list(DEFAULT_TARGETS), "exact_first": False, "context_tokens": 0,
+                                      "context_weight": 1.0}
 """Resume settings added after earlier checkpoints were written: the value such a checkpoint implies."""
 
 
@@ -63,6 +65,12 @@ class TrainConfig:
             statistics).
         exact_first: train for the ``kv_packet_first_exact`` method: the student reads the first chunk of every
             sample plain after the preamble (exactly, as full recompute does) and the others as packets.
+        context_tokens: also distil the text that follows the packets (0: the answer only). Every sample with at
+            least one packet before its last chunk reads the first ``context_tokens`` tokens of that last chunk as
+            plain text after the packets of the chunks before it; the loss adds KL(teacher ‖ student) per token
+            of that text, the teacher being one full forward of ``preamble | chunks``. Packets are built once
+            per sample and read by both tails.
+        context_weight: weight of that per-token KL against the answer's.
         seed: adapter initialisation, sample draw and per-epoch shuffling.
         answer_cap: maximum tokens of the teacher's greedy answer.
         teacher_top_k: keep the teacher's top-k log-probabilities plus the rest mass (None: full vocabulary).
@@ -99,6 +107,8 @@ class TrainConfig:
     prefix: str = PREFIX_NONE
     init_adapter: Path | None = None
     exact_first: bool = False
+    context_tokens: int = 0
+    context_weight: float = 1.0
     seed: int = 0
     answer_cap: int = 64
     teacher_top_k: int | None = None
@@ -123,12 +133,15 @@ class TrainConfig:
         self.init_adapter = Path(self.init_adapter) if self.init_adapter is not None else None
         for name in ("samples", "epochs", "batch_size", "answer_cap"):
             _require(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name, "an integer >= 1")
-        for name in ("n_header", "n_trailer", "lora_rank", "checkpoint_every"):
+        for name in ("n_header", "n_trailer", "lora_rank", "checkpoint_every", "context_tokens"):
             _require(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
         _require(self.n_header + self.n_trailer + self.lora_rank > 0, "n_header + n_trailer + lora_rank",
                  "at least 1 (there is nothing to train)")
         _require(isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0, "lora_alpha", "a float > 0")
         _require(isinstance(self.lora_lr, (int, float)) and 0 < self.lora_lr < 1, "lora_lr", "a float in (0, 1)")
+        _require(self.context_tokens != 1, "context_tokens", "0 (off) or at least 2 (one token predicts the next)")
+        _require(isinstance(self.context_weight, (int, float)) and self.context_weight > 0, "context_weight",
+                 "a float > 0")
         self.lora_targets = tuple(self.lora_targets)
         _require(bool(self.lora_targets) and set(self.lora_targets) <= set(ALL_TARGETS)
                  and len(set(self.lora_targets)) == len(self.lora_targets), "lora_targets",

@@ -2,7 +2,8 @@
 
 The teacher reads ``preamble | chunk_1 | ... | chunk_n | suffix`` (the token ids full recompute uses),
 answers greedily up to a cap and keeps its log-probabilities at every generated step: over the whole
-vocabulary, or the top-k plus the remaining mass. Outputs are cached as safetensors files named by a hash
+vocabulary, or the top-k plus the remaining mass. For the context loss it also gives its distributions over
+the text of a chunk read after the chunks before it (`teacher_continuation`). Outputs are cached as safetensors files named by a hash
 of the model, the prompt token ids and the teacher settings, so epochs and resumed runs never regenerate them.
 """
 
@@ -116,12 +117,32 @@ def teacher_answer(model: LoadedModel, prompt_ids: Sequence[int], answer_cap: in
     return TeacherOutput(torch.tensor(tokens, dtype=torch.int64), **_coarsen(torch.stack(steps), top_k))
 
 
-def teacher_key(model: LoadedModel, prompt_ids: Sequence[int], answer_cap: int, top_k: int | None) -> str:
-    """Content key of one teacher output: model, dtype, prompt token ids and teacher settings (sha256 hex)."""
-    payload = json.dumps({"format": FORMAT, "model": model.fingerprint, "tokenizer": model.tokenizer_fingerprint,
-                          "dtype": str(model.dtype), "prompt": list(prompt_ids), "answer_cap": answer_cap,
-                          "top_k": top_k})
-    return hashlib.sha256(payload.encode()).hexdigest()
+@torch.no_grad()
+def teacher_continuation(model: LoadedModel, prompt_ids: Sequence[int], n_tokens: int,
+                         top_k: int | None = None) -> TeacherOutput:
+    """The frozen model's distributions over the last ``n_tokens - 1`` tokens of ``prompt_ids``, each given all the
+    tokens before it (one forward with full causal attention): the teacher of text read after the context.
+
+    Returns:
+        A `TeacherOutput` whose ``answer_ids`` are those ``n_tokens - 1`` tokens (``n_tokens >= 2``).
+    """
+    if not 2 <= n_tokens <= len(prompt_ids):
+        raise ValueError(f"n_tokens must be in [2, {len(prompt_ids)}], got {n_tokens}")
+    logits = model.model(input_ids=torch.tensor([list(prompt_ids)], device=model.device),
+                         logits_to_keep=n_tokens).logits[0, :-1]
+    targets = torch.tensor(list(prompt_ids[len(prompt_ids) - n_tokens + 1:]), dtype=torch.int64)
+    return TeacherOutput(targets, **_coarsen(torch.log_softmax(logits.float(), dim=-1).cpu(), top_k))
+
+
+def teacher_key(model: LoadedModel, prompt_ids: Sequence[int], answer_cap: int, top_k: int | None,
+                continuation: int | None = None) -> str:
+    """Content key of one teacher output: model, dtype, prompt token ids and teacher settings (sha256 hex);
+    ``continuation`` keys a `teacher_continuation` of that many tokens instead of a greedy answer."""
+    fields = {"format": FORMAT, "model": model.fingerprint, "tokenizer": model.tokenizer_fingerprint,
+              "dtype": str(model.dtype), "prompt": list(prompt_ids), "answer_cap": answer_cap, "top_k": top_k}
+    if continuation is not None:
+        fields["continuation"] = continuation
+    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
 
 class TeacherCache:
@@ -164,4 +185,15 @@ class TeacherCache:
             return cached, True
         output = teacher_answer(model, prompt_ids, answer_cap, stop_ids, top_k)
         self.put(key, output, {"sample_id": sample_id, "model": model.name})
+        return output, False
+
+    def get_or_compute_continuation(self, model: LoadedModel, prompt_ids: Sequence[int], n_tokens: int,
+                                    top_k: int | None = None, sample_id: str = "") -> tuple[TeacherOutput, bool]:
+        """``(output, was_cached)`` of `teacher_continuation`, computing and storing it when missing."""
+        key = teacher_key(model, prompt_ids, 0, top_k, continuation=n_tokens)
+        cached = self.get(key)
+        if cached is not None:
+            return cached, True
+        output = teacher_continuation(model, prompt_ids, n_tokens, top_k)
+        self.put(key, output, {"sample_id": sample_id, "model": model.name, "kind": "continuation"})
         return output, False

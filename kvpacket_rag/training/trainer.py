@@ -4,8 +4,10 @@ Teacher: the frozen model over the plain prompt (`training.teacher`). Student: t
 differentiable (`training.student`: each wrapped chunk built alone, rotated and assembled after the preamble, then
 ``question | answer[:-1]`` read over it), equal to one forward under the block-diagonal mask
 (`kvpacket_rag.reference.block_forward`), which the student becomes under gradient checkpointing. Loss:
-KL(teacher ‖ student) per answer token, averaged over the answer tokens of an effective batch. Only the adapter
-(soft tokens and, when configured, its build-time low-rank updates) gets gradients.
+KL(teacher ‖ student) per answer token, averaged over the answer tokens of an effective batch; with
+``context_tokens``, plus ``context_weight`` times the KL per token of the last chunk's text read plainly after the
+packets of the chunks before it. Only the adapter (soft tokens and, when configured, its build-time low-rank
+updates) gets gradients.
 
 Example:
     >>> from kvpacket_rag.training import TrainConfig, train
@@ -39,7 +41,9 @@ from kvpacket_rag.prompt import PromptFormatter
 from .checkpoint import list_checkpoints, load_checkpoint, restore, save_checkpoint
 from .config import SIGNATURE_DEFAULTS, TrainConfig, TrainingConfigError
 from .data import TokenizedSample, load_training_samples, parse_data_spec, tokenize_sample
-from .student import block_student_logits, preamble_block, student_logits
+from kvpacket_rag.reference import block_forward
+
+from .student import block_student_logits, packet_blocks, preamble_block, read_tail
 from .teacher import TeacherCache, TeacherOutput
 
 
@@ -105,6 +109,7 @@ class Trainer:
         self.preamble_ids = self.formatter.preamble_ids()
         self.samples: list[TokenizedSample] = []
         self.teacher: list[TeacherOutput] = []
+        self.context_teacher: list[TeacherOutput | None] = []  # per sample; None where it has no context tail
         self.teacher_time_s = 0.0
         self.init_fingerprint: str | None = None
         self.preamble: tuple[torch.Tensor, torch.Tensor] | None = None  # the preamble's keys/values, set by prepare
@@ -132,7 +137,26 @@ class Trainer:
             bar.set_postfix(cached=hits, refresh=False)
             bar.update(1)
         bar.close()
+        self.context_teacher = [self._context_teacher(cache, sample) for sample in
+                                tqdm(self.samples, desc="context teacher", unit="sample",
+                                     disable=not (c.progress and c.context_tokens))]
         self.teacher_time_s = time.perf_counter() - start
+
+    def _context_tail(self, sample: TokenizedSample) -> list[int] | None:
+        """The text the context loss reads after the packets of ``sample``'s other chunks: the first
+        ``context_tokens`` tokens of its last chunk; None when off or no packet would precede it."""
+        c = self.config
+        packets_before = len(sample.chunk_ids) - 1 - int(c.exact_first)
+        tail = list(sample.chunk_ids[-1][: c.context_tokens])
+        return tail if c.context_tokens and packets_before >= 1 and len(tail) >= 2 else None
+
+    def _context_teacher(self, cache: TeacherCache, sample: TokenizedSample) -> TeacherOutput | None:
+        tail = self._context_tail(sample)
+        if tail is None:
+            return None
+        prompt = list(self.preamble_ids) + [t for ids in sample.chunk_ids[:-1] for t in ids] + tail
+        return cache.get_or_compute_continuation(self.model, prompt, len(tail), self.config.teacher_top_k,
+                                                 sample.id)[0]
 
     # ---- optimisation ----------------------------------------------------------------------
 
@@ -161,13 +185,15 @@ class Trainer:
                 for group in optimizer.param_groups:
                     group["lr"] = linear_lr(group["peak_lr"], step, c.total_steps)
                 lr = optimizer.param_groups[0]["lr"]
-                loss, tokens = self._accumulate(adapter, batch)
+                loss, tokens, context_loss = self._accumulate(adapter, batch)
                 grad_norm = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in adapter.parameters()
                                             if p.grad is not None))  # None: no path to the loss
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 log.append({"step": step + 1, "epoch": step // c.steps_per_epoch, "loss": loss, "lr": lr,
                             "grad_norm": grad_norm, "tokens": tokens, "elapsed_s": round(elapsed(), 2)})
+                if c.context_tokens:
+                    log[-1]["context_loss"] = context_loss
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if c.checkpoint_every and (step + 1) % c.checkpoint_every == 0 and step + 1 < end:
@@ -216,26 +242,45 @@ class Trainer:
             order = epoch_order(len(self.samples), c.seed, epoch)
             yield step, order[index * c.batch_size:(index + 1) * c.batch_size]
 
-    def _accumulate(self, adapter: PacketAdapter, batch: list[int]) -> tuple[float, int]:
-        """Backward of the token-mean KL over ``batch`` (one sample at a time); returns (loss, answer tokens)."""
+    def _accumulate(self, adapter: PacketAdapter, batch: list[int]) -> tuple[float, int, float]:
+        """Backward of the batch's loss (one sample at a time); returns (answer KL per token, answer tokens,
+        context KL per context token)."""
         tokens = sum(self.teacher[i].length for i in batch)
-        total = 0.0
+        context_tokens = sum(self.context_teacher[i].length for i in batch if self.context_teacher[i] is not None)
+        total = context_total = 0.0
         for i in batch:
-            teacher = self.teacher[i]
-            logits = self._student_logits(adapter, self.samples[i], teacher.answer_ids.to(self.model.device))
-            loss = teacher.kl(logits).sum() / tokens
-            loss.backward()
+            teacher, context = self.teacher[i], self.context_teacher[i]
+            answer_logits, context_logits = self._student_logits(adapter, self.samples[i], teacher, context)
+            loss = teacher.kl(answer_logits).sum() / tokens
             total += float(loss.detach())
-        return total, tokens
+            if context is not None:
+                context_loss = context.kl(context_logits).sum() / context_tokens
+                context_total += float(context_loss.detach())
+                loss = loss + self.config.context_weight * context_loss
+            loss.backward()
+        return total, tokens, context_total
 
-    def _student_logits(self, adapter: PacketAdapter, sample: TokenizedSample, answer: torch.Tensor) -> torch.Tensor:
-        """The packet-path student; under gradient checkpointing, which drops the KV cache that one reads, the
-        block-mask student (same logits and gradients)."""
-        if self.config.gradient_checkpointing:
-            return block_student_logits(self.model, adapter, self.preamble_ids, sample, answer,
-                                        self.config.exact_first)
-        return student_logits(self.model, adapter, self.preamble_ids, sample, answer, self.preamble,
-                              self.config.exact_first)
+    def _student_logits(self, adapter: PacketAdapter, sample: TokenizedSample, teacher: TeacherOutput,
+                        context: TeacherOutput | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Student logits over the answer and, when ``context`` is given, over the context tail.
+
+        The packet path builds the packets once for both reads; under gradient checkpointing, which drops the KV
+        cache that path reads, each read is one forward under the block mask (same logits and gradients).
+        """
+        c, model = self.config, self.model
+        answer = teacher.answer_ids.to(model.device)
+        tail = list(sample.suffix_ids) + answer[:-1].tolist()
+        chunks = [list(ids) for ids in sample.chunk_ids]
+        context_tail = chunks[-1][: context.length] if context is not None else None
+        if c.gradient_checkpointing:
+            answer_logits = block_student_logits(model, adapter, self.preamble_ids, sample, answer, c.exact_first)
+            context_logits = None if context is None else block_forward(
+                model, adapter, self.preamble_ids, chunks[:-1], context_tail, context.length, exact_first=c.exact_first)
+            return answer_logits, context_logits
+        pieces, _ = packet_blocks(model, adapter, self.preamble, chunks, c.exact_first)
+        answer_logits = read_tail(model, pieces, tail, answer.numel())
+        context_logits = None if context is None else read_tail(model, pieces[:-1], context_tail, context.length)
+        return answer_logits, context_logits
 
     def _resume(self, checkpoint, adapter, optimizer) -> tuple[int, list[dict], float]:
         c = self.config
@@ -260,7 +305,7 @@ class Trainer:
         c = self.config
         settings = c.to_dict()
         keys = ("init_adapter", "data", "max_chunks", "samples", "split", "epochs", "batch_size", "lr", "lora_rank",
-                "lora_alpha", "lora_lr", "lora_targets", "seed", "exact_first",
+                "lora_alpha", "lora_lr", "lora_targets", "seed", "exact_first", "context_tokens", "context_weight",
                 "prefix", "answer_cap", "teacher_top_k", "system_prompt", "gradient_checkpointing", "device", "threads")
         answers = [t.length for t in self.teacher]
         return {
@@ -268,7 +313,9 @@ class Trainer:
             "data_options": {name: c.loader_options(name) for name, _ in parse_data_spec(c.data)},
             **{k: settings[k] for k in keys},
             "optimizer": "AdamW(weight_decay=0), linear decay to 0, no warm-up",
-            "loss": "KL(teacher || student) per answer token, full causal teacher, block-diagonal student",
+            "loss": "KL(teacher || student) per answer token, full causal teacher, block-diagonal student"
+                    + (f"; + {c.context_weight} x KL per token of the last chunk's first {c.context_tokens} tokens "
+                       "read after the other chunks' packets" if c.context_tokens else ""),
             "init_adapter_fingerprint": self.init_fingerprint,
             "steps": steps, "wall_time_s": round(wall_s, 1), "teacher_time_s": round(self.teacher_time_s, 1),
             "initial_loss": log[0]["loss"] if log else None, "final_loss": final_loss,

@@ -9,6 +9,7 @@ import torch
 
 from kvpacket_rag.adapter import PacketAdapter
 from kvpacket_rag.lora import ALL_TARGETS
+from kvpacket_rag.reference import block_forward
 from kvpacket_rag.training import TeacherCache, TrainConfig, Trainer, TrainingConfigError, list_checkpoints, student_logits, train
 
 
@@ -128,13 +129,57 @@ def test_training_for_first_exact_reads_the_first_chunk_plainly(tiny_llama, tmp_
     adapter = PacketAdapter.initialize(tiny_llama, 4, 4, seed=3, prefix="preamble")
     sample, teacher = trainer.samples[0], trainer.teacher[0]
     with torch.no_grad():
-        got = trainer._student_logits(adapter, sample, teacher.answer_ids)
+        got, no_context = trainer._student_logits(adapter, sample, teacher, None)
         want = student_logits(tiny_llama, adapter, trainer.preamble_ids, sample, teacher.answer_ids, exact_first=True)
         packets = student_logits(tiny_llama, adapter, trainer.preamble_ids, sample, teacher.answer_ids)
     torch.testing.assert_close(got, want)
+    assert no_context is None
     assert len(sample.chunk_ids) == 2 and (got - packets).abs().max() > 1e-4  # the first chunk is read otherwise
     assert trainer.run().finished
     assert json.loads(config.out.with_suffix(".json").read_text())["exact_first"] is True
+
+
+def test_context_loss_reads_the_last_chunk_after_the_other_packets(tiny_llama, tmp_path):
+    config = _config(tmp_path, prefix="preamble", context_tokens=5, epochs=1)
+    trainer = Trainer(config, tiny_llama)
+    trainer.prepare()
+    adapter = PacketAdapter.initialize(tiny_llama, 4, 4, seed=3, prefix="preamble")
+    sample, teacher, context = trainer.samples[0], trainer.teacher[0], trainer.context_teacher[0]
+    chunks = [list(ids) for ids in sample.chunk_ids]
+    tail = chunks[-1][:5]
+    assert torch.equal(context.answer_ids, torch.tensor(tail[1:]))
+    prompt = trainer.preamble_ids + chunks[0] + tail  # full recompute of the chunks before, then the tail
+    with torch.no_grad():
+        full = torch.log_softmax(tiny_llama.model(input_ids=torch.tensor([prompt])).logits[0, -5:-1].float(), -1)
+        answer, got = trainer._student_logits(adapter, sample, teacher, context)
+        want = block_forward(tiny_llama, adapter, trainer.preamble_ids, chunks[:-1], tail[:-1], 4)
+    torch.testing.assert_close(context.logprobs, full, atol=1e-5, rtol=1e-4)
+    assert len(list((tmp_path / "teacher").rglob("*.safetensors"))) == 12  # an answer and a context per sample
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)  # the packet path equals the block-mask forward
+    torch.testing.assert_close(answer, student_logits(tiny_llama, adapter, trainer.preamble_ids, sample,
+                                                      teacher.answer_ids))
+    result = trainer.run()
+    log = json.loads((config.run_dir / "log.json").read_text())["steps"]
+    assert result.finished and all(entry["context_loss"] > 0 for entry in log)
+    card = json.loads(config.out.with_suffix(".json").read_text())
+    assert card["context_tokens"] == 5 and "last chunk" in card["loss"]
+    exact_first = Trainer(_config(tmp_path / "b", prefix="preamble", context_tokens=5, exact_first=True), tiny_llama)
+    exact_first.prepare()  # two chunks, the first read exactly: no packet precedes the last chunk
+    assert exact_first.context_teacher == [None] * 6
+
+
+def test_context_loss_under_gradient_checkpointing_gives_the_same_steps(tiny_llama, tmp_path):
+    runs = [train(_config(tmp_path / name, epochs=1, context_tokens=4, gradient_checkpointing=on), tiny_llama)
+            for name, on in (("a", False), ("b", True))]
+    torch.testing.assert_close(runs[1].adapter.header, runs[0].adapter.header, atol=1e-5, rtol=1e-4)
+    assert [e["context_loss"] for e in runs[1].log] == pytest.approx([e["context_loss"] for e in runs[0].log],
+                                                                     rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.parametrize("setting", [{"context_tokens": 1}, {"context_tokens": -2}, {"context_weight": 0.0}])
+def test_context_loss_settings_are_validated(tmp_path, setting):
+    with pytest.raises(TrainingConfigError, match="context_"):
+        _config(tmp_path, **setting)
 
 
 def test_teacher_outputs_are_cached_on_disk(tiny_llama, tmp_path):

@@ -33,17 +33,18 @@ from kvpacket_rag.tuning import set_threads, tune_malloc
 
 
 def alphas(reading: str, n_chunks: int) -> list[float]:
-    """Per-chunk scale of the adapter's shift: ``A`` (every chunk after the first), ``ramp:S`` (chunk i: min(1, S*i)
-    ... grows with the chunks before it), ``all:A`` (the first chunk too)."""
+    """Per-chunk scale of the adapter's shift: ``A`` (every chunk after the first), ``ramp:S`` (chunk i: min(1, S*i)),
+    ``lin:A,B`` (chunk i: A + B*i), ``all:A`` (the first chunk too), ``layers:A,B,...`` (every chunk after the first,
+    one scale per equal group of layers)."""
     kind, _, arg = reading.partition(":")
     if kind == "ramp":
         return [0.0] + [min(1.0, float(arg) * i) for i in range(1, n_chunks)]
-    if kind == "lin":  # a + b * i for i >= 1
+    if kind == "lin":
         a, b = (float(x) for x in arg.split(","))
         return [0.0] + [a + b * i for i in range(1, n_chunks)]
     if kind == "all":
         return [float(arg)] * n_chunks
-    if kind == "layers":  # scales for equal groups of layers, e.g. layers:0,1,1 (first third exact)
+    if kind == "layers":
         return [0.0] + [tuple(float(x) for x in arg.split(","))] * (n_chunks - 1)
     return [0.0] + [float(reading)] * (n_chunks - 1)
 

@@ -3,8 +3,9 @@
 The teacher reads ``preamble | chunk_1 | ... | chunk_n | suffix`` (the token ids full recompute uses),
 answers greedily up to a cap and keeps its log-probabilities at every generated step: over the whole
 vocabulary, or the top-k plus the remaining mass. For the context loss it also gives its distributions over
-the text of a chunk read after the chunks before it (`teacher_continuation`). Outputs are cached as safetensors files named by a hash
-of the model, the prompt token ids and the teacher settings, so epochs and resumed runs never regenerate them.
+the text of a chunk read after the chunks before it (`teacher_continuation`). Outputs are cached as safetensors
+files named by a hash of the model, the prompt token ids and the teacher settings, so epochs and resumed runs
+never regenerate them.
 """
 
 from __future__ import annotations

@@ -37,12 +37,11 @@ from kvpacket_rag.generation import eos_ids
 from kvpacket_rag.lora import BuildLoRA
 from kvpacket_rag.models import LoadedModel, cache_dir, load_model
 from kvpacket_rag.prompt import PromptFormatter
+from kvpacket_rag.reference import block_forward
 
 from .checkpoint import list_checkpoints, load_checkpoint, restore, save_checkpoint
 from .config import SIGNATURE_DEFAULTS, TrainConfig, TrainingConfigError
 from .data import TokenizedSample, load_training_samples, parse_data_spec, tokenize_sample
-from kvpacket_rag.reference import block_forward
-
 from .student import block_student_logits, packet_blocks, preamble_block, read_tail
 from .teacher import TeacherCache, TeacherOutput
 

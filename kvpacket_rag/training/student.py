@@ -34,12 +34,11 @@ def preamble_block(model: LoadedModel, preamble_ids: Sequence[int]) -> Block:
 
 
 def packet_blocks(model: LoadedModel, adapter: PacketAdapter, preamble: Block, chunk_ids: Sequence[Sequence[int]],
-                  exact_first: bool = False) -> tuple[list[Block], int]:
+                  exact_first: bool = False) -> list[Block]:
     """The assembled context as pieces: ``[preamble, chunk_1, ..., chunk_n]`` keys/values at their global positions.
 
     Each wrapped chunk is built on its own (after the preamble when ``adapter.prefix`` is ``"preamble"``) and its
     keys rotated to its place. With ``exact_first`` the first chunk is run plain after the preamble (no gradient).
-    Returns the pieces and the position after the last one.
     """
     keys, values = preamble
     n_pre = keys.shape[2]
@@ -57,7 +56,7 @@ def packet_blocks(model: LoadedModel, adapter: PacketAdapter, preamble: Block, c
         block_k, block_v = _stack(cache)
         pieces.append((_rotate(block_k[:, :, first:], start - first, model), block_v[:, :, first:]))
         start += block.shape[0]
-    return pieces, start
+    return pieces
 
 
 def read_tail(model: LoadedModel, pieces: Sequence[Block], tail_ids: Sequence[int], logits_tokens: int) -> torch.Tensor:
@@ -84,8 +83,7 @@ def packet_forward(model: LoadedModel, adapter: PacketAdapter, preamble: Block, 
     Equals `kvpacket_rag.reference.block_forward` to float rounding; gradients flow into the adapter's soft
     tokens and build-time low-rank updates only.
     """
-    pieces, _ = packet_blocks(model, adapter, preamble, chunk_ids, exact_first)
-    return read_tail(model, pieces, tail_ids, logits_tokens)
+    return read_tail(model, packet_blocks(model, adapter, preamble, chunk_ids, exact_first), tail_ids, logits_tokens)
 
 
 def student_logits(model: LoadedModel, adapter: PacketAdapter, preamble_ids: list[int], sample: TokenizedSample,

@@ -180,21 +180,21 @@ class TeacherCache:
     def get_or_compute(self, model: LoadedModel, prompt_ids: Sequence[int], answer_cap: int, stop_ids: set[int],
                        top_k: int | None = None, sample_id: str = "") -> tuple[TeacherOutput, bool]:
         """``(output, was_cached)`` for one prompt, computing and storing it when missing."""
-        key = teacher_key(model, prompt_ids, answer_cap, top_k)
-        cached = self.get(key)
-        if cached is not None:
-            return cached, True
-        output = teacher_answer(model, prompt_ids, answer_cap, stop_ids, top_k)
-        self.put(key, output, {"sample_id": sample_id, "model": model.name})
-        return output, False
+        return self._get_or_compute(teacher_key(model, prompt_ids, answer_cap, top_k),
+                                    lambda: teacher_answer(model, prompt_ids, answer_cap, stop_ids, top_k),
+                                    {"sample_id": sample_id, "model": model.name})
 
     def get_or_compute_continuation(self, model: LoadedModel, prompt_ids: Sequence[int], n_tokens: int,
                                     top_k: int | None = None, sample_id: str = "") -> tuple[TeacherOutput, bool]:
         """``(output, was_cached)`` of `teacher_continuation`, computing and storing it when missing."""
-        key = teacher_key(model, prompt_ids, 0, top_k, continuation=n_tokens)
+        return self._get_or_compute(teacher_key(model, prompt_ids, 0, top_k, continuation=n_tokens),
+                                    lambda: teacher_continuation(model, prompt_ids, n_tokens, top_k),
+                                    {"sample_id": sample_id, "model": model.name, "kind": "continuation"})
+
+    def _get_or_compute(self, key: str, compute, metadata: dict[str, str]) -> tuple[TeacherOutput, bool]:
         cached = self.get(key)
         if cached is not None:
             return cached, True
-        output = teacher_continuation(model, prompt_ids, n_tokens, top_k)
-        self.put(key, output, {"sample_id": sample_id, "model": model.name, "kind": "continuation"})
+        output = compute()
+        self.put(key, output, metadata)
         return output, False

@@ -42,7 +42,7 @@ from kvpacket_rag.reference import block_forward
 from .checkpoint import list_checkpoints, load_checkpoint, restore, save_checkpoint
 from .config import SIGNATURE_DEFAULTS, TrainConfig, TrainingConfigError
 from .data import TokenizedSample, load_training_samples, parse_data_spec, tokenize_sample
-from .student import block_student_logits, packet_blocks, preamble_block, read_tail
+from .student import packet_blocks, preamble_block, read_tail
 from .teacher import TeacherCache, TeacherOutput
 
 
@@ -272,11 +272,12 @@ class Trainer:
         chunks = [list(ids) for ids in sample.chunk_ids]
         context_tail = chunks[-1][: context.length] if context is not None else None
         if c.gradient_checkpointing:
-            answer_logits = block_student_logits(model, adapter, self.preamble_ids, sample, answer, c.exact_first)
+            answer_logits = block_forward(model, adapter, self.preamble_ids, chunks, tail, answer.numel(),
+                                          exact_first=c.exact_first)
             context_logits = None if context is None else block_forward(
                 model, adapter, self.preamble_ids, chunks[:-1], context_tail, context.length, exact_first=c.exact_first)
             return answer_logits, context_logits
-        pieces, _ = packet_blocks(model, adapter, self.preamble, chunks, c.exact_first)
+        pieces = packet_blocks(model, adapter, self.preamble, chunks, c.exact_first)
         answer_logits = read_tail(model, pieces, tail, answer.numel())
         context_logits = None if context is None else read_tail(model, pieces[:-1], context_tail, context.length)
         return answer_logits, context_logits

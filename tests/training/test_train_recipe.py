@@ -36,8 +36,10 @@ def test_recipe_stages_are_valid_and_chained():
     for before, after in zip(configs, configs[1:]):
         assert after.init_adapter == before.out and after.teacher_cache == before.teacher_cache
     assert configs[-1].out == SHIPPED_ADAPTERS[DEFAULT_MODEL]
-    assert [c.prefix for c in configs] == ["none"] * 3 + ["preamble"] * 6
-    assert [c.lora_rank for c in configs] == [0] * 4 + [8] * 5  # the shipped design: build-time LoRA
+    assert [c.prefix for c in configs] == ["none"] * 3 + ["preamble"] * 7
+    assert [c.lora_rank for c in configs] == [0] * 4 + [8] * 6  # the shipped design: build-time LoRA
+    assert [c.exact_first for c in configs] == [False] * 9 + [True]  # the last stage trains for the default reading
+    assert [c.context_tokens for c in configs] == [0] * 9 + [128]
     assert "squad" not in " ".join(c.data for c in configs)  # the unseen domain stays unseen
     assert all(config.resume for config in configs)
     # checkpoints and logs stay out of the package directory
@@ -54,9 +56,11 @@ def test_shipped_adapter_matches_its_recipe(default_model):
     assert card["data"] == final.data and card["samples"] == final.samples and card["lr"] == final.lr
     assert card["lora_lr"] == final.lora_lr and card["seed"] == final.seed
     assert card["steps"] == final.total_steps and card["final_loss"] > 0
+    assert card["exact_first"] == final.exact_first
+    assert (card["context_tokens"], card["context_weight"]) == (final.context_tokens, final.context_weight)
 
 
-@pytest.mark.parametrize("stage", [4, 5, 6, 7, 8])
+@pytest.mark.parametrize("stage", [4, 5, 6, 7, 8, 9])
 def test_candidate_stages_match_their_recipe(default_model, stage):
     """The committed adapters of the stages a fresh checkout skips are what their recipe stages train."""
     config = _configs()[stage - 1]

@@ -11,8 +11,12 @@ export HF_HUB_OFFLINE=1 MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4
 OUT=benchmarks/quality
 PY=${PYTHON:-.venv/bin/python}
 PAPER=benchmarks/adapter/candidates/smollm2-135m-instruct-stage3.safetensors  # position-0 packets, the paper's layout
+STAGE9=benchmarks/adapter/candidates/smollm2-135m-instruct-stage9.safetensors  # shipped before stage 10
 
+# the demo with the shipped adapter (stage 10), read the default way and as packets
 [ -f $OUT/demo_shipped.json ] || $PY $OUT/demo_questions.py --adapter default --json $OUT/demo_shipped.json
+[ -f $OUT/demo_shipped_packets.json ] || $PY $OUT/demo_questions.py --adapter default --method kv_packet --json $OUT/demo_shipped_packets.json
+[ -f $OUT/demo_stage9.json ] || $PY $OUT/demo_questions.py --adapter $STAGE9 --method kv_packet --json $OUT/demo_stage9.json
 $PY $OUT/frontier.py --sets biography:20 niah:10 squad:15 hotpotqa:10 --threads 2 \
   --variants kv_packet=benchmarks/adapter/candidates/smollm2-135m-instruct-stage4.safetensors paper-layout=$PAPER bare+preamble=none+preamble \
   --baselines no_recompute cacheblend:0.15 --json $OUT/frontier.json
@@ -24,20 +28,26 @@ $PY $OUT/frontier.py --sets biography:50 --threads 2 \
   --variants stage7=benchmarks/adapter/candidates/smollm2-135m-instruct-stage7.safetensors \
   stage6=benchmarks/adapter/candidates/smollm2-135m-instruct-stage6.safetensors --baselines no_recompute \
   --json $OUT/frontier_biography50.json
-# stage 9 (shipped) against stage 7, with the baselines
+# stage 9 against stage 7, with the baselines
 $PY $OUT/frontier.py --sets squad:15 biography:20 hotpotqa:10 niah:10 --threads 2 \
-  --variants stage9=default stage7=benchmarks/adapter/candidates/smollm2-135m-instruct-stage7.safetensors \
+  --variants stage9=$STAGE9 stage7=benchmarks/adapter/candidates/smollm2-135m-instruct-stage7.safetensors \
   --baselines no_recompute cacheblend:0.15 --json $OUT/frontier_stage9.json
 [ -f $OUT/demo_paper.json ] || $PY $OUT/demo_questions.py --adapter $PAPER --json $OUT/demo_paper.json
 # reading the first chunk exactly (kv_packet_first_exact): stage 9 untrained, and a candidate trained for it
 $PY $OUT/frontier.py --sets squad:15 biography:20 hotpotqa:10 niah:10 --threads 2 \
-  --variants stage9=default stage9-first-exact=default@first-exact \
+  --variants stage9=$STAGE9 stage9-first-exact=$STAGE9@first-exact \
   first-exact=benchmarks/adapter/experiments/first_exact/first-exact.safetensors@first-exact \
   --baselines no_recompute --json $OUT/frontier_first_exact.json
 $PY $OUT/frontier.py --sets squad:30 biography:30 hotpotqa:30 niah:30 --threads 2 \
-  --variants stage9=default stage9-first-exact=default@first-exact --baselines --json $OUT/frontier_first_exact30.json
+  --variants stage9=$STAGE9 stage9-first-exact=$STAGE9@first-exact --baselines --json $OUT/frontier_first_exact30.json
 $PY $OUT/frontier.py --sets squad:30 biography:30 hotpotqa:30 --threads 2 \
   --variants first-exact-trained=benchmarks/adapter/experiments/first_exact/first-exact.safetensors@first-exact \
   --baselines --json $OUT/frontier_first_exact_trained30.json
-[ -f $OUT/demo_first_exact.json ] || $PY $OUT/demo_questions.py --method kv_packet_first_exact --json $OUT/demo_first_exact.json
+[ -f $OUT/demo_stage9_first_exact.json ] || $PY $OUT/demo_questions.py --adapter $STAGE9 --json $OUT/demo_stage9_first_exact.json
+# stage 10 (shipped: the same kind of epoch with a context loss), read with the first chunk exact
+$PY $OUT/frontier.py --sets squad:30 biography:30 hotpotqa:30 --threads 2 \
+  --variants context-loss=default@first-exact --baselines --json $OUT/frontier_context_loss30.json
+$PY $OUT/frontier.py --sets biography:90 squad:90 --threads 2 \
+  --variants stage9-first-exact=$STAGE9@first-exact context-loss=default@first-exact --baselines \
+  --json $OUT/frontier_context_loss90.json
 $PY $OUT/gather.py  # frontier_all.md and .png: every design of the runs above

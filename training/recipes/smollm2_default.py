@@ -33,9 +33,10 @@ Stages 1-9 keep their adapters in ``benchmarks/adapter/candidates/``, so a fresh
 Checkpoints, ``log.json`` and ``loss.png`` go to ``runs/smollm2_default/<stage>.run/``, teacher outputs to
 ``runs/teacher/``. Wall times on the 2-core CPU are in benchmarks/adapter/README.md: stages 1-3 took 2.4-2.9 h,
 stage 4 1.3 h, stage 5 35 min, stage 6 40 min, stage 7 33 min (teacher pass included; 27 min with the current
-per-chunk training student), stages 8 and 9 16 and 19 min with teacher outputs partly cached, stage 10 STAGE10_TIME; stage 10 is the part a
-fresh checkout runs. SQuAD is kept out of every stage: it is the
-unseen domain on which the adapter's generalisation is measured.
+per-chunk training student), stages 8 and 9 16 and 19 min with teacher outputs partly cached, stage 10 about
+34 min (19 min of steps, a 5.5 min context teacher pass and a fresh answer teacher pass of about 9 min); stage 10
+is the part a fresh checkout runs. SQuAD is kept out of every stage: it is the unseen domain on which the
+adapter's generalisation is measured.
 """
 
 from __future__ import annotations

@@ -34,9 +34,9 @@ Checkpoints, ``log.json`` and ``loss.png`` go to ``runs/smollm2_default/<stage>.
 ``runs/teacher/``. Wall times on the 2-core CPU are in benchmarks/adapter/README.md: stages 1-3 took 2.4-2.9 h,
 stage 4 1.3 h, stage 5 35 min, stage 6 40 min, stage 7 33 min (teacher pass included; 27 min with the current
 per-chunk training student), stages 8 and 9 16 and 19 min with teacher outputs partly cached, stage 10 about
-34 min (19 min of steps, a 5.5 min context teacher pass and a fresh answer teacher pass of about 9 min); stage 10
-is the part a fresh checkout runs. SQuAD is kept out of every stage: it is the unseen domain on which the
-adapter's generalisation is measured.
+40 min with both of its teacher passes (measured by the same training on the next draw: answer teacher 11.5 min,
+context teacher 6 min, 24 steps 21 min); stage 10 is the part a fresh checkout runs. SQuAD is kept out of every
+stage: it is the unseen domain on which the adapter's generalisation is measured.
 """
 
 from __future__ import annotations

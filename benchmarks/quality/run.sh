@@ -50,4 +50,8 @@ $PY $OUT/frontier.py --sets squad:30 biography:30 hotpotqa:30 --threads 2 \
 $PY $OUT/frontier.py --sets biography:90 squad:90 --threads 2 \
   --variants stage9-first-exact=$STAGE9@first-exact context-loss=default@first-exact --baselines \
   --json $OUT/frontier_context_loss90.json
+# stage 10 + a second context-loss epoch (not kept)
+$PY $OUT/frontier.py --sets biography:90 squad:90 --threads 2 \
+  --variants second-epoch=benchmarks/adapter/experiments/context_loss2/context2.safetensors@first-exact --baselines \
+  --json $OUT/frontier_context_loss2_90.json
 $PY $OUT/gather.py  # frontier_all.md and .png: every design of the runs above

@@ -14,7 +14,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -191,7 +191,8 @@ class TeacherCache:
                                     lambda: teacher_continuation(model, prompt_ids, n_tokens, top_k),
                                     {"sample_id": sample_id, "model": model.name, "kind": "continuation"})
 
-    def _get_or_compute(self, key: str, compute, metadata: dict[str, str]) -> tuple[TeacherOutput, bool]:
+    def _get_or_compute(self, key: str, compute: Callable[[], TeacherOutput],
+                        metadata: dict[str, str]) -> tuple[TeacherOutput, bool]:
         cached = self.get(key)
         if cached is not None:
             return cached, True

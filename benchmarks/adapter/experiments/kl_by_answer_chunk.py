@@ -11,8 +11,8 @@ chunk. No model runs.
 
 from __future__ import annotations
 
-from pathlib import Path
 import json
+from pathlib import Path
 
 from kvpacket_rag.datasets import load_samples
 
@@ -49,7 +49,8 @@ def main() -> int:
                     continue  # the same bare packets in both runs
                 groups = {"first": [], "later": []}
                 for record in methods[method]["records"]:
-                    groups.get(where[record["id"]], []).append(record)
+                    if where[record["id"]] in groups:  # "none": no chunk holds the gold answer verbatim
+                        groups[where[record["id"]]].append(record)
                 lines.append(f"| {dataset} ({n}) | {stage if method != 'no_recompute' else '—'} | {method} | "
                              f"{len(groups['first'])}, {summary(groups['first'])} | "
                              f"{len(groups['later'])}, {summary(groups['later'])} |")

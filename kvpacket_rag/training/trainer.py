@@ -42,7 +42,7 @@ from kvpacket_rag.reference import block_forward
 from .checkpoint import list_checkpoints, load_checkpoint, restore, save_checkpoint
 from .config import SIGNATURE_DEFAULTS, TrainConfig, TrainingConfigError
 from .data import TokenizedSample, load_training_samples, parse_data_spec, tokenize_sample
-from .student import packet_blocks, preamble_block, read_tail
+from .student import kv_match_error, packet_blocks, preamble_block, read_tail
 from .teacher import TeacherCache, TeacherOutput
 
 
@@ -188,7 +188,7 @@ class Trainer:
                 for group in optimizer.param_groups:
                     group["lr"] = linear_lr(group["peak_lr"], step, c.total_steps)
                 lr = optimizer.param_groups[0]["lr"]
-                loss, tokens, context_loss = self._accumulate(adapter, batch)
+                loss, tokens, context_loss, kv_error = self._accumulate(adapter, batch)
                 grad_norm = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in adapter.parameters()
                                             if p.grad is not None))  # None: no path to the loss
                 optimizer.step()
@@ -197,6 +197,8 @@ class Trainer:
                             "grad_norm": grad_norm, "tokens": tokens, "elapsed_s": round(elapsed(), 2)})
                 if c.context_tokens:
                     log[-1]["context_loss"] = context_loss
+                if c.kv_weight:
+                    log[-1]["kv_error"] = kv_error
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if c.checkpoint_every and (step + 1) % c.checkpoint_every == 0 and step + 1 < end:
@@ -245,28 +247,32 @@ class Trainer:
             order = epoch_order(len(self.samples), c.seed, epoch)
             yield step, order[index * c.batch_size:(index + 1) * c.batch_size]
 
-    def _accumulate(self, adapter: PacketAdapter, batch: list[int]) -> tuple[float, int, float]:
+    def _accumulate(self, adapter: PacketAdapter, batch: list[int]) -> tuple[float, int, float, float]:
         """Backward of the batch's loss (one sample at a time); returns (answer KL per token, answer tokens,
-        context KL per context token)."""
+        context KL per context token, key/value error per sample)."""
+        c = self.config
         tokens = sum(self.teacher[i].length for i in batch)
         context_tokens = sum(t.length for i in batch for t in self.context_teacher[i])
-        total = context_total = 0.0
+        total = context_total = kv_total = 0.0
         for i in batch:
             teacher, contexts = self.teacher[i], self.context_teacher[i]
-            answer_logits, context_logits = self._student_logits(adapter, self.samples[i], teacher, contexts)
+            answer_logits, context_logits, kv_error = self._student_logits(adapter, self.samples[i], teacher, contexts)
             loss = teacher.kl(answer_logits).sum() / tokens
             total += float(loss.detach())
             if contexts:
                 context_loss = sum(t.kl(logits).sum() for t, logits in zip(contexts, context_logits)) / context_tokens
                 context_total += float(context_loss.detach())
-                loss = loss + self.config.context_weight * context_loss
+                loss = loss + c.context_weight * context_loss
+            if kv_error is not None:
+                kv_total += float(kv_error.detach()) / len(batch)
+                loss = loss + c.kv_weight * kv_error / len(batch)
             loss.backward()
-        return total, tokens, context_total
+        return total, tokens, context_total, kv_total
 
     def _student_logits(self, adapter: PacketAdapter, sample: TokenizedSample, teacher: TeacherOutput,
-                        contexts: list[TeacherOutput]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                        contexts: list[TeacherOutput]) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
         """Student logits over the answer and over each context tail of `_context_tails` (``contexts``: their
-        teacher outputs, in the same order).
+        teacher outputs, in the same order), and the packets' key/value error (None when ``kv_weight`` is 0).
 
         The packet path builds the packets once for all reads; under gradient checkpointing, which drops the KV
         cache that path reads, each read is one forward under the block mask (same logits and gradients).
@@ -281,12 +287,14 @@ class Trainer:
             answer_logits = block_forward(model, adapter, self.preamble_ids, chunks, tail, answer.numel(),
                                           exact_first=c.exact_first)
             return answer_logits, [block_forward(model, adapter, self.preamble_ids, chunks[:j], ids, len(ids),
-                                                 exact_first=c.exact_first) for j, ids in tails]
+                                                 exact_first=c.exact_first) for j, ids in tails], None
         pieces = packet_blocks(model, adapter, self.preamble, chunks, c.exact_first)
         answer_logits = read_tail(model, pieces, tail, answer.numel())
         # with exact_first, pieces[0] holds the preamble and the first chunk; chunk j reads the pieces before its own
         before = lambda j: pieces[: j + 1 - int(c.exact_first)]  # noqa: E731
-        return answer_logits, [read_tail(model, before(j), ids, len(ids)) for j, ids in tails]
+        kv_error = (kv_match_error(model, self.preamble, pieces, chunks, adapter.n_header, c.exact_first)
+                    if c.kv_weight else None)
+        return answer_logits, [read_tail(model, before(j), ids, len(ids)) for j, ids in tails], kv_error
 
     def _resume(self, checkpoint, adapter, optimizer) -> tuple[int, list[dict], float]:
         c = self.config
@@ -312,7 +320,7 @@ class Trainer:
         settings = c.to_dict()
         keys = ("init_adapter", "data", "max_chunks", "samples", "split", "epochs", "batch_size", "lr", "lora_rank",
                 "lora_alpha", "lora_lr", "lora_targets", "seed", "exact_first", "context_tokens", "context_weight",
-                "context_chunks",
+                "context_chunks", "kv_weight",
                 "prefix", "answer_cap", "teacher_top_k", "system_prompt", "gradient_checkpointing", "device", "threads")
         answers = [t.length for t in self.teacher]
         return {
@@ -323,7 +331,9 @@ class Trainer:
             "loss": "KL(teacher || student) per answer token, full causal teacher, block-diagonal student"
                     + (f"; + {c.context_weight} x KL per token of the first {c.context_tokens} tokens of "
                        + ("the last chunk" if c.context_chunks == "last" else "every chunk after a packet")
-                       + ", read after the packets of the chunks before it" if c.context_tokens else ""),
+                       + ", read after the packets of the chunks before it" if c.context_tokens else "")
+                    + (f"; + {c.kv_weight} x relative squared error of the packets' chunk keys/values against full "
+                       "recompute's" if c.kv_weight else ""),
             "init_adapter_fingerprint": self.init_fingerprint,
             "steps": steps, "wall_time_s": round(wall_s, 1), "teacher_time_s": round(self.teacher_time_s, 1),
             "initial_loss": log[0]["loss"] if log else None, "final_loss": final_loss,

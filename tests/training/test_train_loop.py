@@ -130,7 +130,7 @@ def test_training_for_first_exact_reads_the_first_chunk_plainly(tiny_llama, tmp_
     adapter = PacketAdapter.initialize(tiny_llama, 4, 4, seed=3, prefix="preamble")
     sample, teacher = trainer.samples[0], trainer.teacher[0]
     with torch.no_grad():
-        got, no_context = trainer._student_logits(adapter, sample, teacher, [])
+        got, no_context, _ = trainer._student_logits(adapter, sample, teacher, [])
         want = student_logits(tiny_llama, adapter, trainer.preamble_ids, sample, teacher.answer_ids, exact_first=True)
         packets = student_logits(tiny_llama, adapter, trainer.preamble_ids, sample, teacher.answer_ids)
     torch.testing.assert_close(got, want)
@@ -152,7 +152,7 @@ def test_context_loss_reads_the_last_chunk_after_the_other_packets(tiny_llama, t
     prompt = trainer.preamble_ids + chunks[0] + tail  # full recompute of the chunks before, then the tail
     with torch.no_grad():
         full = torch.log_softmax(tiny_llama.model(input_ids=torch.tensor([prompt])).logits[0, -5:-1].float(), -1)
-        answer, (got,) = trainer._student_logits(adapter, sample, teacher, [context])
+        answer, (got,), _ = trainer._student_logits(adapter, sample, teacher, [context])
         want = block_forward(tiny_llama, adapter, trainer.preamble_ids, chunks[:-1], tail[:-1], 4)
     torch.testing.assert_close(context.logprobs, full, atol=1e-5, rtol=1e-4)
     assert len(list((tmp_path / "teacher").rglob("*.safetensors"))) == 12  # an answer and a context per sample
@@ -186,7 +186,7 @@ def test_context_loss_on_every_chunk_reads_each_after_the_packets_before_it(tiny
     assert [j for j, _ in trainer._context_tails(sample)] == read and len(contexts) == len(read)
     adapter = PacketAdapter.initialize(tiny_llama, 4, 4, seed=3, prefix="preamble")
     with torch.no_grad():
-        _, got = trainer._student_logits(adapter, sample, teacher, contexts)
+        _, got, _ = trainer._student_logits(adapter, sample, teacher, contexts)
         for j, context, logits in zip(read, contexts, got):
             tail = chunks[j][:5]
             prompt = trainer.preamble_ids + [t for ids in chunks[:j] for t in ids] + tail

@@ -144,3 +144,38 @@ def test_kl_is_zero_for_the_teacher_and_top_k_lower_bounds_full():
     torch.testing.assert_close(everything.kl(student), exact, atol=1e-4, rtol=1e-4)
     top5 = TeacherOutput(answer, **_coarsen(logprobs, 5))
     assert (top5.kl(student) <= exact + 1e-5).all() and (top5.kl(student) > 0).all()  # coarsening never adds KL
+
+
+def test_kv_match_error_is_zero_where_a_packet_is_full_recompute_and_positive_elsewhere(tiny_model):
+    from kvpacket_rag.training.student import kv_match_error, packet_blocks, preamble_block
+
+    preamble_ids, chunks = [1, 2, 3], [[10, 11, 12, 13], [20, 21, 22]]
+    preamble = preamble_block(tiny_model, preamble_ids)
+    bare = PacketAdapter.initialize(tiny_model, 0, 0, prefix="preamble")
+    one = packet_blocks(tiny_model, bare, preamble, chunks[:1])  # one bare packet after the preamble is exact
+    assert float(kv_match_error(tiny_model, preamble, one, chunks[:1], 0)) < 1e-10
+    adapter = PacketAdapter.initialize(tiny_model, 2, 2, seed=1, prefix="preamble")
+    for exact_first in (False, True):
+        pieces = packet_blocks(tiny_model, adapter, preamble, chunks, exact_first)
+        error = kv_match_error(tiny_model, preamble, pieces, chunks, 2, exact_first)
+        assert error.requires_grad and float(error) > 1e-4
+    exact = packet_blocks(tiny_model, bare, preamble, chunks[:1], exact_first=True)  # nothing left to compare
+    assert float(kv_match_error(tiny_model, preamble, exact, chunks[:1], 0, exact_first=True)) == 0.0
+
+
+def test_kv_match_error_compares_keys_at_the_same_positions(tiny_model):
+    """The packet's keys, rotated back by its header's shift, against the reference at its plain positions."""
+    from kvpacket_rag.training.student import _plain_after, _rotate, kv_match_error, packet_blocks, preamble_block
+
+    preamble_ids, chunks = [1, 2, 3], [[10, 11, 12, 13], [20, 21, 22]]
+    preamble = preamble_block(tiny_model, preamble_ids)
+    adapter = PacketAdapter.initialize(tiny_model, 2, 2, seed=1, prefix="preamble")
+    with torch.no_grad():
+        pieces = packet_blocks(tiny_model, adapter, preamble, chunks, exact_first=True)
+        got = kv_match_error(tiny_model, preamble, pieces, chunks, 2, exact_first=True)
+        ref_k, ref_v = _plain_after(tiny_model, preamble, chunks[0] + chunks[1])
+    keys, values = pieces[1][0][:, :, 2:5], pieces[1][1][:, :, 2:5]
+    keys = _rotate(keys, -2, tiny_model)  # the header put the chunk two positions later than plain text
+    want_k, want_v = ref_k[:, :, 7:10], ref_v[:, :, 7:10]
+    relative = lambda a, b: ((a - b).pow(2).sum((1, 2, 3)) / b.pow(2).sum((1, 2, 3))).mean()  # noqa: E731
+    torch.testing.assert_close(got, (relative(keys, want_k) + relative(values, want_v)) / 2, atol=1e-5, rtol=1e-4)

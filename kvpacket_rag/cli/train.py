@@ -52,9 +52,6 @@ def register(subparsers) -> None:
                              "other chunks' packets (0: the answer only; default: %(default)s)")
     parser.add_argument("--context-weight", type=float, default=1.0,
                         help="weight of that per-token KL against the answer's (default: %(default)s)")
-    parser.add_argument("--context-chunks", choices=("last", "every"), default="last",
-                        help="distil the last chunk only, or every chunk read after at least one packet, each after "
-                             "the packets of the chunks before it (default: %(default)s)")
     parser.add_argument("--kv-weight", type=float, default=0.0,
                         help="weight of a loss on the packets' chunk keys/values against full recompute's in context "
                              "(0: off; default: %(default)s)")
@@ -107,7 +104,7 @@ def config_from_args(args: argparse.Namespace):
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_lr=args.lora_lr,
         lora_targets=tuple(t.strip() for t in args.lora_targets.split(",") if t.strip()), init_adapter=args.init_adapter,
         exact_first=args.exact_first, context_tokens=args.context_tokens, context_weight=args.context_weight,
-        context_chunks=args.context_chunks, kv_weight=args.kv_weight,
+        kv_weight=args.kv_weight,
         seed=args.seed, answer_cap=args.answer_cap,
         teacher_top_k=args.teacher_top_k, system_prompt=args.system_prompt,
         gradient_checkpointing=args.gradient_checkpointing, device=args.device, dtype=args.dtype,

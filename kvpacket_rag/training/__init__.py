@@ -14,7 +14,7 @@ from .averaging import AdapterAveragingError, average_adapters
 from .checkpoint import Checkpoint, list_checkpoints, load_checkpoint
 from .config import DEFAULT_DATA_OPTIONS, TrainConfig, TrainingConfigError
 from .data import TokenizedSample, TrainingDataError, load_training_samples, parse_data_spec, tokenize_sample
-from .teacher import TeacherCache, TeacherOutput, teacher_answer, teacher_continuation, teacher_continuations, teacher_key
+from .teacher import TeacherCache, TeacherOutput, teacher_answer, teacher_continuation, teacher_key
 from .student import student_logits
 from .trainer import Trainer, TrainResult, epoch_order, linear_lr, plot_loss, train
 
@@ -22,6 +22,5 @@ __all__ = [
     "AdapterAveragingError", "Checkpoint", "DEFAULT_DATA_OPTIONS", "TeacherCache", "TeacherOutput", "TokenizedSample",
     "TrainConfig", "TrainResult", "Trainer", "TrainingConfigError", "TrainingDataError", "average_adapters",
     "epoch_order", "linear_lr", "list_checkpoints", "load_checkpoint", "load_training_samples", "parse_data_spec",
-    "plot_loss", "student_logits", "teacher_answer", "teacher_continuation", "teacher_continuations", "teacher_key",
-    "tokenize_sample", "train",
+    "plot_loss", "student_logits", "teacher_answer", "teacher_continuation", "teacher_key", "tokenize_sample", "train",
 ]

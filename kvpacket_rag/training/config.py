@@ -14,7 +14,6 @@ from kvpacket_rag.lora import ALL_TARGETS, DEFAULT_TARGETS
 from kvpacket_rag.prompt import DEFAULT_SYSTEM_PROMPT
 
 DTYPES = ("float32", "bfloat16", "float16")
-CONTEXT_CHUNKS = ("last", "every")
 
 DEFAULT_DATA_OPTIONS: dict[str, dict[str, Any]] = {"biography": {"docs_per_sample": [2, 3, 5, 7]}}
 """Loader options used unless ``data_options`` names the dataset (biographies of 2, 3, 5 and 7 documents)."""
@@ -22,11 +21,10 @@ DEFAULT_DATA_OPTIONS: dict[str, dict[str, Any]] = {"biography": {"docs_per_sampl
 # Settings whose change makes a checkpoint of an earlier run invalid (the rest may change on --resume).
 RESUME_KEYS = ("model", "data", "data_options", "max_chunks", "samples", "split", "epochs", "batch_size", "lr",
                "n_header", "n_trailer", "lora_rank", "lora_alpha", "lora_lr", "lora_targets", "prefix", "seed", "answer_cap", "teacher_top_k", "system_prompt", "dtype", "init_adapter", "exact_first",
-               "context_tokens", "context_weight", "context_chunks", "kv_weight")
+               "context_tokens", "context_weight", "kv_weight")
 
 SIGNATURE_DEFAULTS: dict[str, Any] = {"lora_targets": list(DEFAULT_TARGETS), "exact_first": False, "context_tokens": 0,
-                                      "context_weight": 1.0, "context_chunks": "last",
-                                      "kv_weight": 0.0}
+                                      "context_weight": 1.0, "kv_weight": 0.0}
 """Resume settings added after earlier checkpoints were written: the value such a checkpoint implies."""
 
 
@@ -73,9 +71,6 @@ class TrainConfig:
             of that text, the teacher being one full forward of ``preamble | chunks``. Packets are built once
             per sample and read by both tails.
         context_weight: weight of that per-token KL against the answer's.
-        context_chunks: which chunks the context loss reads: ``"last"`` (the last chunk, as above) or ``"every"``
-            (every chunk with at least one packet before it, each read after the packets of the chunks before it;
-            the teacher is still one forward per sample).
         kv_weight: weight of a loss on the packets' keys and values themselves (0: off): the relative squared
             error of every packet's chunk keys/values against full recompute's in the sample's context
             (`kvpacket_rag.training.student.kv_match_error`). Needs ``gradient_checkpointing`` off.
@@ -117,7 +112,6 @@ class TrainConfig:
     exact_first: bool = False
     context_tokens: int = 0
     context_weight: float = 1.0
-    context_chunks: str = "last"
     kv_weight: float = 0.0
     seed: int = 0
     answer_cap: int = 64
@@ -155,7 +149,6 @@ class TrainConfig:
         _require(isinstance(self.kv_weight, (int, float)) and self.kv_weight >= 0, "kv_weight", "a float >= 0")
         _require(not (self.kv_weight and self.gradient_checkpointing), "kv_weight",
                  "0 with gradient_checkpointing (the key/value loss reads the packets that it drops)")
-        _require(self.context_chunks in CONTEXT_CHUNKS, "context_chunks", f"one of {', '.join(CONTEXT_CHUNKS)}")
         self.lora_targets = tuple(self.lora_targets)
         _require(bool(self.lora_targets) and set(self.lora_targets) <= set(ALL_TARGETS)
                  and len(set(self.lora_targets)) == len(self.lora_targets), "lora_targets",

@@ -127,36 +127,12 @@ def teacher_continuation(model: LoadedModel, prompt_ids: Sequence[int], n_tokens
     Returns:
         A `TeacherOutput` whose ``answer_ids`` are those ``n_tokens - 1`` tokens (``n_tokens >= 2``).
     """
-    return teacher_continuations(model, prompt_ids, [(len(prompt_ids), n_tokens)], top_k)[0]
-
-
-@torch.no_grad()
-def teacher_continuations(model: LoadedModel, prompt_ids: Sequence[int], spans: Sequence[tuple[int, int]],
-                          top_k: int | None = None) -> list[TeacherOutput]:
-    """`teacher_continuation` of several prefixes of ``prompt_ids`` from one forward over the longest.
-
-    Args:
-        spans: ``(end, n_tokens)`` pairs: the continuation of ``prompt_ids[:end]`` over its last ``n_tokens - 1``
-            tokens (``2 <= n_tokens <= end <= len(prompt_ids)``).
-
-    Returns:
-        One `TeacherOutput` per span, equal to `teacher_continuation` of ``prompt_ids[:end]`` (causal attention:
-        a position's distribution does not depend on the tokens after it).
-    """
-    for end, n_tokens in spans:
-        if not 2 <= n_tokens <= end <= len(prompt_ids):
-            raise ValueError(f"span (end={end}, n_tokens={n_tokens}) must have 2 <= n_tokens <= end <= "
-                             f"{len(prompt_ids)}")
-    last = max(end for end, _ in spans)
-    first = min(end - n_tokens for end, n_tokens in spans)
-    logits = model.model(input_ids=torch.tensor([list(prompt_ids[:last])], device=model.device),
-                         logits_to_keep=last - first).logits[0]
-    outputs = []
-    for end, n_tokens in spans:
-        rows = logits[end - n_tokens - first:end - 1 - first]
-        targets = torch.tensor(list(prompt_ids[end - n_tokens + 1:end]), dtype=torch.int64)
-        outputs.append(TeacherOutput(targets, **_coarsen(torch.log_softmax(rows.float(), dim=-1).cpu(), top_k)))
-    return outputs
+    if not 2 <= n_tokens <= len(prompt_ids):
+        raise ValueError(f"n_tokens must be in [2, {len(prompt_ids)}], got {n_tokens}")
+    logits = model.model(input_ids=torch.tensor([list(prompt_ids)], device=model.device),
+                         logits_to_keep=n_tokens).logits[0, :-1]
+    targets = torch.tensor(list(prompt_ids[len(prompt_ids) - n_tokens + 1:]), dtype=torch.int64)
+    return TeacherOutput(targets, **_coarsen(torch.log_softmax(logits.float(), dim=-1).cpu(), top_k))
 
 
 def teacher_key(model: LoadedModel, prompt_ids: Sequence[int], answer_cap: int, top_k: int | None,
@@ -211,23 +187,9 @@ class TeacherCache:
     def get_or_compute_continuation(self, model: LoadedModel, prompt_ids: Sequence[int], n_tokens: int,
                                     top_k: int | None = None, sample_id: str = "") -> tuple[TeacherOutput, bool]:
         """``(output, was_cached)`` of `teacher_continuation`, computing and storing it when missing."""
-        outputs, cached = self.get_or_compute_continuations(model, prompt_ids, [(len(prompt_ids), n_tokens)], top_k,
-                                                            sample_id)
-        return outputs[0], cached
-
-    def get_or_compute_continuations(self, model: LoadedModel, prompt_ids: Sequence[int],
-                                     spans: Sequence[tuple[int, int]], top_k: int | None = None,
-                                     sample_id: str = "") -> tuple[list[TeacherOutput], bool]:
-        """``(outputs, all_cached)`` of `teacher_continuations`; each span is stored under the key of
-        `teacher_continuation` over ``prompt_ids[:end]``, and a missing one costs one forward for all of them."""
-        keys = [teacher_key(model, prompt_ids[:end], 0, top_k, continuation=n) for end, n in spans]
-        outputs = [self.get(key) for key in keys]
-        if all(output is not None for output in outputs):
-            return outputs, True
-        outputs = teacher_continuations(model, prompt_ids, spans, top_k)
-        for key, output in zip(keys, outputs):
-            self.put(key, output, {"sample_id": sample_id, "model": model.name, "kind": "continuation"})
-        return outputs, False
+        return self._get_or_compute(teacher_key(model, prompt_ids, 0, top_k, continuation=n_tokens),
+                                    lambda: teacher_continuation(model, prompt_ids, n_tokens, top_k),
+                                    {"sample_id": sample_id, "model": model.name, "kind": "continuation"})
 
     def _get_or_compute(self, key: str, compute: Callable[[], TeacherOutput],
                         metadata: dict[str, str]) -> tuple[TeacherOutput, bool]:

@@ -5,9 +5,10 @@ differentiable (`training.student`: each wrapped chunk built alone, rotated and 
 ``question | answer[:-1]`` read over it), equal to one forward under the block-diagonal mask
 (`kvpacket_rag.reference.block_forward`), which the student becomes under gradient checkpointing. Loss:
 KL(teacher ‖ student) per answer token, averaged over the answer tokens of an effective batch; with
-``context_tokens``, plus ``context_weight`` times the KL per token of a chunk's text read plainly after the
-packets of the chunks before it (the last chunk's, or every such chunk's with ``context_chunks="every"``). Only the adapter (soft tokens and, when configured, its build-time low-rank
-updates) gets gradients.
+``context_tokens``, plus ``context_weight`` times the KL per token of the last chunk's text read plainly after the
+packets of the chunks before it; with ``kv_weight``, plus that weight times the relative squared error of the
+packets' chunk keys and values against full recompute's in the sample's context. Only the adapter (soft tokens
+and, when configured, its build-time low-rank updates) gets gradients.
 
 Example:
     >>> from kvpacket_rag.training import TrainConfig, train
@@ -108,7 +109,7 @@ class Trainer:
         self.preamble_ids = self.formatter.preamble_ids()
         self.samples: list[TokenizedSample] = []
         self.teacher: list[TeacherOutput] = []
-        self.context_teacher: list[list[TeacherOutput]] = []  # per sample, one per context tail (`_context_tails`)
+        self.context_teacher: list[TeacherOutput | None] = []  # per sample; None where it has no context tail
         self.teacher_time_s = 0.0
         self.init_fingerprint: str | None = None
         self.preamble: tuple[torch.Tensor, torch.Tensor] | None = None  # the preamble's keys/values, set by prepare
@@ -141,25 +142,21 @@ class Trainer:
                                      disable=not (c.progress and c.context_tokens))]
         self.teacher_time_s = time.perf_counter() - start
 
-    def _context_tails(self, sample: TokenizedSample) -> list[tuple[int, list[int]]]:
-        """``(chunk index, tail ids)`` of the text the context loss reads: the first ``context_tokens`` tokens of the
-        last chunk (or of every chunk, with ``context_chunks="every"``) that has at least one packet before it."""
+    def _context_tail(self, sample: TokenizedSample) -> list[int] | None:
+        """The text the context loss reads after the packets of ``sample``'s other chunks: the first
+        ``context_tokens`` tokens of its last chunk; None when off or no packet would precede it."""
         c = self.config
-        if not c.context_tokens:
-            return []
-        chunks = range(len(sample.chunk_ids)) if c.context_chunks == "every" else [len(sample.chunk_ids) - 1]
-        tails = [(j, list(sample.chunk_ids[j][: c.context_tokens])) for j in chunks]
-        return [(j, tail) for j, tail in tails if j - int(c.exact_first) >= 1 and len(tail) >= 2]
+        packets_before = len(sample.chunk_ids) - 1 - int(c.exact_first)
+        tail = list(sample.chunk_ids[-1][: c.context_tokens])
+        return tail if c.context_tokens and packets_before >= 1 and len(tail) >= 2 else None
 
-    def _context_teacher(self, cache: TeacherCache, sample: TokenizedSample) -> list[TeacherOutput]:
-        tails = self._context_tails(sample)
-        if not tails:
-            return []
-        prompt = list(self.preamble_ids) + [t for ids in sample.chunk_ids for t in ids]
-        ends = [len(self.preamble_ids) + sum(len(ids) for ids in sample.chunk_ids[:j]) + len(tail) for j, tail in tails]
-        return cache.get_or_compute_continuations(self.model, prompt, [(end, len(tail)) for end, (_, tail) in
-                                                                       zip(ends, tails)],
-                                                  self.config.teacher_top_k, sample.id)[0]
+    def _context_teacher(self, cache: TeacherCache, sample: TokenizedSample) -> TeacherOutput | None:
+        tail = self._context_tail(sample)
+        if tail is None:
+            return None
+        prompt = list(self.preamble_ids) + [t for ids in sample.chunk_ids[:-1] for t in ids] + tail
+        return cache.get_or_compute_continuation(self.model, prompt, len(tail), self.config.teacher_top_k,
+                                                 sample.id)[0]
 
     # ---- optimisation ----------------------------------------------------------------------
 
@@ -252,15 +249,15 @@ class Trainer:
         context KL per context token, key/value error per sample)."""
         c = self.config
         tokens = sum(self.teacher[i].length for i in batch)
-        context_tokens = sum(t.length for i in batch for t in self.context_teacher[i])
+        context_tokens = sum(self.context_teacher[i].length for i in batch if self.context_teacher[i] is not None)
         total = context_total = kv_total = 0.0
         for i in batch:
-            teacher, contexts = self.teacher[i], self.context_teacher[i]
-            answer_logits, context_logits, kv_error = self._student_logits(adapter, self.samples[i], teacher, contexts)
+            teacher, context = self.teacher[i], self.context_teacher[i]
+            answer_logits, context_logits, kv_error = self._student_logits(adapter, self.samples[i], teacher, context)
             loss = teacher.kl(answer_logits).sum() / tokens
             total += float(loss.detach())
-            if contexts:
-                context_loss = sum(t.kl(logits).sum() for t, logits in zip(contexts, context_logits)) / context_tokens
+            if context is not None:
+                context_loss = context.kl(context_logits).sum() / context_tokens
                 context_total += float(context_loss.detach())
                 loss = loss + c.context_weight * context_loss
             if kv_error is not None:
@@ -270,31 +267,31 @@ class Trainer:
         return total, tokens, context_total, kv_total
 
     def _student_logits(self, adapter: PacketAdapter, sample: TokenizedSample, teacher: TeacherOutput,
-                        contexts: list[TeacherOutput]) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor | None]:
-        """Student logits over the answer and over each context tail of `_context_tails` (``contexts``: their
-        teacher outputs, in the same order), and the packets' key/value error (None when ``kv_weight`` is 0).
+                        context: TeacherOutput | None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Student logits over the answer and, when ``context`` is given, over the context tail; and the packets'
+        key/value error (`kv_match_error`; None when ``kv_weight`` is 0).
 
-        The packet path builds the packets once for all reads; under gradient checkpointing, which drops the KV
+        The packet path builds the packets once for every term; under gradient checkpointing, which drops the KV
         cache that path reads, each read is one forward under the block mask (same logits and gradients).
         """
         c, model = self.config, self.model
         answer = teacher.answer_ids.to(model.device)
         tail = list(sample.suffix_ids) + answer[:-1].tolist()
         chunks = [list(ids) for ids in sample.chunk_ids]
-        # a tail's last token is only predicted: read its first `length` tokens, whose logits predict the next ones
-        tails = [(j, ids[: context.length]) for (j, ids), context in zip(self._context_tails(sample), contexts)]
+        context_tail = chunks[-1][: context.length] if context is not None else None
         if c.gradient_checkpointing:
             answer_logits = block_forward(model, adapter, self.preamble_ids, chunks, tail, answer.numel(),
                                           exact_first=c.exact_first)
-            return answer_logits, [block_forward(model, adapter, self.preamble_ids, chunks[:j], ids, len(ids),
-                                                 exact_first=c.exact_first) for j, ids in tails], None
+            context_logits = None if context is None else block_forward(
+                model, adapter, self.preamble_ids, chunks[:-1], context_tail, context.length, exact_first=c.exact_first)
+            return answer_logits, context_logits, None
         pieces = packet_blocks(model, adapter, self.preamble, chunks, c.exact_first)
         answer_logits = read_tail(model, pieces, tail, answer.numel())
-        # with exact_first, pieces[0] holds the preamble and the first chunk; chunk j reads the pieces before its own
-        before = lambda j: pieces[: j + 1 - int(c.exact_first)]  # noqa: E731
+        context_logits = None if context is None else read_tail(model, pieces[:-1], context_tail, context.length)
         kv_error = (kv_match_error(model, self.preamble, pieces, chunks, adapter.n_header, c.exact_first)
                     if c.kv_weight else None)
-        return answer_logits, [read_tail(model, before(j), ids, len(ids)) for j, ids in tails], kv_error
+        return answer_logits, context_logits, kv_error
 
     def _resume(self, checkpoint, adapter, optimizer) -> tuple[int, list[dict], float]:
         c = self.config
@@ -320,8 +317,8 @@ class Trainer:
         settings = c.to_dict()
         keys = ("init_adapter", "data", "max_chunks", "samples", "split", "epochs", "batch_size", "lr", "lora_rank",
                 "lora_alpha", "lora_lr", "lora_targets", "seed", "exact_first", "context_tokens", "context_weight",
-                "context_chunks", "kv_weight",
-                "prefix", "answer_cap", "teacher_top_k", "system_prompt", "gradient_checkpointing", "device", "threads")
+                "kv_weight", "prefix", "answer_cap", "teacher_top_k", "system_prompt", "gradient_checkpointing", "device",
+                "threads")
         answers = [t.length for t in self.teacher]
         return {
             "model": self.model.name, "dtype": str(self.model.dtype).removeprefix("torch."),
@@ -329,11 +326,10 @@ class Trainer:
             **{k: settings[k] for k in keys},
             "optimizer": "AdamW(weight_decay=0), linear decay to 0, no warm-up",
             "loss": "KL(teacher || student) per answer token, full causal teacher, block-diagonal student"
-                    + (f"; + {c.context_weight} x KL per token of the first {c.context_tokens} tokens of "
-                       + ("the last chunk" if c.context_chunks == "last" else "every chunk after a packet")
-                       + ", read after the packets of the chunks before it" if c.context_tokens else "")
+                    + (f"; + {c.context_weight} x KL per token of the last chunk's first {c.context_tokens} tokens "
+                       "read after the other chunks' packets" if c.context_tokens else "")
                     + (f"; + {c.kv_weight} x relative squared error of the packets' chunk keys/values against full "
-                       "recompute's" if c.kv_weight else ""),
+                       "recompute's in context" if c.kv_weight else ""),
             "init_adapter_fingerprint": self.init_fingerprint,
             "steps": steps, "wall_time_s": round(wall_s, 1), "teacher_time_s": round(self.teacher_time_s, 1),
             "initial_loss": log[0]["loss"] if log else None, "final_loss": final_loss,

@@ -10,8 +10,8 @@ import torch
 from kvpacket_rag.adapter import PacketAdapter
 from kvpacket_rag.lora import ALL_TARGETS
 from kvpacket_rag.reference import block_forward
-from kvpacket_rag.training import (TeacherCache, TrainConfig, Trainer, TrainingConfigError, list_checkpoints, student_logits,
-                                    teacher_continuation, teacher_continuations, train)
+from kvpacket_rag.training import TeacherCache, TrainConfig, Trainer, TrainingConfigError, list_checkpoints, student_logits, train
+from kvpacket_rag.training.student import kv_match_error, packet_blocks
 
 
 def _jsonl(path, n=6):
@@ -130,11 +130,11 @@ def test_training_for_first_exact_reads_the_first_chunk_plainly(tiny_llama, tmp_
     adapter = PacketAdapter.initialize(tiny_llama, 4, 4, seed=3, prefix="preamble")
     sample, teacher = trainer.samples[0], trainer.teacher[0]
     with torch.no_grad():
-        got, no_context, _ = trainer._student_logits(adapter, sample, teacher, [])
+        got, no_context, no_kv = trainer._student_logits(adapter, sample, teacher, None)
         want = student_logits(tiny_llama, adapter, trainer.preamble_ids, sample, teacher.answer_ids, exact_first=True)
         packets = student_logits(tiny_llama, adapter, trainer.preamble_ids, sample, teacher.answer_ids)
     torch.testing.assert_close(got, want)
-    assert no_context == []
+    assert no_context is None and no_kv is None
     assert len(sample.chunk_ids) == 2 and (got - packets).abs().max() > 1e-4  # the first chunk is read otherwise
     assert trainer.run().finished
     assert json.loads(config.out.with_suffix(".json").read_text())["exact_first"] is True
@@ -145,14 +145,14 @@ def test_context_loss_reads_the_last_chunk_after_the_other_packets(tiny_llama, t
     trainer = Trainer(config, tiny_llama)
     trainer.prepare()
     adapter = PacketAdapter.initialize(tiny_llama, 4, 4, seed=3, prefix="preamble")
-    sample, teacher, (context,) = trainer.samples[0], trainer.teacher[0], trainer.context_teacher[0]
+    sample, teacher, context = trainer.samples[0], trainer.teacher[0], trainer.context_teacher[0]
     chunks = [list(ids) for ids in sample.chunk_ids]
     tail = chunks[-1][:5]
     assert torch.equal(context.answer_ids, torch.tensor(tail[1:]))
     prompt = trainer.preamble_ids + chunks[0] + tail  # full recompute of the chunks before, then the tail
     with torch.no_grad():
         full = torch.log_softmax(tiny_llama.model(input_ids=torch.tensor([prompt])).logits[0, -5:-1].float(), -1)
-        answer, (got,), _ = trainer._student_logits(adapter, sample, teacher, [context])
+        answer, got, _ = trainer._student_logits(adapter, sample, teacher, context)
         want = block_forward(tiny_llama, adapter, trainer.preamble_ids, chunks[:-1], tail[:-1], 4)
     torch.testing.assert_close(context.logprobs, full, atol=1e-5, rtol=1e-4)
     assert len(list((tmp_path / "teacher").rglob("*.safetensors"))) == 12  # an answer and a context per sample
@@ -166,38 +166,30 @@ def test_context_loss_reads_the_last_chunk_after_the_other_packets(tiny_llama, t
     assert card["context_tokens"] == 5 and "last chunk" in card["loss"]
     exact_first = Trainer(_config(tmp_path / "b", prefix="preamble", context_tokens=5, exact_first=True), tiny_llama)
     exact_first.prepare()  # two chunks, the first read exactly: no packet precedes the last chunk
-    assert exact_first.context_teacher == [[]] * 6
+    assert exact_first.context_teacher == [None] * 6
 
 
-@pytest.mark.parametrize("exact_first", [False, True])
-def test_context_loss_on_every_chunk_reads_each_after_the_packets_before_it(tiny_llama, tmp_path, exact_first):
-    lines = [json.dumps({"chunks": [f"{p} was born in {c}.", f"{p} works at {f} as an engineer.",
-                                    f"{p} lives in a small house near the old harbour of {c}."],
-                         "question": f"Where was {p} born?"})
-             for p, c, f in (("Ada", "Oslo", "Acme"), ("Bob", "Lima", "Initech"))]
-    (tmp_path / "d3.jsonl").write_text("\n".join(lines) + "\n")
-    config = _config(tmp_path, data=f"jsonl:{tmp_path / 'd3.jsonl'}", samples=2, epochs=1, prefix="preamble",
-                     context_tokens=5, context_chunks="every", exact_first=exact_first)
+def test_kv_loss_adds_the_packets_key_value_error_to_the_steps(tiny_llama, tmp_path):
+    config = _config(tmp_path, prefix="preamble", kv_weight=0.5, epochs=1)
     trainer = Trainer(config, tiny_llama)
     trainer.prepare()
-    sample, teacher, contexts = trainer.samples[0], trainer.teacher[0], trainer.context_teacher[0]
-    chunks = [list(ids) for ids in sample.chunk_ids]
-    read = [2] if exact_first else [1, 2]  # the chunks with at least one packet before them
-    assert [j for j, _ in trainer._context_tails(sample)] == read and len(contexts) == len(read)
     adapter = PacketAdapter.initialize(tiny_llama, 4, 4, seed=3, prefix="preamble")
+    sample, teacher = trainer.samples[0], trainer.teacher[0]
     with torch.no_grad():
-        _, got, _ = trainer._student_logits(adapter, sample, teacher, contexts)
-        for j, context, logits in zip(read, contexts, got):
-            tail = chunks[j][:5]
-            prompt = trainer.preamble_ids + [t for ids in chunks[:j] for t in ids] + tail
-            full = torch.log_softmax(tiny_llama.model(input_ids=torch.tensor([prompt])).logits[0, -5:-1].float(), -1)
-            torch.testing.assert_close(context.logprobs, full, atol=1e-5, rtol=1e-4)  # one teacher forward, sliced
-            want = block_forward(tiny_llama, adapter, trainer.preamble_ids, chunks[:j], tail[:-1], 4,
-                                 exact_first=exact_first)
-            torch.testing.assert_close(logits, want, atol=1e-5, rtol=1e-4)
-    assert trainer.run().finished
+        answer, _, kv_error = trainer._student_logits(adapter, sample, teacher, None)
+        pieces = packet_blocks(tiny_llama, adapter, trainer.preamble, [list(c) for c in sample.chunk_ids])
+        want = kv_match_error(tiny_llama, trainer.preamble, pieces, sample.chunk_ids, 4)
+    torch.testing.assert_close(kv_error, want)
+    torch.testing.assert_close(answer, student_logits(tiny_llama, adapter, trainer.preamble_ids, sample,
+                                                      teacher.answer_ids))
+    result = trainer.run()
+    assert result.finished and all(entry["kv_error"] > 0 for entry in result.log)
     card = json.loads(config.out.with_suffix(".json").read_text())
-    assert card["context_chunks"] == "every" and "every chunk" in card["loss"]
+    assert card["kv_weight"] == 0.5 and "keys/values" in card["loss"]
+    with pytest.raises(TrainingConfigError, match="kv_weight"):
+        _config(tmp_path, kv_weight=1.0, gradient_checkpointing=True)
+    with pytest.raises(TrainingConfigError, match="kv_weight"):
+        _config(tmp_path, kv_weight=-1.0)
 
 
 def test_context_loss_under_gradient_checkpointing_gives_the_same_steps(tiny_llama, tmp_path):
@@ -208,8 +200,7 @@ def test_context_loss_under_gradient_checkpointing_gives_the_same_steps(tiny_lla
                                                                      rel=1e-3, abs=1e-6)
 
 
-@pytest.mark.parametrize("setting", [{"context_tokens": 1}, {"context_tokens": -2}, {"context_weight": 0.0},
-                                     {"context_chunks": "first"}])
+@pytest.mark.parametrize("setting", [{"context_tokens": 1}, {"context_tokens": -2}, {"context_weight": 0.0}])
 def test_context_loss_settings_are_validated(tmp_path, setting):
     with pytest.raises(TrainingConfigError, match="context_"):
         _config(tmp_path, **setting)
@@ -316,19 +307,3 @@ def test_build_lora_of_a_start_adapter_gains_new_targets_at_zero(tiny_llama, tmp
     assert loaded.lora.targets == ALL_TARGETS and loaded.card["lora_targets"] == list(ALL_TARGETS)
     with pytest.raises(TrainingConfigError, match="lora_targets"):
         _config(tmp_path / "c", lora_targets=("q_proj", "lm_head"))
-
-
-def test_continuations_of_several_prefixes_come_from_one_forward_and_share_cache_keys(tiny_llama, tmp_path):
-    prompt = list(range(5, 45))
-    spans = [(12, 4), (30, 7), (40, 2)]
-    cache = TeacherCache(tmp_path / "teacher")
-    outputs, cached = cache.get_or_compute_continuations(tiny_llama, prompt, spans, top_k=8)
-    assert not cached
-    for (end, n), output in zip(spans, outputs):
-        alone = teacher_continuation(tiny_llama, prompt[:end], n, top_k=8)
-        assert torch.equal(output.answer_ids, torch.tensor(prompt[end - n + 1:end]))
-        torch.testing.assert_close(output.top_logprobs, alone.top_logprobs, atol=1e-5, rtol=1e-4)
-        again, was_cached = cache.get_or_compute_continuation(tiny_llama, prompt[:end], n, top_k=8)
-        assert was_cached and torch.equal(again.top_ids, output.top_ids)
-    with pytest.raises(ValueError, match="span"):
-        teacher_continuations(tiny_llama, prompt, [(41, 3)])

@@ -142,37 +142,31 @@ def _rotate(keys: torch.Tensor, delta: int, model: LoadedModel) -> torch.Tensor:
     return keys * cos + rotate_half(keys) * sin
 
 
-def kv_match_error(model: LoadedModel, preamble: Block, pieces: Sequence[Block], chunk_ids: Sequence[Sequence[int]],
-                   n_header: int, exact_first: bool = False) -> torch.Tensor:
+def kv_match_error(model: LoadedModel, pieces: Sequence[Block], chunk_ids: Sequence[Sequence[int]], n_header: int,
+                   exact_first: bool = False) -> torch.Tensor:
     """Relative squared error of the packets' chunk keys/values against full recompute's (a scalar, differentiable).
 
-    The reference is one plain forward of ``preamble | chunks`` (no gradient): each chunk's keys and values as
-    computed in context, its keys rotated to the chunk's place in ``pieces`` (`packet_blocks` of the same chunks,
-    whose header tokens shift it). Per layer, the summed squared error of keys and of values over every packet's chunk
-    tokens is divided by the reference's summed squares; the result is the mean over layers of keys and values.
-    An exact first chunk is not compared (it is full recompute's own); with no packet to compare the error is 0.
+    ``pieces`` is `packet_blocks` of ``chunk_ids``: ``pieces[0]`` holds the preamble (and, with ``exact_first``, the
+    first chunk read plainly after it, full recompute's own, so not compared), then one packet per chunk. The
+    reference is the plain forward of the packets' chunks after ``pieces[0]`` (no gradient): each chunk's keys and
+    values as computed in context, its keys rotated to the chunk's place in ``pieces`` (the header tokens shift it).
+    Per layer, the summed squared error of keys and of values over every packet's chunk tokens is divided by the
+    reference's summed squares; the result is the mean over layers of keys and values (0 when there is no packet).
     """
-    first = 1 if exact_first else 0
-    if len(chunk_ids) <= first:
+    packed = chunk_ids[1:] if exact_first else chunk_ids
+    if not packed:
         return torch.zeros((), device=model.device)
-    ids = [t for chunk in chunk_ids for t in chunk]
-    ref_k, ref_v = _plain_after(model, preamble, ids)
-    starts, position = [], 0
-    for keys, _ in pieces:
-        starts.append(position)
-        position += keys.shape[2]
+    ref_k, ref_v = _plain_after(model, pieces[0], [t for chunk in packed for t in chunk])
+    start = plain = pieces[0][0].shape[2]  # where the first packet, and its chunk in plain text, begin
     error_k = error_v = norm_k = norm_v = 0.0
-    plain = preamble[0].shape[2] + sum(len(c) for c in chunk_ids[:first])
-    for k in range(first, len(chunk_ids)):
-        piece = k + 1 - first  # pieces: [preamble (and the exact first chunk), packet, packet, ...]
-        keys, values = pieces[piece]
-        n = len(chunk_ids[k])
+    for (keys, values), ids in zip(pieces[1:], packed):
+        n = len(ids)
         got_k, got_v = keys[:, :, n_header:n_header + n], values[:, :, n_header:n_header + n]
-        want_k = _rotate(ref_k[:, :, plain:plain + n], starts[piece] + n_header - plain, model)
+        want_k = _rotate(ref_k[:, :, plain:plain + n], start + n_header - plain, model)
         want_v = ref_v[:, :, plain:plain + n]
         error_k = error_k + (got_k - want_k).pow(2).sum((1, 2, 3))
         error_v = error_v + (got_v - want_v).pow(2).sum((1, 2, 3))
         norm_k = norm_k + want_k.pow(2).sum((1, 2, 3))
         norm_v = norm_v + want_v.pow(2).sum((1, 2, 3))
-        plain += n
+        start, plain = start + keys.shape[2], plain + n
     return ((error_k / norm_k).mean() + (error_v / norm_v).mean()) / 2

@@ -289,7 +289,7 @@ class Trainer:
         pieces = packet_blocks(model, adapter, self.preamble, chunks, c.exact_first)
         answer_logits = read_tail(model, pieces, tail, answer.numel())
         context_logits = None if context is None else read_tail(model, pieces[:-1], context_tail, context.length)
-        kv_error = (kv_match_error(model, self.preamble, pieces, chunks, adapter.n_header, c.exact_first)
+        kv_error = (kv_match_error(model, pieces, chunks, adapter.n_header, c.exact_first)
                     if c.kv_weight else None)
         return answer_logits, context_logits, kv_error
 

@@ -178,7 +178,7 @@ def test_kv_loss_adds_the_packets_key_value_error_to_the_steps(tiny_llama, tmp_p
     with torch.no_grad():
         answer, _, kv_error = trainer._student_logits(adapter, sample, teacher, None)
         pieces = packet_blocks(tiny_llama, adapter, trainer.preamble, [list(c) for c in sample.chunk_ids])
-        want = kv_match_error(tiny_llama, trainer.preamble, pieces, sample.chunk_ids, 4)
+        want = kv_match_error(tiny_llama, pieces, sample.chunk_ids, 4)
     torch.testing.assert_close(kv_error, want)
     torch.testing.assert_close(answer, student_logits(tiny_llama, adapter, trainer.preamble_ids, sample,
                                                       teacher.answer_ids))

@@ -153,14 +153,14 @@ def test_kv_match_error_is_zero_where_a_packet_is_full_recompute_and_positive_el
     preamble = preamble_block(tiny_model, preamble_ids)
     bare = PacketAdapter.initialize(tiny_model, 0, 0, prefix="preamble")
     one = packet_blocks(tiny_model, bare, preamble, chunks[:1])  # one bare packet after the preamble is exact
-    assert float(kv_match_error(tiny_model, preamble, one, chunks[:1], 0)) < 1e-10
+    assert float(kv_match_error(tiny_model, one, chunks[:1], 0)) < 1e-10
     adapter = PacketAdapter.initialize(tiny_model, 2, 2, seed=1, prefix="preamble")
     for exact_first in (False, True):
         pieces = packet_blocks(tiny_model, adapter, preamble, chunks, exact_first)
-        error = kv_match_error(tiny_model, preamble, pieces, chunks, 2, exact_first)
+        error = kv_match_error(tiny_model, pieces, chunks, 2, exact_first)
         assert error.requires_grad and float(error) > 1e-4
     exact = packet_blocks(tiny_model, bare, preamble, chunks[:1], exact_first=True)  # nothing left to compare
-    assert float(kv_match_error(tiny_model, preamble, exact, chunks[:1], 0, exact_first=True)) == 0.0
+    assert float(kv_match_error(tiny_model, exact, chunks[:1], 0, exact_first=True)) == 0.0
 
 
 def test_kv_match_error_compares_keys_at_the_same_positions(tiny_model):
@@ -172,7 +172,7 @@ def test_kv_match_error_compares_keys_at_the_same_positions(tiny_model):
     adapter = PacketAdapter.initialize(tiny_model, 2, 2, seed=1, prefix="preamble")
     with torch.no_grad():
         pieces = packet_blocks(tiny_model, adapter, preamble, chunks, exact_first=True)
-        got = kv_match_error(tiny_model, preamble, pieces, chunks, 2, exact_first=True)
+        got = kv_match_error(tiny_model, pieces, chunks, 2, exact_first=True)
         ref_k, ref_v = _plain_after(tiny_model, preamble, chunks[0] + chunks[1])
     keys, values = pieces[1][0][:, :, 2:5], pieces[1][1][:, :, 2:5]
     keys = _rotate(keys, -2, tiny_model)  # the header put the chunk two positions later than plain text

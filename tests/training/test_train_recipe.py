@@ -36,10 +36,11 @@ def test_recipe_stages_are_valid_and_chained():
     for before, after in zip(configs, configs[1:]):
         assert after.init_adapter == before.out and after.teacher_cache == before.teacher_cache
     assert configs[-1].out == SHIPPED_ADAPTERS[DEFAULT_MODEL]
-    assert [c.prefix for c in configs] == ["none"] * 3 + ["preamble"] * 7
-    assert [c.lora_rank for c in configs] == [0] * 4 + [8] * 6  # the shipped design: build-time LoRA
-    assert [c.exact_first for c in configs] == [False] * 9 + [True]  # the last stage trains for the default reading
-    assert [c.context_tokens for c in configs] == [0] * 9 + [128]
+    assert [c.prefix for c in configs] == ["none"] * 3 + ["preamble"] * 8
+    assert [c.lora_rank for c in configs] == [0] * 4 + [8] * 7  # the shipped design: build-time LoRA
+    assert [c.exact_first for c in configs] == [False] * 9 + [True] * 2  # the last stages train for the default reading
+    assert [c.context_tokens for c in configs] == [0] * 9 + [128] * 2
+    assert [c.kv_weight for c in configs] == [0.0] * 10 + [10.0]
     assert "squad" not in " ".join(c.data for c in configs)  # the unseen domain stays unseen
     assert all(config.resume for config in configs)
     # checkpoints and logs stay out of the package directory
@@ -58,9 +59,10 @@ def test_shipped_adapter_matches_its_recipe(default_model):
     assert card["steps"] == final.total_steps and card["final_loss"] > 0
     assert card["exact_first"] == final.exact_first
     assert (card["context_tokens"], card["context_weight"]) == (final.context_tokens, final.context_weight)
+    assert card["kv_weight"] == final.kv_weight
 
 
-@pytest.mark.parametrize("stage", [4, 5, 6, 7, 8, 9])
+@pytest.mark.parametrize("stage", [4, 5, 6, 7, 8, 9, 10])
 def test_candidate_stages_match_their_recipe(default_model, stage):
     """The committed adapters of the stages a fresh checkout skips are what their recipe stages train."""
     config = _configs()[stage - 1]

@@ -4,7 +4,7 @@ Run from the repository root, as one command:
 
     python training/recipes/smollm2_default.py
 
-Ten stages of ``kvpacket train`` (`STAGES`); a stage whose adapter file already exists is skipped (delete it
+Eleven stages of ``kvpacket train`` (`STAGES`); a stage whose adapter file already exists is skipped (delete it
 to train it again), and an interrupted stage continues from its last checkpoint (``--resume``):
 
 1-3. Packets built from position 0 (the KV Packet paper's layout): 2 epochs = 128 optimizer steps of 4 samples
@@ -25,17 +25,21 @@ to train it again), and an interrupted stage continues from its last checkpoint 
 10.  Trained for the default reading and with a context loss: a fresh draw (seed 6), one epoch at stage 9's rates,
      with the first chunk of every sample read from its exact packet (``--exact-first``) and the first 128 tokens
      of each sample's last chunk read as text after the other packets and matched to full recompute
-     (``--context-tokens 128 --context-weight 1``). Stage 10 writes
+     (``--context-tokens 128 --context-weight 1``).
+11.  A key/value loss: stage 10's training over a fresh draw (seed 7), one epoch, with the relative squared error
+     of every packet's chunk keys and values against full recompute's keys and values of the same tokens in the
+     sample's context added at weight 10 (``--kv-weight 10``). Stage 11 writes
      ``kvpacket_rag/adapters/smollm2-135m-instruct.safetensors`` and its JSON card.
 
-Stages 1-9 keep their adapters in ``benchmarks/adapter/candidates/``, so a fresh checkout starts at stage 10.
+Stages 1-10 keep their adapters in ``benchmarks/adapter/candidates/``, so a fresh checkout starts at stage 11.
 
 Checkpoints, ``log.json`` and ``loss.png`` go to ``runs/smollm2_default/<stage>.run/``, teacher outputs to
 ``runs/teacher/``. Wall times on the 2-core CPU are in benchmarks/adapter/README.md: stages 1-3 took 2.4-2.9 h,
 stage 4 1.3 h, stage 5 35 min, stage 6 40 min, stage 7 33 min (teacher pass included; 27 min with the current
 per-chunk training student), stages 8 and 9 16 and 19 min with teacher outputs partly cached, stage 10 about
 40 min with both of its teacher passes (measured by the same training on the next draw: answer teacher 11.5 min,
-context teacher 6 min, 24 steps 21 min); stage 10 is the part a fresh checkout runs. SQuAD is kept out of every
+context teacher 6 min, 24 steps 21 min), stage 11 about 45 min (the same teacher passes, 24 steps of about 65 s:
+the key/value loss adds one no-gradient full forward per sample); stage 11 is the part a fresh checkout runs. SQuAD is kept out of every
 stage: it is the unseen domain on which the adapter's generalisation is measured.
 """
 
@@ -89,8 +93,8 @@ def stage(name: str, common: list[str], epochs: int, lr: str, out: Path, init: P
             "--out", str(out)]
 
 
-STAGE1, STAGE2, STAGE3, STAGE4, STAGE5, STAGE6, STAGE7, STAGE8, STAGE9 = (
-    CANDIDATES / f"smollm2-135m-instruct-stage{n}.safetensors" for n in range(1, 10))
+STAGE1, STAGE2, STAGE3, STAGE4, STAGE5, STAGE6, STAGE7, STAGE8, STAGE9, STAGE10 = (
+    CANDIDATES / f"smollm2-135m-instruct-stage{n}.safetensors" for n in range(1, 11))
 STAGES = [stage("stage1", FIRST, 2, "3e-2", STAGE1), stage("stage2", FIRST, 2, "1e-2", STAGE2, STAGE1),
           stage("stage3", FIRST, 2, "1e-2", STAGE3, STAGE2), stage("stage4", PREAMBLE, 2, "1e-2", STAGE4, STAGE3),
           stage("stage5", PREAMBLE, 1, "3e-3", STAGE5, STAGE4) + BUILD_LORA,
@@ -98,7 +102,9 @@ STAGES = [stage("stage1", FIRST, 2, "3e-2", STAGE1), stage("stage2", FIRST, 2, "
           stage("stage7", more_chunks(3), 1, "3e-3", STAGE7, STAGE6) + BUILD_LORA,
           stage("stage8", more_chunks(4), 1, "1e-3", STAGE8, STAGE7) + LOW_LR_BUILD_LORA,
           stage("stage9", more_chunks(5), 1, "1e-3", STAGE9, STAGE8) + LOW_LR_BUILD_LORA,
-          stage("stage10", more_chunks(6), 1, "1e-3", OUT, STAGE9) + LOW_LR_BUILD_LORA + FIRST_EXACT_CONTEXT_LOSS]
+          stage("stage10", more_chunks(6), 1, "1e-3", STAGE10, STAGE9) + LOW_LR_BUILD_LORA + FIRST_EXACT_CONTEXT_LOSS,
+          stage("stage11", more_chunks(7), 1, "1e-3", OUT, STAGE10) + LOW_LR_BUILD_LORA + FIRST_EXACT_CONTEXT_LOSS
+          + ["--kv-weight", "10"]]
 
 
 def main(extra: list[str] | None = None) -> int:

@@ -39,8 +39,8 @@ stage 4 1.3 h, stage 5 35 min, stage 6 40 min, stage 7 33 min (teacher pass incl
 per-chunk training student), stages 8 and 9 16 and 19 min with teacher outputs partly cached, stage 10 about
 40 min with both of its teacher passes (measured by the same training on the next draw: answer teacher 11.5 min,
 context teacher 6 min, 24 steps 21 min), stage 11 about 45 min (the same teacher passes, 24 steps of about 65 s:
-the key/value loss adds one no-gradient full forward per sample); stage 11 is the part a fresh checkout runs. SQuAD is kept out of every
-stage: it is the unseen domain on which the adapter's generalisation is measured.
+the key/value loss adds one no-gradient full forward per sample); stage 11 is the part a fresh checkout runs.
+SQuAD is kept out of every stage: it is the unseen domain on which the adapter's generalisation is measured.
 """
 
 from __future__ import annotations

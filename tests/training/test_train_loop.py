@@ -280,7 +280,7 @@ def test_build_lora_trains_resumes_exactly_and_loads(tiny_llama, tmp_path):
     assert [e["loss"] for e in second.log] == [e["loss"] for e in whole.log]
     for name, tensor in whole.adapter.lora.tensors().items():
         assert torch.equal(second.adapter.lora.tensors()[name], tensor)
-    assert any(float(up.abs().max()) > 0 for up in whole.adapter.lora.up.values())  # it moved from B = 0
+    assert any(up.abs().max().item() > 0 for up in whole.adapter.lora.up.values())  # it moved from B = 0
     loaded = PacketAdapter.load(whole.path, tiny_llama)
     assert loaded.fingerprint == whole.adapter.fingerprint and loaded.card["lora_rank"] == 2
     with pytest.raises(TrainingConfigError, match="lora_rank"):
@@ -302,7 +302,7 @@ def test_build_lora_of_a_start_adapter_gains_new_targets_at_zero(tiny_llama, tmp
         assert torch.equal(first.lora.tensors()[name], tensor)
     result = trainer.run()
     mlp_up = [up for key, up in result.adapter.lora.up.items() if key.endswith("mlp/up_proj")]
-    assert mlp_up and any(float(up.abs().max()) > 0 for up in mlp_up)
+    assert mlp_up and any(up.abs().max().item() > 0 for up in mlp_up)
     loaded = PacketAdapter.load(result.path, tiny_llama)
     assert loaded.lora.targets == ALL_TARGETS and loaded.card["lora_targets"] == list(ALL_TARGETS)
     with pytest.raises(TrainingConfigError, match="lora_targets"):

@@ -1,7 +1,8 @@
-"""Key/value error of the shipped adapter's packets against bare packets on the first training samples.
+"""Key/value error of stage 10's packets against bare packets on the first training samples.
 
 For the first ``--n`` samples of the draw of the key/value-loss runs (seed 7, stage 10's mixture), prints the
-answer KL, the context KL and `kv_match_error` of the shipped adapter's packets (first chunk exact), and the
+answer KL, the context KL and `kv_match_error` of stage 10's packets (first chunk exact; stage 10 was the shipped
+adapter when the key/value loss was introduced, and every key/value-loss run starts from it), and the
 error of bare packets built after the preamble. Teacher outputs come from ``--teacher-cache`` (computed when
 missing).
 
@@ -17,7 +18,7 @@ import torch
 from kvpacket_rag.adapter import PacketAdapter
 from kvpacket_rag.training import TrainConfig, Trainer
 
-SHIPPED = "kvpacket_rag/adapters/smollm2-135m-instruct.safetensors"
+STAGE10 = "benchmarks/adapter/candidates/smollm2-135m-instruct-stage10.safetensors"
 
 
 def main() -> None:
@@ -34,14 +35,14 @@ def main() -> None:
                          exact_first=True, context_tokens=128, kv_weight=1.0, progress=False)
     trainer = Trainer(config)
     trainer.prepare()
-    shipped = PacketAdapter.load(SHIPPED, trainer.model)
+    stage10 = PacketAdapter.load(STAGE10, trainer.model)
     bare = PacketAdapter.initialize(trainer.model, 0, 0, prefix="preamble")
     print("| sample | chunks | answer KL | context KL | key/value error | bare packets |")
     print("|---|---|---|---|---|---|")
     for i in range(args.n):
         sample, teacher, context = trainer.samples[i], trainer.teacher[i], trainer.context_teacher[i]
         with torch.no_grad():
-            answer, context_logits, error = trainer._student_logits(shipped, sample, teacher, context)
+            answer, context_logits, error = trainer._student_logits(stage10, sample, teacher, context)
             *_, bare_error = trainer._student_logits(bare, sample, teacher, context)
         context_kl = f"{float(context.kl(context_logits).mean()):.4f}" if context is not None else "—"
         print(f"| {sample.id} | {len(sample.chunk_ids)} | {float(teacher.kl(answer).mean()):.4f} | {context_kl} | "

@@ -15,6 +15,12 @@ the question either way.
 
 An adapter may also carry a `BuildLoRA`: low-rank updates of the model's linear layers that apply only to
 the wrapped chunk's tokens while its packet is built. The question is still read by the unchanged model.
+
+An adapter may also carry calibration contexts (preamble prefix only): a few token sequences drawn from the
+corpus, each read after the preamble and before the chunk while its packet is built. The packet is then the
+mean, over the contexts, of the chunk's keys (at the packet's own positions) and values: a chunk in a retrieved
+context is preceded by other passages, and the mean is the one fixed cache closest, in squared error, to what
+the chunk computes after typical ones. Packets stay independent of each other and of the question.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import copy
 import hashlib
 import json
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -40,8 +47,10 @@ PREFIX_PREAMBLE = "preamble"
 PREFIXES = (PREFIX_NONE, PREFIX_PREAMBLE)
 FORMAT_V1 = "kvpacket-adapter/1"  # header/trailer only: packets built from position 0
 FORMAT_V2 = "kvpacket-adapter/2"  # adds the packet prefix
-FORMAT = "kvpacket-adapter/3"  # adds the optional build-time LoRA
-FORMATS = (FORMAT_V1, FORMAT_V2, FORMAT)
+FORMAT_V3 = "kvpacket-adapter/3"  # adds the optional build-time LoRA
+FORMAT = "kvpacket-adapter/4"  # adds the optional calibration contexts
+FORMATS = (FORMAT_V1, FORMAT_V2, FORMAT_V3, FORMAT)
+CALIBRATION = "calibration."  # tensor name prefix of the calibration contexts: calibration.0, calibration.1, ...
 PRETRAINED_FILE = "adapter.safetensors"  # the adapter in a save_pretrained folder
 
 
@@ -55,10 +64,14 @@ class PacketAdapter(torch.nn.Module):
         card: free-form JSON-serialisable metadata (training data, hyperparameters, ...).
         prefix: what every packet is built after: ``"none"`` (position 0) or ``"preamble"``.
         lora: low-rank updates of the model applied to the wrapped chunk while its packet is built (None: none).
+        calibration: token id sequences (each non-empty) read after the preamble before the wrapped chunk while
+            its packet is built, one build per sequence; the packet is the mean over them. Needs the
+            ``"preamble"`` prefix. Empty: packets are built right after the prefix.
     """
 
     def __init__(self, header: torch.Tensor, trailer: torch.Tensor, model_fingerprint: str, card: dict | None = None,
-                 prefix: str = PREFIX_NONE, lora: BuildLoRA | None = None):
+                 prefix: str = PREFIX_NONE, lora: BuildLoRA | None = None,
+                 calibration: Sequence[Sequence[int]] = ()):
         super().__init__()
         if header.dim() != 2 or trailer.dim() != 2 or header.shape[1] != trailer.shape[1]:
             raise ValueError(f"header/trailer must be [n, hidden] with the same hidden size, got {tuple(header.shape)} and {tuple(trailer.shape)}")
@@ -72,6 +85,11 @@ class PacketAdapter(torch.nn.Module):
         self.card = dict(card or {})
         self.prefix = prefix
         self.lora = lora
+        self.calibration = tuple(tuple(int(t) for t in ids) for ids in calibration)
+        if self.calibration and prefix != PREFIX_PREAMBLE:
+            raise ValueError("calibration contexts are read after the chat preamble: they need prefix='preamble'")
+        if any(not ids or min(ids) < 0 for ids in self.calibration):
+            raise ValueError("every calibration context must be a non-empty sequence of token ids >= 0")
 
     @classmethod
     def initialize(cls, model: LoadedModel, n_header: int = 8, n_trailer: int = 8, seed: int = 0,
@@ -98,7 +116,8 @@ class PacketAdapter(torch.nn.Module):
         new = PacketAdapter.initialize(model, n_header - self.n_header, n_trailer - self.n_trailer, seed=seed)
         header = torch.cat([new.header, self.header.detach().float().cpu()])
         trailer = torch.cat([self.trailer.detach().float().cpu(), new.trailer])
-        return PacketAdapter(header, trailer, self.model_fingerprint, None, self.prefix, copy.deepcopy(self.lora))
+        return PacketAdapter(header, trailer, self.model_fingerprint, None, self.prefix, copy.deepcopy(self.lora),
+                             self.calibration)
 
     @classmethod
     def empty(cls, model: LoadedModel, prefix: str = PREFIX_NONE) -> "PacketAdapter":
@@ -108,11 +127,18 @@ class PacketAdapter(torch.nn.Module):
 
     def with_prefix(self, prefix: str) -> "PacketAdapter":
         """The same soft tokens (copied) for packets built after ``prefix`` (a new fingerprint unless unchanged)."""
-        return PacketAdapter(self.header, self.trailer, self.model_fingerprint, self.card, prefix, copy.deepcopy(self.lora))
+        return PacketAdapter(self.header, self.trailer, self.model_fingerprint, self.card, prefix, copy.deepcopy(self.lora),
+                             self.calibration)
 
     def with_lora(self, lora: BuildLoRA | None) -> "PacketAdapter":
         """The same soft tokens (copied) with ``lora`` as build-time weights (no card: a new adapter)."""
-        return PacketAdapter(self.header, self.trailer, self.model_fingerprint, None, self.prefix, lora)
+        return PacketAdapter(self.header, self.trailer, self.model_fingerprint, None, self.prefix, lora, self.calibration)
+
+    def with_calibration(self, contexts: Sequence[Sequence[int]], card: dict | None = None) -> "PacketAdapter":
+        """The same soft tokens and build LoRA (copied) with ``contexts`` as calibration contexts, built after the
+        preamble; ``card`` describes the result (a new fingerprint)."""
+        return PacketAdapter(self.header, self.trailer, self.model_fingerprint, card, PREFIX_PREAMBLE,
+                             copy.deepcopy(self.lora), contexts)
 
     @property
     def n_header(self) -> int:
@@ -124,14 +150,15 @@ class PacketAdapter(torch.nn.Module):
 
     @property
     def is_empty(self) -> bool:
-        """No soft tokens and no build-time LoRA: its packets hold the bare chunk."""
-        return self.n_header == 0 and self.n_trailer == 0 and self.lora is None
+        """No soft tokens, no build-time LoRA and no calibration: its packets hold the bare chunk."""
+        return self.n_header == 0 and self.n_trailer == 0 and self.lora is None and not self.calibration
 
     @property
     def fingerprint(self) -> str:
         """``none`` for a 0+0 adapter (``none+preamble`` with the preamble prefix), else sha256 hex over
-        sizes, prefix and float32 values, build LoRA included (adapters of prefix ``none`` keep their format-1
-        fingerprint, adapters without a LoRA their format-2 one)."""
+        sizes, prefix and float32 values, build LoRA and calibration contexts included (adapters of prefix
+        ``none`` keep their format-1 fingerprint, adapters without a LoRA their format-2 one, adapters without
+        calibration their format-3 one)."""
         if self.is_empty:
             return NO_ADAPTER if self.prefix == PREFIX_NONE else f"{NO_ADAPTER}+{self.prefix}"
         prefix = "" if self.prefix == PREFIX_NONE else f"prefix={self.prefix}|"
@@ -144,11 +171,14 @@ class PacketAdapter(torch.nn.Module):
             tensors += [lora[name] for name in sorted(lora)]
         for tensor in tensors:
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        for ids in self.calibration:
+            digest.update(f"calibration|{len(ids)}|".encode())
+            digest.update(torch.tensor(ids, dtype=torch.int64).numpy().tobytes())
         return digest.hexdigest()
 
     def check_model(self, model: LoadedModel) -> None:
         """Raise IncompatiblePacketError unless the adapter was made for ``model``."""
-        if (self.n_header + self.n_trailer or self.lora is not None) and self.model_fingerprint != model.fingerprint:
+        if not self.is_empty and self.model_fingerprint != model.fingerprint:
             raise IncompatiblePacketError(
                 f"this adapter was trained for another model (fingerprint {self.model_fingerprint[:12]}, "
                 f"loaded model {model.name} is {model.fingerprint[:12]}); train one with `kvpacket train --model {model.name}`."
@@ -163,6 +193,10 @@ class PacketAdapter(torch.nn.Module):
             except ValueError as error:
                 raise IncompatiblePacketError(f"this adapter's build-time weights do not fit {model.name} ({error}); "
                                               f"train one with `kvpacket train --model {model.name}`") from error
+        vocabulary = model.model.get_input_embeddings().num_embeddings
+        if any(max(ids) >= vocabulary for ids in self.calibration):
+            raise IncompatiblePacketError(f"this adapter's calibration contexts hold token ids beyond {model.name}'s "
+                                          f"vocabulary of {vocabulary}; calibrate again with `kvpacket calibrate`")
 
     def building(self, model: LoadedModel, gate: torch.Tensor | None = None) -> contextlib.AbstractContextManager:
         """Context in which ``model`` computes as packets are built: with the build LoRA applied where ``gate``
@@ -178,19 +212,22 @@ class PacketAdapter(torch.nn.Module):
         """Write ``path`` (safetensors) and ``path`` with ``.json`` suffix (the human-readable card)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        metadata = {"format": FORMAT, "model_fingerprint": self.model_fingerprint, "prefix": self.prefix,
+        metadata = {"format": FORMAT if self.calibration else FORMAT_V3, "model_fingerprint": self.model_fingerprint, "prefix": self.prefix,
                     "fingerprint": self.fingerprint, "card": json.dumps(self.card, default=str)}
         tensors = {"header": self.header.detach().to("cpu", torch.float32).contiguous(),
                    "trailer": self.trailer.detach().to("cpu", torch.float32).contiguous()}
         if self.lora is not None:
             metadata["lora_alpha"] = repr(self.lora.alpha)
             tensors.update(self.lora.tensors())
+        tensors.update({f"{CALIBRATION}{i}": torch.tensor(ids, dtype=torch.int64) for i, ids in enumerate(self.calibration)})
         # safetensors creates owner-only files; an adapter is shared like a model file
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), mode=0o644)
         card = {**self.card, "model_fingerprint": self.model_fingerprint, "fingerprint": self.fingerprint,
                 "n_header": self.n_header, "n_trailer": self.n_trailer, "prefix": self.prefix,
                 "build_lora_rank": self.lora.rank if self.lora is not None else 0,
-                "build_lora_targets": list(self.lora.targets) if self.lora is not None else []}
+                "build_lora_targets": list(self.lora.targets) if self.lora is not None else [],
+                "calibration_contexts": len(self.calibration),
+                "calibration_tokens": [len(ids) for ids in self.calibration]}
         path.with_suffix(".json").write_text(json.dumps(card, indent=2, default=str) + "\n")
         return path
 
@@ -235,7 +272,7 @@ class PacketAdapter(torch.nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, model: LoadedModel | None = None) -> "PacketAdapter":
-        """Read an adapter file (format 1, 2 or 3); with ``model``, also check it belongs to that model.
+        """Read an adapter file (format 1 to 4); with ``model``, also check it belongs to that model.
 
         Raises:
             FileNotFoundError, CorruptPacketError (unreadable, malformed, altered or from a newer version),
@@ -262,10 +299,12 @@ class PacketAdapter(torch.nn.Module):
             card = json.loads(metadata.get("card", "{}"))
             if not isinstance(card, dict):
                 raise ValueError("the card is not a JSON object")
-            lora = BuildLoRA.from_tensors(tensors, float(metadata.get("lora_alpha", "nan"))) if file_format == FORMAT else None
+            calibration = _calibration(tensors) if file_format == FORMAT else []
+            lora = (BuildLoRA.from_tensors(tensors, float(metadata.get("lora_alpha", "nan")))
+                    if file_format in (FORMAT_V3, FORMAT) else None)
             adapter = cls(tensors["header"], tensors["trailer"], metadata["model_fingerprint"], card,
                           prefix=metadata.get("prefix", PREFIX_NONE) if file_format != FORMAT_V1 else PREFIX_NONE,
-                          lora=lora)
+                          lora=lora, calibration=calibration)
         except ValueError as error:
             raise CorruptPacketError(f"adapter file {path} is malformed ({error}); re-train it") from error
         if metadata.get("fingerprint") != adapter.fingerprint:
@@ -273,6 +312,22 @@ class PacketAdapter(torch.nn.Module):
         if model is not None:
             adapter.check_model(model)
         return adapter
+
+
+def _calibration(tensors: dict[str, torch.Tensor]) -> list[list[int]]:
+    """Pop ``calibration.0 .. calibration.{n-1}`` (1-D int64) from ``tensors``, in order.
+
+    Raises:
+        ValueError: a gap in the numbering, or a tensor that is not 1-D int64.
+    """
+    names = [name for name in tensors if name.startswith(CALIBRATION)]
+    contexts = []
+    for i in range(len(names)):
+        ids = tensors.pop(f"{CALIBRATION}{i}", None)
+        if ids is None or ids.dim() != 1 or ids.dtype != torch.int64:
+            raise ValueError(f"calibration contexts must be 1-D int64 tensors {CALIBRATION}0..{len(names) - 1}")
+        contexts.append(ids.tolist())
+    return contexts
 
 
 def _download(repo_id: str, revision: str | None) -> Path:

@@ -1,4 +1,5 @@
-"""Building KV packets: one frozen-model forward per wrapped chunk."""
+"""Building KV packets: one frozen-model forward per wrapped chunk (one per calibration context, averaged,
+when the adapter carries calibration contexts)."""
 
 from __future__ import annotations
 
@@ -40,12 +41,16 @@ class PacketBuilder:
         self.formatter = formatter
         self.batch_tokens = batch_tokens
         self.prefix_ids = formatter.preamble_ids() if self.adapter.prefix == PREFIX_PREAMBLE else []
-        self._prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.build_prefixes = [self.prefix_ids + list(ids) for ids in self.adapter.calibration] or [self.prefix_ids]
+        """What each chunk is built after: the prefix, followed by each calibration context in turn."""
+        self._prefix_kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.adapter_fingerprint = self._provenance()
         """What the packets' provenance records (hashed once: it is read for every packet key and fetch)."""
 
     def _kind(self) -> str:
-        """``adapter``, ``exact`` (no adapter, after the preamble) or ``bare``, for progress bars."""
+        """``calibrated``, ``adapter``, ``exact`` (no adapter, after the preamble) or ``bare``, for progress bars."""
+        if self.adapter.calibration:
+            return "calibrated"
         if not self.adapter.is_empty:
             return "adapter"
         return "exact" if self.prefix_ids else "bare"
@@ -71,7 +76,7 @@ class PacketBuilder:
     def _check_length(self, n_tokens: int) -> None:
         if n_tokens == 0:
             raise EmptyInputError("a chunk tokenized to nothing; drop it before building packets")
-        total = len(self.prefix_ids) + self.adapter.n_header + n_tokens + self.adapter.n_trailer
+        total = max(map(len, self.build_prefixes)) + self.adapter.n_header + n_tokens + self.adapter.n_trailer
         if total > self.model.max_positions:
             raise ContextTooLongError(
                 f"a chunk of {n_tokens} tokens (+{total - n_tokens} adapter tokens) exceeds the model's "
@@ -124,22 +129,15 @@ class PacketBuilder:
         model = self.model
         wrapped = [self.adapter.wrap(model.embed(torch.tensor(ids))) for ids in id_lists]
         lengths = [w.shape[0] for w in wrapped]
-        longest, offset = max(lengths), len(self.prefix_ids)
-        embeds = torch.zeros(len(wrapped), longest, model.hidden_size, dtype=model.dtype, device=model.device)
-        mask = torch.zeros(len(wrapped), offset + longest, dtype=torch.long, device=model.device)
-        mask[:, :offset] = 1
+        embeds = torch.zeros(len(wrapped), max(lengths), model.hidden_size, dtype=model.dtype, device=model.device)
         for row, (w, n) in enumerate(zip(wrapped, lengths)):
             embeds[row, :n] = w
-            mask[row, offset : offset + n] = 1
-        positions = torch.arange(offset, offset + longest, device=model.device).expand(len(wrapped), -1)
-        cache = self._prefix_cache(len(wrapped))
-        with self.adapter.building(model):  # every input position is a wrapped-chunk token
-            output = model.model.model(inputs_embeds=embeds, attention_mask=mask if len(wrapped) > 1 else None,
-                                       position_ids=positions, cache=cache, use_cache=True)
-        keys = torch.stack([layer.keys[:, :, offset:] for layer in output.cache.layers], dim=1)  # [B, layers, heads, T, D]
-        values = torch.stack([layer.values[:, :, offset:] for layer in output.cache.layers], dim=1)
-        if offset:
-            keys = rotate_keys(keys, -offset, model.rope)  # stored at local positions 0..T-1, like every packet
+        keys = values = 0.0
+        for index in range(len(self.build_prefixes)):  # the mean over calibration contexts (one pass without)
+            prefix_keys, prefix_values = self._after_prefix(index, embeds, lengths)
+            keys, values = keys + prefix_keys, values + prefix_values
+        if len(self.build_prefixes) > 1:
+            keys, values = keys / len(self.build_prefixes), values / len(self.build_prefixes)
         return [
             KVPacket(keys[row, :, :, :n].cpu().clone(), values[row, :, :, :n].cpu().clone(),
                      torch.tensor(ids, dtype=torch.int64), self.adapter.n_header, self.adapter.n_trailer,
@@ -147,15 +145,36 @@ class PacketBuilder:
             for row, (ids, n) in enumerate(zip(id_lists, lengths))
         ]
 
-    def _prefix_cache(self, batch: int) -> DynamicCache | None:
-        """A cache holding the prefix's keys/values for ``batch`` rows (None without a prefix)."""
-        if not self.prefix_ids:
+    def _after_prefix(self, index: int, embeds: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (at local positions ``0..T-1``) and values ``[B, layers, kv_heads, T, head_dim]`` of the wrapped
+        chunks ``embeds [B, T, hidden]`` (row ``b`` holds ``lengths[b]`` tokens, then padding) built after
+        build prefix ``index``."""
+        model, (batch, longest, _) = self.model, embeds.shape
+        offset = len(self.build_prefixes[index])
+        mask = torch.zeros(batch, offset + longest, dtype=torch.long, device=model.device)
+        mask[:, :offset] = 1
+        for row, n in enumerate(lengths):
+            mask[row, offset : offset + n] = 1
+        positions = torch.arange(offset, offset + longest, device=model.device).expand(batch, -1)
+        cache = self._prefix_cache(index, batch)
+        with self.adapter.building(model):  # every input position is a wrapped-chunk token
+            output = model.model.model(inputs_embeds=embeds, attention_mask=mask if batch > 1 else None,
+                                       position_ids=positions, cache=cache, use_cache=True)
+        keys = torch.stack([layer.keys[:, :, offset:] for layer in output.cache.layers], dim=1)
+        values = torch.stack([layer.values[:, :, offset:] for layer in output.cache.layers], dim=1)
+        if offset:
+            keys = rotate_keys(keys, -offset, model.rope)  # stored at local positions 0..T-1, like every packet
+        return keys, values
+
+    def _prefix_cache(self, index: int, batch: int) -> DynamicCache | None:
+        """A cache holding build prefix ``index``'s keys/values for ``batch`` rows (None for an empty prefix)."""
+        if not self.build_prefixes[index]:
             return None
-        if self._prefix_kv is None:
-            ids = torch.tensor([self.prefix_ids], device=self.model.device)
+        if index not in self._prefix_kv:
+            ids = torch.tensor([self.build_prefixes[index]], device=self.model.device)
             output = self.model.model.model(input_ids=ids, use_cache=True)
-            self._prefix_kv = [(layer.keys, layer.values) for layer in output.cache.layers]
+            self._prefix_kv[index] = [(layer.keys, layer.values) for layer in output.cache.layers]
         cache = DynamicCache()
-        for index, (keys, values) in enumerate(self._prefix_kv):
-            cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), index)
+        for layer, (keys, values) in enumerate(self._prefix_kv[index]):
+            cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), layer)
         return cache

@@ -12,7 +12,9 @@ When the adapter's packets are conditioned on the preamble (``prefix ==
 one forward then holds such a copy before each wrapped chunk, at the positions
 just before the chunk's global start, visible to that chunk only: the relative
 positions inside each block are those the packet was built with, and the tail
-sees the real preamble and every wrapped chunk, never the copies.
+sees the real preamble and every wrapped chunk, never the copies. An adapter with
+one calibration context copies ``preamble | context`` instead (with several, the
+packet is their mean, which no single forward computes).
 
 An adapter's build-time LoRA applies to the wrapped chunks' tokens only (the gate of `packed_layout`).
 
@@ -59,9 +61,13 @@ def packed_layout(model: LoadedModel, adapter: PacketAdapter, preamble_ids: Sequ
 
     Gradients flow into ``adapter`` (the embedding matrix is frozen).
     """
+    if len(adapter.calibration) > 1:
+        raise ValueError("packets averaged over several calibration contexts are no single forward; "
+                         "compare the adapter of each context alone")
     embed = lambda ids: model.embed(torch.tensor(list(ids), dtype=torch.long))  # noqa: E731
     preamble = embed(preamble_ids)
-    n_pre = preamble.shape[0]
+    built_after = embed([*preamble_ids, *(adapter.calibration[0] if adapter.calibration else ())])
+    n_pre = built_after.shape[0]
     conditioned = adapter.prefix == PREFIX_PREAMBLE
     if exact_first and chunk_ids:  # the first chunk joins the preamble's block, plain
         head, chunk_ids = torch.cat([preamble, embed(chunk_ids[0])]), chunk_ids[1:]
@@ -73,8 +79,8 @@ def packed_layout(model: LoadedModel, adapter: PacketAdapter, preamble_ids: Sequ
     for ids in chunk_ids:
         block = adapter.wrap(embed(ids))
         length = block.shape[0]
-        if conditioned:  # the preamble copy the packet was built after: seen by this block only
-            pieces.append(preamble)
+        if conditioned:  # the copy of what the packet was built after: seen by this block only
+            pieces.append(built_after)
             positions.append(torch.arange(start - n_pre, start))
             hidden.append((offset, offset + n_pre))
             gate.append(torch.zeros(n_pre))

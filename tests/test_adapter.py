@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
 
 from kvpacket_rag.adapter import NO_ADAPTER, PacketAdapter
 from kvpacket_rag.errors import CorruptPacketError, IncompatiblePacketError
@@ -199,3 +202,36 @@ def test_grown_keeps_the_tokens_next_to_the_chunk_and_the_lora(tiny_llama):
     assert adapter.grown(tiny_llama, 2, 2).fingerprint == adapter.fingerprint
     with pytest.raises(ValueError, match="only grow"):
         adapter.grown(tiny_llama, 1, 2)
+
+
+def test_calibration_round_trip_and_fingerprint(tiny_llama, tmp_path):
+    adapter = make_lora_adapter(tiny_llama)
+    calibrated = adapter.with_calibration([[5, 6, 7], [8]], card={"calibration": "test"})
+    assert calibrated.fingerprint not in {adapter.fingerprint, adapter.with_calibration([[5, 6, 7]]).fingerprint}
+    path = calibrated.save(tmp_path / "calibrated.safetensors")
+    loaded = PacketAdapter.load(path, tiny_llama)
+    assert loaded.calibration == ((5, 6, 7), (8,)) and loaded.fingerprint == calibrated.fingerprint
+    assert loaded.lora is not None and loaded.card["calibration"] == "test"
+    assert json.loads(path.with_suffix(".json").read_text())["calibration_tokens"] == [3, 1]
+    with safe_open(str(adapter.save(tmp_path / "plain.safetensors")), "pt") as handle:
+        assert handle.metadata()["format"] == "kvpacket-adapter/3"  # files without calibration keep format 3
+    assert not PacketAdapter.empty(tiny_llama, "preamble").with_calibration([[5]]).is_empty
+
+
+def test_bad_calibration_is_a_clear_error(tiny_llama, tmp_path):
+    with pytest.raises(ValueError, match="prefix='preamble'"):
+        PacketAdapter.empty(tiny_llama).with_calibration([[5]]).with_prefix("none")
+    with pytest.raises(ValueError, match="non-empty"):
+        PacketAdapter.empty(tiny_llama, "preamble").with_calibration([[]])
+    beyond = PacketAdapter.empty(tiny_llama, "preamble").with_calibration([[10 ** 6]])
+    beyond.model_fingerprint = tiny_llama.fingerprint
+    with pytest.raises(IncompatiblePacketError, match="vocabulary"):
+        beyond.check_model(tiny_llama)
+    adapter = PacketAdapter.initialize(tiny_llama, 2, 2, prefix="preamble").with_calibration([[5, 6]])
+    for calibration in ({"calibration.0": torch.tensor([5.0])}, {"calibration.1": torch.tensor([5])}):
+        tensors = {"header": adapter.header.detach(), "trailer": adapter.trailer.detach(), **calibration}
+        path = _write(tmp_path / "bad.safetensors", tensors, {"format": "kvpacket-adapter/4", "card": "{}",
+                      "prefix": "preamble", "model_fingerprint": tiny_llama.fingerprint,
+                      "fingerprint": adapter.fingerprint})
+        with pytest.raises(CorruptPacketError, match="malformed"):
+            PacketAdapter.load(path, tiny_llama)

@@ -134,3 +134,39 @@ def test_packets_of_another_preamble_get_other_keys(tiny_llama):
                                PromptFormatter(tiny_llama.tokenizer))
     ids = one.chunk_ids(CHUNKS[0])
     assert len({one.key_for(ids), other.key_for(ids), unprefixed.key_for(ids)}) == 3
+
+
+CONTEXTS = ["Marie Curie won two Nobel Prizes, in physics and in chemistry.",
+            "Alan Turing described a universal machine in 1936 and later worked at Bletchley Park."]
+
+
+@pytest.mark.parametrize("n_soft", [0, 4])
+def test_calibrated_packet_path_equals_block_mask_forward(tiny_model, tmp_path, n_soft):
+    """Packets built after ``preamble | calibration context`` (one context): the same logits as one forward in
+    which each wrapped chunk has its own hidden copy of the preamble and the context before it."""
+    formatter = PromptFormatter(tiny_model.tokenizer)
+    adapter = PacketAdapter.initialize(tiny_model, n_soft, n_soft, seed=1, prefix="preamble")
+    calibrated = adapter.with_calibration([formatter.chunk_ids(CONTEXTS[1])])
+    got = packet_path_logits(tiny_model, calibrated, formatter, CHUNKS, QUESTION, tmp_path)
+    want = reference_logits(tiny_model, calibrated, formatter, CHUNKS, QUESTION)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    plain = reference_logits(tiny_model, adapter, formatter, CHUNKS, QUESTION)
+    assert (got - plain).abs().max() > 1e-3  # the context does change the packets
+
+
+def test_calibrated_packet_is_the_mean_over_its_contexts(tiny_model):
+    """With several calibration contexts a packet holds the mean of the keys/values each context alone gives,
+    built one chunk at a time or in a batch."""
+    formatter = PromptFormatter(tiny_model.tokenizer)
+    contexts = [formatter.chunk_ids(text) for text in CONTEXTS]
+    adapter = PacketAdapter.initialize(tiny_model, 2, 2, seed=3, prefix="preamble")
+    both = PacketBuilder(tiny_model, adapter.with_calibration(contexts), formatter)
+    alone = [PacketBuilder(tiny_model, adapter.with_calibration([ids]), formatter) for ids in contexts]
+    for chunk, batched in zip(CHUNKS, both.build_many(CHUNKS)):
+        packet, parts = both.build(chunk), [builder.build(chunk) for builder in alone]
+        for got in (packet, batched):
+            torch.testing.assert_close(got.keys, (parts[0].keys + parts[1].keys) / 2, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(got.values, (parts[0].values + parts[1].values) / 2, atol=1e-5, rtol=1e-4)
+        assert len({packet.key, parts[0].key, parts[1].key}) == 3
+    with pytest.raises(ValueError, match="no single forward"):
+        reference_logits(tiny_model, adapter.with_calibration(contexts), formatter, CHUNKS, QUESTION)

@@ -26,7 +26,7 @@ from ..errors import CorruptIndexError, CorruptPacketError, InvalidInputError, K
 EXIT_FINDINGS, EXIT_USAGE, EXIT_BAD_DATA, EXIT_UNAVAILABLE, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 2, 3, 4, 70, 130
 
 # Modules that define `register(subparsers)`; each adds its subcommands with `set_defaults(handler=...)`.
-COMMAND_MODULES = ["ask", "store", "bench", "train", "eval", "demo"]
+COMMAND_MODULES = ["ask", "store", "bench", "train", "calibrate", "eval", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,13 +20,15 @@ class AdapterAveragingError(ValueError):
     """The adapters cannot be averaged (different models, sizes, prefixes or low-rank layouts)."""
 
 
-LAYOUT_FIELDS = ("model", "header size", "trailer size", "prefix", "build-time LoRA (rank, scale, layers)")
+LAYOUT_FIELDS = ("model", "header size", "trailer size", "prefix", "build-time LoRA (rank, scale, layers)",
+                 "calibration contexts")
 
 
 def _layout(adapter: PacketAdapter) -> tuple:
     lora = adapter.lora
     lora_layout = None if lora is None else (lora.rank, lora.alpha, tuple(sorted(lora.names)))
-    return adapter.model_fingerprint, adapter.n_header, adapter.n_trailer, adapter.prefix, lora_layout
+    return (adapter.model_fingerprint, adapter.n_header, adapter.n_trailer, adapter.prefix, lora_layout,
+            adapter.calibration)
 
 
 def _mean(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -53,7 +55,8 @@ def average_adapters(adapters: Sequence[PacketAdapter], card: dict | None = None
     differing = [field for i, field in enumerate(LAYOUT_FIELDS) if len({layout[i] for layout in layouts}) > 1]
     if differing:
         raise AdapterAveragingError(
-            "only adapters of one model with the same soft-token sizes, prefix and build-time LoRA layout can be "
+            "only adapters of one model with the same soft-token sizes, prefix, build-time LoRA layout and "
+            "calibration contexts can be "
             f"averaged; these differ: {', '.join(differing)}")
     first = adapters[0]
     lora = None
@@ -64,4 +67,4 @@ def average_adapters(adapters: Sequence[PacketAdapter], card: dict | None = None
     if card is None:
         card = {"averaged_from": [adapter.fingerprint for adapter in adapters]}
     return PacketAdapter(_mean([a.header for a in adapters]), _mean([a.trailer for a in adapters]),
-                         first.model_fingerprint, card, prefix=first.prefix, lora=lora)
+                         first.model_fingerprint, card, prefix=first.prefix, lora=lora, calibration=first.calibration)

@@ -218,6 +218,10 @@ class Trainer:
             adapter = PacketAdapter.initialize(self.model, c.n_header, c.n_trailer, seed=c.seed, prefix=c.prefix)
             return adapter.with_lora(self._initial_lora(None))
         adapter = PacketAdapter.load(c.init_adapter, self.model)
+        if adapter.calibration:
+            raise TrainingConfigError(f"init_adapter {c.init_adapter} carries calibration contexts, which training "
+                                      "does not read; start from the adapter it was calibrated from and calibrate "
+                                      "the result with `kvpacket calibrate`")
         if adapter.n_header > c.n_header or adapter.n_trailer > c.n_trailer:
             raise TrainingConfigError(f"init_adapter {c.init_adapter} has {adapter.n_header}+{adapter.n_trailer} soft "
                                       f"tokens but the run asks for {c.n_header}+{c.n_trailer}; pass at least as many "

@@ -45,6 +45,13 @@ def test_adapters_of_different_layouts_are_refused(tiny_llama, other, field):
         average_adapters([_adapter(tiny_llama, 0), _adapter(tiny_llama, 1, **other)])
 
 
+def test_calibrated_adapters_average_with_their_contexts(tiny_llama):
+    one, two = (_adapter(tiny_llama, seed).with_calibration([[5, 6]]) for seed in (0, 1))
+    assert average_adapters([one, two]).calibration == ((5, 6),)
+    with pytest.raises(AdapterAveragingError, match="these differ: calibration contexts"):
+        average_adapters([one, _adapter(tiny_llama, 1)])
+
+
 def test_adapters_of_another_model_are_refused(tiny_llama):
     other = _adapter(tiny_llama, 1)
     other.model_fingerprint = "another-model"

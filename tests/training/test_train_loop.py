@@ -307,3 +307,10 @@ def test_build_lora_of_a_start_adapter_gains_new_targets_at_zero(tiny_llama, tmp
     assert loaded.lora.targets == ALL_TARGETS and loaded.card["lora_targets"] == list(ALL_TARGETS)
     with pytest.raises(TrainingConfigError, match="lora_targets"):
         _config(tmp_path / "c", lora_targets=("q_proj", "lm_head"))
+
+
+def test_warm_start_from_a_calibrated_adapter_is_refused(tiny_llama, tmp_path):
+    start = PacketAdapter.initialize(tiny_llama, 4, 4, seed=11, prefix="preamble").with_calibration([[5, 6]])
+    start.save(tmp_path / "start.safetensors")
+    with pytest.raises(TrainingConfigError, match="calibration contexts"):
+        Trainer(_config(tmp_path, init_adapter=tmp_path / "start.safetensors", stop_after_steps=1), tiny_llama).run()

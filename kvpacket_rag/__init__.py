@@ -10,6 +10,7 @@ Example:
 
 from .adapter import SHIPPED_ADAPTERS, PacketAdapter, resolve_adapter
 from .builder import PacketBuilder
+from .calibration import CalibrationConfig, calibrate
 from .chunker import Chunker, ChunkerConfig
 from .context import ContextMethod, ContextSource, PreparedContext
 from .embedder import Embedder
@@ -30,7 +31,7 @@ from .store import InMemoryStore, LocalStore, PacketStore, StoreError, open_stor
 
 __version__ = "0.1.0"
 __all__ = [
-    "Answer", "AnswerStream", "AsyncAnswerStream", "ChatSession", "ChatTurn", "Chunker", "ChunkerConfig", "ChunkRecord",
+    "Answer", "AnswerStream", "AsyncAnswerStream", "CalibrationConfig", "ChatSession", "ChatTurn", "Chunker", "ChunkerConfig", "ChunkRecord",
     "ContextMethod", "ContextSource",
     "ContextTooLongError", "CorruptPacketError", "DEFAULT_MODEL", "Document", "Embedder", "EmptyInputError",
     "EngineSettings", "GenerationConfig", "IncompatiblePacketError", "IngestReport", "InMemoryStore", "KVPacket",
@@ -38,6 +39,6 @@ __all__ = [
     "PacketEngine", "PacketIndex", "PacketNotFoundError", "PacketStore", "PreparedContext", "PromptFormatter",
     "QueueFullError", "QueueTimeoutError", "RAGAnswer", "RAGAnswerStream", "SHIPPED_ADAPTERS", "SchedulerConfig",
     "SearchHit", "SessionCache", "StoreError", "UnsupportedModelError",
-    "ensure_packets", "get_method", "load_model", "open_store", "packet_key", "resolve_adapter", "shared_engine",
+    "calibrate", "ensure_packets", "get_method", "load_model", "open_store", "packet_key", "resolve_adapter", "shared_engine",
     "stream_answer", "wrap_model",
 ]

@@ -15,8 +15,8 @@ import json
 
 
 def records(spec: str) -> tuple[dict, list[dict]]:
-    path, method = spec.rsplit(":", 1)
-    result = json.load(open(path))
+    path, method = spec.split(".json:", 1)  # method names may hold a colon (cacheblend:0.15)
+    result = json.load(open(path + ".json"))
     return result, result["methods"][method]["records"]
 
 

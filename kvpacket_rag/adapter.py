@@ -212,14 +212,16 @@ class PacketAdapter(torch.nn.Module):
         """Write ``path`` (safetensors) and ``path`` with ``.json`` suffix (the human-readable card)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        metadata = {"format": FORMAT if self.calibration else FORMAT_V3, "model_fingerprint": self.model_fingerprint, "prefix": self.prefix,
+        metadata = {"format": FORMAT if self.calibration else FORMAT_V3,  # format 3 files stay readable by 3's readers
+                    "model_fingerprint": self.model_fingerprint, "prefix": self.prefix,
                     "fingerprint": self.fingerprint, "card": json.dumps(self.card, default=str)}
         tensors = {"header": self.header.detach().to("cpu", torch.float32).contiguous(),
                    "trailer": self.trailer.detach().to("cpu", torch.float32).contiguous()}
         if self.lora is not None:
             metadata["lora_alpha"] = repr(self.lora.alpha)
             tensors.update(self.lora.tensors())
-        tensors.update({f"{CALIBRATION}{i}": torch.tensor(ids, dtype=torch.int64) for i, ids in enumerate(self.calibration)})
+        for i, ids in enumerate(self.calibration):
+            tensors[f"{CALIBRATION}{i}"] = torch.tensor(ids, dtype=torch.int64)
         # safetensors creates owner-only files; an adapter is shared like a model file
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), mode=0o644)
         card = {**self.card, "model_fingerprint": self.model_fingerprint, "fingerprint": self.fingerprint,

@@ -66,7 +66,7 @@ def packed_layout(model: LoadedModel, adapter: PacketAdapter, preamble_ids: Sequ
                          "compare the adapter of each context alone")
     embed = lambda ids: model.embed(torch.tensor(list(ids), dtype=torch.long))  # noqa: E731
     preamble = embed(preamble_ids)
-    built_after = embed([*preamble_ids, *(adapter.calibration[0] if adapter.calibration else ())])
+    built_after = torch.cat([preamble, embed(adapter.calibration[0])]) if adapter.calibration else preamble
     n_pre = built_after.shape[0]
     conditioned = adapter.prefix == PREFIX_PREAMBLE
     if exact_first and chunk_ids:  # the first chunk joins the preamble's block, plain

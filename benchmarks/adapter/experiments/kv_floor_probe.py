@@ -27,9 +27,7 @@ import torch
 
 from kvpacket_rag.adapter import PacketAdapter
 from kvpacket_rag.training import TrainConfig, Trainer
-from kvpacket_rag.training.student import _plain_after, _rotate, packet_blocks, read_tail
-
-Block = tuple[torch.Tensor, torch.Tensor]
+from kvpacket_rag.training.student import Block, _plain_after, _rotate, packet_blocks, read_tail
 
 
 def relative_error(got: list[Block], want: list[Block]) -> float:

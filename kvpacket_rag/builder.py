@@ -1,10 +1,10 @@
 """Building KV packets: one frozen-model forward per wrapped chunk (one per calibration context, averaged,
-when the adapter carries calibration contexts)."""
+when the adapter or the builder's neighbour contexts give calibration contexts)."""
 
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -17,6 +17,9 @@ from .packet import KVPacket, packet_key
 from .prompt import PromptFormatter
 from .rope import rotate_keys
 
+if TYPE_CHECKING:
+    from .calibration import NeighbourContexts
+
 
 class PacketBuilder:
     """Turns chunk texts into immutable `KVPacket`s.
@@ -27,6 +30,10 @@ class PacketBuilder:
             construction (its fingerprint is computed once): after changing it in place, make a new builder.
         formatter: tokenizes chunks exactly as the engine will.
         batch_tokens: padded tokens per forward when building many chunks at once.
+        neighbours: build each chunk after its own calibration contexts, drawn from its nearest passages of a
+            corpus (see `kvpacket_rag.calibration.NeighbourContexts`), instead of the adapter's shared ones; the
+            adapter must then carry none. Context tokens that would not fit the model's positions before the
+            chunk are dropped from the context's start.
 
     Example:
         >>> builder = PacketBuilder(model, adapter, PromptFormatter(model.tokenizer))
@@ -34,22 +41,26 @@ class PacketBuilder:
     """
 
     def __init__(self, model: LoadedModel, adapter: PacketAdapter | None, formatter: PromptFormatter,
-                 batch_tokens: int = 4096):
+                 batch_tokens: int = 4096, neighbours: NeighbourContexts | None = None):
         self.model = model
         self.adapter = adapter if adapter is not None else PacketAdapter.empty(model)
         self.adapter.check_model(model)
+        if neighbours is not None and self.adapter.calibration:
+            raise ValueError("the adapter already carries calibration contexts; build with neighbour contexts from "
+                             "the adapter without them (PacketAdapter.with_calibration([]))")
+        self.neighbours = neighbours
         self.formatter = formatter
         self.batch_tokens = batch_tokens
         self.prefix_ids = formatter.preamble_ids() if self.adapter.prefix == PREFIX_PREAMBLE else []
         self.build_prefixes = [self.prefix_ids + list(ids) for ids in self.adapter.calibration] or [self.prefix_ids]
         """What each chunk is built after: the prefix, followed by each calibration context in turn."""
-        self._prefix_kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._prefix_kv: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.adapter_fingerprint = self._provenance()
         """What the packets' provenance records (hashed once: it is read for every packet key and fetch)."""
 
     def _kind(self) -> str:
         """``calibrated``, ``adapter``, ``exact`` (no adapter, after the preamble) or ``bare``, for progress bars."""
-        if self.adapter.calibration:
+        if self.adapter.calibration or self.neighbours is not None:
             return "calibrated"
         if not self.adapter.is_empty:
             return "adapter"
@@ -57,11 +68,14 @@ class PacketBuilder:
 
     def _provenance(self) -> str:
         """The adapter's fingerprint, plus a digest of the prefix token ids when packets are built after the
-        preamble (another system prompt: other packets)."""
-        if not self.prefix_ids:
-            return self.adapter.fingerprint
-        ids = torch.tensor(self.prefix_ids, dtype=torch.int64).numpy().tobytes()
-        return f"{self.adapter.fingerprint}@{hashlib.sha256(ids).hexdigest()[:16]}"
+        preamble (another system prompt: other packets), plus the neighbour contexts' fingerprint."""
+        provenance = self.adapter.fingerprint
+        if self.prefix_ids:
+            ids = torch.tensor(self.prefix_ids, dtype=torch.int64).numpy().tobytes()
+            provenance += f"@{hashlib.sha256(ids).hexdigest()[:16]}"
+        if self.neighbours is not None:
+            provenance += f"~{self.neighbours.fingerprint[:16]}"
+        return provenance
 
     def chunk_ids(self, text: str) -> list[int]:
         """Token ids of a chunk, validated against the model's context.
@@ -76,7 +90,8 @@ class PacketBuilder:
     def _check_length(self, n_tokens: int) -> None:
         if n_tokens == 0:
             raise EmptyInputError("a chunk tokenized to nothing; drop it before building packets")
-        total = max(map(len, self.build_prefixes)) + self.adapter.n_header + n_tokens + self.adapter.n_trailer
+        longest_prefix = len(self.prefix_ids) if self.neighbours is not None else max(map(len, self.build_prefixes))
+        total = longest_prefix + self.adapter.n_header + n_tokens + self.adapter.n_trailer
         if total > self.model.max_positions:
             raise ContextTooLongError(
                 f"a chunk of {n_tokens} tokens (+{total - n_tokens} adapter tokens) exceeds the model's "
@@ -132,31 +147,50 @@ class PacketBuilder:
         embeds = torch.zeros(len(wrapped), max(lengths), model.hidden_size, dtype=model.dtype, device=model.device)
         for row, (w, n) in enumerate(zip(wrapped, lengths)):
             embeds[row, :n] = w
-        keys = values = 0.0
-        for index in range(len(self.build_prefixes)):  # the mean over calibration contexts (one pass without)
-            prefix_keys, prefix_values = self._after_prefix(index, embeds, lengths)
-            keys, values = keys + prefix_keys, values + prefix_values
-        if len(self.build_prefixes) > 1:
-            keys, values = keys / len(self.build_prefixes), values / len(self.build_prefixes)
+        if self.neighbours is None:
+            keys, values = self._mean_after(self.build_prefixes, embeds, lengths, memo=True)
+        else:  # each chunk after its own contexts
+            rows = [self._mean_after(self._neighbour_prefixes(ids, n), embeds[row : row + 1, :n], [n], memo=False)
+                    for row, (ids, n) in enumerate(zip(id_lists, lengths))]
+            keys = [k[0] for k, _ in rows]
+            values = [v[0] for _, v in rows]
         return [
-            KVPacket(keys[row, :, :, :n].cpu().clone(), values[row, :, :, :n].cpu().clone(),
+            KVPacket(keys[row][:, :, :n].cpu().clone(), values[row][:, :, :n].cpu().clone(),
                      torch.tensor(ids, dtype=torch.int64), self.adapter.n_header, self.adapter.n_trailer,
                      model.fingerprint, model.tokenizer_fingerprint, self.adapter_fingerprint)
             for row, (ids, n) in enumerate(zip(id_lists, lengths))
         ]
 
-    def _after_prefix(self, index: int, embeds: torch.Tensor, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _neighbour_prefixes(self, ids: list[int], n_wrapped: int) -> list[list[int]]:
+        """The build prefixes of one chunk under neighbour contexts, each context cut from its start to fit."""
+        room = self.model.max_positions - len(self.prefix_ids) - n_wrapped
+        return [self.prefix_ids + context[max(0, len(context) - room) :] if room else self.prefix_ids
+                for context in self.neighbours.contexts_for(ids)] or [self.prefix_ids]
+
+    def _mean_after(self, prefixes: list[list[int]], embeds: torch.Tensor, lengths: list[int],
+                    memo: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mean over ``prefixes`` of `_after_prefix` (one pass for one prefix)."""
+        keys = values = 0.0
+        for prefix in prefixes:
+            prefix_keys, prefix_values = self._after_prefix(prefix, embeds, lengths, memo)
+            keys, values = keys + prefix_keys, values + prefix_values
+        if len(prefixes) > 1:
+            keys, values = keys / len(prefixes), values / len(prefixes)
+        return keys, values
+
+    def _after_prefix(self, prefix: list[int], embeds: torch.Tensor, lengths: list[int],
+                      memo: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys (at local positions ``0..T-1``) and values ``[B, layers, kv_heads, T, head_dim]`` of the wrapped
-        chunks ``embeds [B, T, hidden]`` (row ``b`` holds ``lengths[b]`` tokens, then padding) built after
-        build prefix ``index``."""
+        chunks ``embeds [B, T, hidden]`` (row ``b`` holds ``lengths[b]`` tokens, then padding) built after the
+        token ids ``prefix`` (their keys/values kept for later calls when ``memo``)."""
         model, (batch, longest, _) = self.model, embeds.shape
-        offset = len(self.build_prefixes[index])
+        offset = len(prefix)
         mask = torch.zeros(batch, offset + longest, dtype=torch.long, device=model.device)
         mask[:, :offset] = 1
         for row, n in enumerate(lengths):
             mask[row, offset : offset + n] = 1
         positions = torch.arange(offset, offset + longest, device=model.device).expand(batch, -1)
-        cache = self._prefix_cache(index, batch)
+        cache = self._prefix_cache(prefix, batch, memo)
         with self.adapter.building(model):  # every input position is a wrapped-chunk token
             output = model.model.model(inputs_embeds=embeds, attention_mask=mask if batch > 1 else None,
                                        position_ids=positions, cache=cache, use_cache=True)
@@ -166,15 +200,18 @@ class PacketBuilder:
             keys = rotate_keys(keys, -offset, model.rope)  # stored at local positions 0..T-1, like every packet
         return keys, values
 
-    def _prefix_cache(self, index: int, batch: int) -> DynamicCache | None:
-        """A cache holding build prefix ``index``'s keys/values for ``batch`` rows (None for an empty prefix)."""
-        if not self.build_prefixes[index]:
+    def _prefix_cache(self, prefix: list[int], batch: int, memo: bool) -> DynamicCache | None:
+        """A cache holding ``prefix``'s keys/values for ``batch`` rows (None for an empty prefix)."""
+        if not prefix:
             return None
-        if index not in self._prefix_kv:
-            ids = torch.tensor([self.build_prefixes[index]], device=self.model.device)
+        kv = self._prefix_kv.get(tuple(prefix))
+        if kv is None:
+            ids = torch.tensor([prefix], device=self.model.device)
             output = self.model.model.model(input_ids=ids, use_cache=True)
-            self._prefix_kv[index] = [(layer.keys, layer.values) for layer in output.cache.layers]
+            kv = [(layer.keys, layer.values) for layer in output.cache.layers]
+            if memo:
+                self._prefix_kv[tuple(prefix)] = kv
         cache = DynamicCache()
-        for layer, (keys, values) in enumerate(self._prefix_kv[index]):
+        for layer, (keys, values) in enumerate(kv):
             cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), layer)
         return cache

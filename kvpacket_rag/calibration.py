@@ -7,17 +7,29 @@ packet once after each sequence and stores the mean (`kvpacket_rag.adapter.Packe
 stay independent of each other and of the question; building one costs ``contexts`` forwards of its chunk.
 Draw the passages from the corpus that will be served (or one like it): passages of another domain move the
 packets the wrong way.
+
+Where a retriever brings related passages together (multi-hop questions, several documents on one subject), a
+chunk's real context resembles its nearest passages more than random ones: `NeighbourContexts` draws each chunk's
+contexts from its own nearest passages of the served corpus, and `PacketBuilder` builds with them instead of the
+adapter's shared contexts.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
 
 from .adapter import PacketAdapter
 from .errors import InvalidInputError
 from .prompt import PromptFormatter
+
+if TYPE_CHECKING:
+    from .embedder import Embedder
 
 
 @dataclass(frozen=True)
@@ -28,17 +40,23 @@ class CalibrationConfig:
         contexts: how many contexts each packet is averaged over (>= 1; each costs one forward per packet).
         depth: passages per context (>= 1), joined as the engine joins retrieved chunks.
         seed: the draw's seed.
+        neighbours: 0 to draw one set of contexts from the whole corpus, shared by every chunk (`calibrate`);
+            N >= ``depth`` to draw each chunk's own contexts from its N nearest passages (`NeighbourContexts`).
     """
 
     contexts: int = 4
     depth: int = 2
     seed: int = 0
+    neighbours: int = 0
 
     def __post_init__(self) -> None:
         for name in ("contexts", "depth"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"calibration {name} must be an int >= 1, got {value!r}")
+        if not isinstance(self.neighbours, int) or (self.neighbours and self.neighbours < self.depth):
+            raise ValueError(f"calibration neighbours must be 0 or an int >= depth ({self.depth}), "
+                             f"got {self.neighbours!r}")
 
 
 def draw_contexts(passages: Sequence[Sequence[int]], config: CalibrationConfig) -> list[list[int]]:
@@ -67,8 +85,12 @@ def calibrate(adapter: PacketAdapter, formatter: PromptFormatter, passages: Sequ
         source: where the passages come from, for the card.
 
     Raises:
+        ValueError: ``config.neighbours`` is set (per-chunk contexts belong to a builder: `NeighbourContexts`).
         InvalidInputError: too few passages for the depth.
     """
+    if config.neighbours:
+        raise ValueError("calibrate draws contexts shared by every chunk; for each chunk's nearest passages build "
+                         "with NeighbourContexts")
     ids = [formatter.chunk_ids(text) for text in passages if text.strip()]
     contexts = draw_contexts(ids, config)
     card = {"calibrated_from": adapter.fingerprint, "calibration": {**asdict(config), "passages": len(ids),
@@ -76,3 +98,70 @@ def calibrate(adapter: PacketAdapter, formatter: PromptFormatter, passages: Sequ
     if adapter.card:
         card["base_card"] = adapter.card
     return adapter.with_calibration(contexts, card)
+
+
+class NeighbourContexts:
+    """Calibration contexts of each chunk drawn from its nearest passages of a corpus.
+
+    A chunk's contexts are ``config.contexts`` sequences of ``config.depth`` distinct passages (fewer when the
+    corpus has fewer other passages), drawn from its ``config.neighbours`` nearest other passages by the
+    embedder's cosine similarity and joined in the order drawn. The draw is seeded by ``config.seed`` and the
+    chunk's token ids, so a chunk's contexts (and so its packet) depend only on the chunk, the corpus and the
+    configuration.
+
+    Args:
+        passages: the corpus's chunk texts, as the engine will retrieve them (blank and repeated ones are skipped).
+        formatter: tokenizes passages as the engine tokenizes chunks.
+        embedder: embeds passages, and chunks outside the corpus when they are built.
+        config: contexts per chunk, passages per context, seed, and ``neighbours``: how many nearest passages
+            each chunk's contexts are drawn from.
+
+    Attributes:
+        fingerprint: sha256 hex over the configuration, the embedder and every passage's token ids; packets built
+            with these contexts record it.
+
+    Raises:
+        ValueError: ``config.neighbours`` is 0.
+        InvalidInputError: fewer than two distinct non-blank passages.
+    """
+
+    def __init__(self, passages: Sequence[str], formatter: PromptFormatter, embedder: "Embedder",
+                 config: CalibrationConfig = CalibrationConfig(neighbours=8)):
+        if not config.neighbours:
+            raise ValueError("NeighbourContexts needs config.neighbours >= depth (how many nearest passages to draw "
+                             "from); for contexts shared by every chunk use calibrate")
+        texts = list(dict.fromkeys(text for text in passages if text.strip()))
+        if len(texts) < 2:
+            raise InvalidInputError(f"neighbour calibration needs at least 2 distinct non-blank passages, got "
+                                    f"{len(texts)}; calibrate on the whole corpus, not one chunk")
+        self.config, self.embedder, self.formatter = config, embedder, formatter
+        self.passages = [formatter.chunk_ids(text) for text in texts]
+        self.vectors = np.ascontiguousarray(embedder.embed(texts), dtype=np.float32)
+        self._row = {tuple(ids): row for row, ids in enumerate(self.passages)}
+        digest = hashlib.sha256(json.dumps([asdict(config), embedder.fingerprint]).encode())
+        for ids in self.passages:
+            digest.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
+        self.fingerprint = digest.hexdigest()
+
+    def nearest(self, ids: Sequence[int]) -> list[list[int]]:
+        """The ``config.neighbours`` passages nearest to the chunk ``ids`` (token ids), nearest first, itself
+        excluded."""
+        row = self._row.get(tuple(ids))
+        if row is None:
+            vector = self.embedder.embed([self.formatter.tokenizer.decode(list(ids))])[0]
+        else:
+            vector = self.vectors[row]
+        scores = self.vectors @ vector
+        if row is not None:
+            scores[row] = -np.inf
+        count = min(self.config.neighbours, len(self.passages) - (row is not None))
+        order = np.argsort(-scores, kind="stable")[:count]
+        return [self.passages[j] for j in order]
+
+    def contexts_for(self, ids: Sequence[int]) -> list[list[int]]:
+        """The chunk's calibration contexts (token ids): ``config.contexts`` draws of ``config.depth`` passages."""
+        near = self.nearest(ids)
+        seed = hashlib.sha256(np.asarray([self.config.seed, *ids], dtype=np.int64).tobytes()).digest()
+        rng = random.Random(seed)
+        depth = min(self.config.depth, len(near))
+        return [[t for passage in rng.sample(near, depth) for t in passage] for _ in range(self.config.contexts)]

@@ -26,6 +26,7 @@ import torch
 from .adapter import PREFIX_PREAMBLE, PacketAdapter, resolve_adapter
 from .aio import iterate_in_thread
 from .builder import PacketBuilder
+from .calibration import NeighbourContexts
 from .context import ContextMethod, PacketFetch, PacketKind, PreparedContext
 from .errors import EmptyInputError
 from .flops import forward_flops
@@ -206,6 +207,17 @@ class PacketEngine:
         built after the chat preamble: exact as a context's first chunk) or a `PacketAdapter`.
         """
         return self._fetch(chunks, self.builder_for(kind), progress).keys
+
+    def calibrate_on(self, neighbours: NeighbourContexts | None) -> None:
+        """Build this engine's adapter packets after each chunk's own neighbour contexts from now on (None: as
+        the adapter builds them). Their keys record the contexts' fingerprint, so packets built otherwise are not
+        read in their place; exact and bare packets are unchanged.
+
+        Raises:
+            ValueError: the adapter carries calibration contexts of its own.
+        """
+        with self._compute:
+            self.builder = PacketBuilder(self.model, self.adapter, self.formatter, neighbours=neighbours)
 
     @property
     def ingest_kinds(self) -> list[PacketKind]:

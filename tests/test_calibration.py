@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from kvpacket_rag.adapter import PacketAdapter
 from kvpacket_rag.builder import PacketBuilder
-from kvpacket_rag.calibration import CalibrationConfig, calibrate, draw_contexts
+from kvpacket_rag.calibration import CalibrationConfig, NeighbourContexts, calibrate, draw_contexts
+from kvpacket_rag.embedder import Embedder
 from kvpacket_rag.cli import main
+from kvpacket_rag.engine import PacketEngine
 from kvpacket_rag.errors import InvalidInputError
 from kvpacket_rag.models import load_model
 from kvpacket_rag.prompt import PromptFormatter
@@ -29,7 +32,8 @@ def test_contexts_join_distinct_passages_and_are_seeded():
         draw_contexts(passages, CalibrationConfig(depth=4))
 
 
-@pytest.mark.parametrize("field, value", [("contexts", 0), ("depth", 0), ("depth", 1.5)])
+@pytest.mark.parametrize("field, value", [("contexts", 0), ("depth", 0), ("depth", 1.5), ("neighbours", 1),
+                                          ("neighbours", 2.0)])
 def test_bad_config_is_refused(field, value):
     with pytest.raises(ValueError, match=f"calibration {field}"):
         CalibrationConfig(**{field: value})
@@ -43,7 +47,8 @@ def test_calibrate_keeps_the_adapter_and_records_its_draw(tiny_llama):
     tokens = {tuple(formatter.chunk_ids(text)) for text in PASSAGES}
     assert all(any(tuple(ids[:n]) in tokens for n in range(1, len(ids))) for ids in calibrated.calibration)
     assert calibrated.card["calibrated_from"] == base.fingerprint
-    assert calibrated.card["calibration"] == {"contexts": 3, "depth": 2, "seed": 0, "passages": 4, "source": "test"}
+    assert calibrated.card["calibration"] == {"contexts": 3, "depth": 2, "seed": 0, "neighbours": 0, "passages": 4,
+                                              "source": "test"}
     packet = PacketBuilder(tiny_llama, calibrated, formatter).build("Item 9 is a white box.")
     assert packet.adapter_fingerprint.startswith(calibrated.fingerprint)
 
@@ -63,3 +68,80 @@ def test_kvpacket_calibrate_writes_an_adapter(tiny_llama, tmp_path, capsys):
     assert main(["calibrate", "--model", str(model_dir), "--dataset", f"jsonl:{data}", "--n", "4", "--depth", "5",
                  "--out", str(tmp_path / "x.safetensors")]) == 3
     assert "at least 5 non-empty passages" in capsys.readouterr().err
+
+
+# ---- neighbour contexts: each chunk's contexts from its nearest passages ----------------------------------------
+
+TOPICS = ["The violin has four strings and is played with a bow.",
+          "The cello is a large string instrument played with a bow.",
+          "Basalt is a volcanic rock formed from cooling lava.",
+          "Granite is an igneous rock made of quartz and feldspar.",
+          "Sourdough bread rises with wild yeast and bacteria."]
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return Embedder()
+
+
+def neighbours_of(model, embedder, **config):
+    formatter = PromptFormatter(model.tokenizer)
+    return NeighbourContexts(TOPICS + ["", TOPICS[0]], formatter, embedder, CalibrationConfig(**config)), formatter
+
+
+def test_nearest_passages_exclude_the_chunk_and_rank_by_similarity(tiny_llama, embedder):
+    near, formatter = neighbours_of(tiny_llama, embedder, contexts=3, depth=1, neighbours=2)
+    assert len(near.passages) == 5  # the blank and the repeated passage are skipped
+    ids = formatter.chunk_ids(TOPICS[0])
+    nearest = near.nearest(ids)
+    assert nearest[0] == formatter.chunk_ids(TOPICS[1]) and ids not in nearest and len(nearest) == 2
+    outside = formatter.chunk_ids("A viola is a string instrument slightly larger than a violin.")
+    assert near.nearest(outside)[0] in (formatter.chunk_ids(TOPICS[0]), formatter.chunk_ids(TOPICS[1]))
+    contexts = near.contexts_for(ids)
+    assert len(contexts) == 3 and all(c in nearest for c in contexts) and contexts == near.contexts_for(ids)
+
+
+def test_neighbour_contexts_are_refused_without_neighbours_or_corpus(tiny_llama, embedder):
+    formatter = PromptFormatter(tiny_llama.tokenizer)
+    with pytest.raises(ValueError, match="neighbours >= depth"):
+        NeighbourContexts(TOPICS, formatter, embedder, CalibrationConfig())
+    with pytest.raises(InvalidInputError, match="at least 2 distinct"):
+        NeighbourContexts([TOPICS[0], TOPICS[0], " "], formatter, embedder, CalibrationConfig(neighbours=2))
+    with pytest.raises(ValueError, match="NeighbourContexts"):
+        calibrate(PacketAdapter.empty(tiny_llama, "preamble"), formatter, TOPICS, CalibrationConfig(neighbours=2))
+
+
+def test_neighbour_packet_equals_the_adapter_calibrated_with_the_same_context(tiny_model, embedder):
+    """A chunk built after its nearest passage is the packet of an adapter calibrated with that one context
+    (whose exactness against the block-mask forward is checked with the other calibrated packets)."""
+    near, formatter = neighbours_of(tiny_model, embedder, contexts=1, depth=1, neighbours=1)
+    adapter = PacketAdapter.initialize(tiny_model, 2, 2, seed=0, prefix="preamble")
+    ids = formatter.chunk_ids(TOPICS[2])
+    packet = PacketBuilder(tiny_model, adapter, formatter, neighbours=near).build(ids)
+    single = adapter.with_calibration([formatter.chunk_ids(TOPICS[3])], {})
+    expected = PacketBuilder(tiny_model, single, formatter).build(ids)
+    torch.testing.assert_close(packet.keys, expected.keys, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packet.values, expected.values, rtol=1e-5, atol=1e-5)
+
+
+def test_neighbour_packets_are_keyed_by_their_corpus(tiny_llama, embedder):
+    near, formatter = neighbours_of(tiny_llama, embedder, contexts=2, depth=2, neighbours=3)
+    other = NeighbourContexts(TOPICS[:4], formatter, embedder, CalibrationConfig(contexts=2, depth=2, neighbours=3))
+    adapter = PacketAdapter.empty(tiny_llama, "preamble")
+    ids = formatter.chunk_ids(TOPICS[4])
+    keys = {PacketBuilder(tiny_llama, adapter, formatter, neighbours=n).key_for(ids) for n in (near, other, None)}
+    assert len(keys) == 3 and near.fingerprint != other.fingerprint
+    with pytest.raises(ValueError, match="already carries calibration"):
+        PacketBuilder(tiny_llama, adapter.with_calibration([ids], {}), formatter, neighbours=near)
+
+
+def test_engine_builds_with_neighbour_contexts_then_as_before(tiny_llama, embedder):
+    engine = PacketEngine(tiny_llama, adapter="none+preamble")
+    near, _ = neighbours_of(tiny_llama, embedder, contexts=2, depth=1, neighbours=2)
+    plain_key = engine.packet_key(TOPICS[0], "adapted")
+    engine.calibrate_on(near)
+    key = engine.build_packets([TOPICS[0]])[0]
+    assert key != plain_key and engine.store.contains(key)
+    assert engine.answer("What has four strings?", TOPICS[:2]).text is not None
+    engine.calibrate_on(None)
+    assert engine.packet_key(TOPICS[0], "adapted") == plain_key

@@ -35,6 +35,14 @@ def register(subparsers) -> None:
     parser.add_argument("--append", action="store_true",
                         help="add these methods to the result already in --json (same questions and settings; "
                              "full_recompute is rerun as the reference and must give the same answers)")
+    parser.add_argument("--calibrate-neighbours", type=int, default=0, metavar="N",
+                        help="build each chunk's adapter packet after contexts drawn from its N nearest passages "
+                             "among the evaluated questions' passages (the served corpus); 0 (default): as the "
+                             "adapter builds them")
+    parser.add_argument("--calibration-contexts", type=int, default=4,
+                        help="with --calibrate-neighbours: contexts per chunk (each one more forward; default 4)")
+    parser.add_argument("--calibration-depth", type=int, default=2,
+                        help="with --calibrate-neighbours: passages per context (default 2)")
     from .common import add_model_arguments
 
     add_model_arguments(parser)
@@ -47,6 +55,9 @@ def command_line(args: argparse.Namespace) -> str:
              "--split", args.split, "--seed", str(args.seed), "--max-new-tokens", str(args.max_new_tokens)]
     if args.quantization != "none":
         parts += ["--quantization", args.quantization]
+    if args.calibrate_neighbours:
+        parts += ["--calibrate-neighbours", str(args.calibrate_neighbours), "--calibration-contexts",
+                  str(args.calibration_contexts), "--calibration-depth", str(args.calibration_depth)]
     for flag in ("model", "adapter", "device", "dtype", "threads", "json"):
         value = getattr(args, flag)
         if value is not None:
@@ -56,6 +67,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..calibration import CalibrationConfig
     from ..evaluation import EvalConfig
     from ..evaluation.merge import check_settings
     from ..evaluation.run import prepare_process
@@ -69,8 +81,10 @@ def run(args: argparse.Namespace) -> int:
         check_settings(existing, {"dataset": args.dataset, "split": args.split, "seed": args.seed, "n": args.n,
                                   "max_new_tokens": args.max_new_tokens, "quantization": args.quantization})
     prepare_process(args.threads)
+    calibration = CalibrationConfig(args.calibration_contexts, args.calibration_depth,
+                                    neighbours=args.calibrate_neighbours) if args.calibrate_neighbours else None
     config = EvalConfig(tuple(s.strip() for s in args.methods.split(",") if s.strip()),
-                        max_new_tokens=args.max_new_tokens, kl=not args.no_kl)
+                        max_new_tokens=args.max_new_tokens, kl=not args.no_kl, calibration=calibration)
     with tempfile.TemporaryDirectory(prefix="kvpacket-eval-") as packet_dir:
         store = None if args.quantization == "none" else LocalStore(packet_dir, quantization=args.quantization)
         return _evaluate_and_write(args, config, make_engine(args, store), existing)

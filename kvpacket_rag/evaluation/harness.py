@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..calibration import CalibrationConfig, NeighbourContexts
 from ..datasets import Sample
 from ..engine import Answer, PacketEngine
 from ..generation import GenerationConfig
@@ -49,6 +50,9 @@ class EvalConfig:
         warmup: answer the first sample once with every method before measuring.
         kl: compute the teacher-forced KL (one extra untimed context preparation per method and sample).
         progress: show a tqdm bar.
+        calibration: with ``neighbours`` set, the engine's adapter packets are built after each chunk's own
+            contexts drawn from its nearest passages among every evaluated question's passages (the served
+            corpus; see `kvpacket_rag.calibration.NeighbourContexts`); None builds them as the adapter does.
     """
 
     methods: tuple[str | ContextMethod, ...]
@@ -56,6 +60,7 @@ class EvalConfig:
     warmup: bool = True
     kl: bool = True
     progress: bool = True
+    calibration: CalibrationConfig | None = None
 
     def __post_init__(self) -> None:
         names = [get_method(spec).name for spec in self.methods]
@@ -66,6 +71,9 @@ class EvalConfig:
             object.__setattr__(self, "methods", (REFERENCE, *self.methods))
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        if self.calibration is not None and not self.calibration.neighbours:
+            raise ValueError("an evaluation's calibration draws each chunk's contexts from its nearest passages: "
+                             "set neighbours >= depth (shared contexts belong to the adapter: kvpacket calibrate)")
 
     @property
     def names(self) -> list[str]:
@@ -102,17 +110,38 @@ def evaluate(engine: PacketEngine, samples: Sequence[Sample], config: EvalConfig
     order = config.names
     done = _read_checkpoint(checkpoint, samples, order) if checkpoint is not None else []
     todo = samples[len(done):]
+    if config.calibration is not None:
+        engine.calibrate_on(_neighbour_contexts(engine, samples, config.calibration))
+    try:
+        _run_samples(engine, todo, done, order, methods, generation, config, checkpoint, len(samples))
+    finally:
+        if config.calibration is not None:
+            engine.calibrate_on(None)
+    summaries = {name: summarize([sample[name] for sample in done], engine) for name in order}
+    add_relative(summaries)
+    return {"methods": summaries, "resumed": len(samples) - len(todo)}
+
+
+def _neighbour_contexts(engine: PacketEngine, samples: Sequence[Sample],
+                        calibration: CalibrationConfig) -> NeighbourContexts:
+    """Neighbour contexts over every passage of ``samples`` (the default embedder ranks them)."""
+    from ..embedder import Embedder
+
+    passages = [chunk for sample in samples for chunk in sample.chunks]
+    return NeighbourContexts(passages, engine.formatter, Embedder(), calibration)
+
+
+def _run_samples(engine: PacketEngine, todo: Sequence[Sample], done: list, order: list[str], methods: dict[str, str],
+                 generation: GenerationConfig, config: EvalConfig, checkpoint: str | Path | None, total: int) -> None:
+    """Answer ``todo`` (warm-up first), appending records to ``done`` and the checkpoint."""
     if config.warmup and todo:
         _run_sample(engine, todo[0], order, methods, generation, config.kl)
     for sample in tqdm(todo, desc="evaluating", unit="question", disable=not config.progress,
-                       initial=len(done), total=len(samples)):
+                       initial=len(done), total=total):
         done.append(_run_sample(engine, sample, order, methods, generation, config.kl))
         if checkpoint is not None:
             with open(checkpoint, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(done[-1], ensure_ascii=False) + "\n")
-    summaries = {name: summarize([sample[name] for sample in done], engine) for name in order}
-    add_relative(summaries)
-    return {"methods": summaries, "resumed": len(samples) - len(todo)}
 
 
 def _read_checkpoint(path: str | Path, samples: Sequence[Sample], order: list[str]) -> list[dict[str, dict]]:

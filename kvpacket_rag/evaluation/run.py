@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from ..benchmarks.common import machine_info, peak_rss_mb
@@ -51,7 +52,8 @@ def run_evaluation(engine: PacketEngine, dataset: str, n: int, config: EvalConfi
                   "dtype": str(engine.model.dtype).removeprefix("torch."), "device": str(engine.model.device),
                   "layers": engine.model.num_layers},
         "adapter": {"spec": adapter_spec, "fingerprint": adapter.fingerprint[:16], "n_header": adapter.n_header,
-                    "n_trailer": adapter.n_trailer, "card": _json_safe(adapter.card)},
+                    "n_trailer": adapter.n_trailer, "card": _json_safe(adapter.card),
+                    "neighbour_calibration": asdict(config.calibration) if config.calibration else None},
         "store": type(engine.store).__name__, "quantization": engine.store.quantization,
         "machine": machine_info(threads),
         "wall_s": time.perf_counter() - started, "process_peak_rss_mb": peak_rss_mb(), "records_text": keep_text,

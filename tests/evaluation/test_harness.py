@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kvpacket_rag.calibration import CalibrationConfig
 from kvpacket_rag.cli import main as cli_main
 from kvpacket_rag.datasets import load_samples
 from kvpacket_rag.engine import PacketEngine
@@ -326,3 +327,16 @@ def test_report_labels_name_the_precision_and_the_adapter():
     assert label(run) == "niah (100, adapter a7f77c3f)"
     assert label({**run, "quantization": "int8"}) == "niah (100, int8 packets, adapter a7f77c3f)"
     assert label({"dataset": "niah", "n": 20, "adapter": {"fingerprint": "none"}}) == "niah (20)"
+
+
+def test_neighbour_calibration_builds_after_the_evaluated_passages(tiny_llama, jsonl):
+    engine = PacketEngine(tiny_llama, adapter="none+preamble")
+    calibration = CalibrationConfig(contexts=1, depth=1, neighbours=2)
+    config = EvalConfig(("kv_packet_first_exact",), max_new_tokens=2, warmup=False, progress=False,
+                        calibration=calibration)
+    out = run_evaluation(engine, str(jsonl), 2, config, adapter_spec="none+preamble")
+    assert out["adapter"]["neighbour_calibration"]["neighbours"] == 2
+    assert out["methods"]["kv_packet_first_exact"]["n"] == 2
+    assert engine.builder.neighbours is None  # the engine builds as before once the evaluation ends
+    with pytest.raises(ValueError, match="set neighbours"):
+        EvalConfig(("kv_packet",), calibration=CalibrationConfig())

@@ -49,6 +49,23 @@ def chunk_after(trainer: Trainer, before: list[list[int]], ids: list[int]) -> Bl
     return _rotate(keys[:, :, at:], -len(flat), model), values[:, :, at:]
 
 
+def nearest_passages(trainer: Trainer, pool: dict[str, list[tuple[int, list[int]]]],
+                     k: int) -> dict[tuple[int, ...], list[list[int]]]:
+    """For every passage of the pool, its ``k`` nearest other passages of the same dataset (cosine of the default
+    embedder's vectors), as a retriever would co-retrieve them with it."""
+    from kvpacket_rag.embedder import Embedder
+
+    embedder, near = Embedder(), {}
+    for items in pool.values():
+        unique = list({tuple(c): c for _, c in items}.values())
+        vectors = torch.from_numpy(embedder.embed([trainer.model.tokenizer.decode(c) for c in unique]))
+        scores = vectors @ vectors.T
+        scores.fill_diagonal_(-2.0)
+        for row, ids in zip(scores.topk(min(k, len(unique) - 1), dim=1).indices.tolist(), unique):
+            near[tuple(ids)] = [unique[j] for j in row]
+    return near
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=12)
@@ -60,7 +77,10 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--readings", nargs="*", default=[],
                         help="extra mean packets DEPTH:K[:other]: DEPTH 'm' (as many chunks as precede it) or a "
-                             "number of context chunks, K contexts, 'other' to draw them from the other datasets")
+                             "number of context chunks, K contexts, 'other' to draw them from the other datasets, 'near' "
+                             "from the chunk's --near nearest passages of the same dataset (any sample, by embedding)")
+    parser.add_argument("--near", type=int, default=8)
+    parser.add_argument("--datasets", default="", help="only samples of these datasets (comma-separated)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     options = {"biography": {"docs_per_sample": [3, 4, 5]}, "niah": {"n_chunks": 4, "chunk_words": 300}}
@@ -77,11 +97,15 @@ def main() -> None:
     for i, sample in enumerate(trainer.samples):
         pool.setdefault(sample.id.split("/")[0], []).extend((i, list(c)) for c in sample.chunk_ids)
     extra_rng = random.Random(1)
+    neighbours = nearest_passages(trainer, pool, args.near) if any(":near" in r for r in args.readings) else {}
 
     def mean_packet(chunks: list[list[int]], t: int, i: int, kind: str, spec: str) -> Block:
         depth, k, *source = spec.split(":")
         depth = t if depth == "m" else int(depth)
-        others = [c for name, items in pool.items() if (name != kind) == bool(source) for j, c in items if j != i]
+        if source == ["near"]:
+            others = neighbours[tuple(chunks[t])]
+        else:
+            others = [c for name, items in pool.items() if (name != kind) == bool(source) for j, c in items if j != i]
         draws = [chunk_after(trainer, extra_rng.sample(others, depth), chunks[t]) for _ in range(int(k))]
         return torch.stack([d[0] for d in draws]).mean(0), torch.stack([d[1] for d in draws]).mean(0)
     rng = random.Random(0)
@@ -94,6 +118,8 @@ def main() -> None:
         if len(chunks) < 2:
             continue
         kind = sample.id.split("/")[0]
+        if args.datasets and kind not in args.datasets.split(","):
+            continue
         others = [c for j, c in pool[kind] if j != i]
         with torch.no_grad():
             real, bare, mean, spread = [], [], [], []

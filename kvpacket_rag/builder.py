@@ -77,6 +77,13 @@ class PacketBuilder:
             provenance += f"~{self.neighbours.fingerprint[:16]}"
         return provenance
 
+    def provenance_for(self, token_ids: Sequence[int]) -> str:
+        """What the chunk's packet records as its adapter: `adapter_fingerprint`, plus a digest of the chunk's own
+        contexts when they are drawn from its nearest passages."""
+        if self.neighbours is None:
+            return self.adapter_fingerprint
+        return f"{self.adapter_fingerprint}:{self.neighbours.digest(token_ids)[:16]}"
+
     def chunk_ids(self, text: str) -> list[int]:
         """Token ids of a chunk, validated against the model's context.
 
@@ -101,7 +108,7 @@ class PacketBuilder:
     def key_for(self, token_ids: Sequence[int]) -> str:
         """The packet key the chunk's packet has (or will have) under this model and adapter."""
         return packet_key(token_ids, self.model.fingerprint, self.model.tokenizer_fingerprint,
-                          self.adapter_fingerprint, self.model.dtype)
+                          self.provenance_for(token_ids), self.model.dtype)
 
     def build(self, chunk: str | Sequence[int]) -> KVPacket:
         """Build the packet of one chunk (text, or token ids from `chunk_ids`)."""
@@ -157,7 +164,7 @@ class PacketBuilder:
         return [
             KVPacket(keys[row][:, :, :n].cpu().clone(), values[row][:, :, :n].cpu().clone(),
                      torch.tensor(ids, dtype=torch.int64), self.adapter.n_header, self.adapter.n_trailer,
-                     model.fingerprint, model.tokenizer_fingerprint, self.adapter_fingerprint)
+                     model.fingerprint, model.tokenizer_fingerprint, self.provenance_for(ids))
             for row, (ids, n) in enumerate(zip(id_lists, lengths))
         ]
 

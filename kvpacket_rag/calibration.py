@@ -16,6 +16,7 @@ adapter's shared contexts.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -117,8 +118,9 @@ class NeighbourContexts:
             each chunk's contexts are drawn from.
 
     Attributes:
-        fingerprint: sha256 hex over the configuration, the embedder and every passage's token ids; packets built
-            with these contexts record it.
+        fingerprint: sha256 hex over the configuration and the embedder. A packet built with these contexts records
+            it and a digest of its own contexts (`digest`), so the packet of a chunk whose nearest passages are the
+            same in another corpus is the same packet.
 
     Raises:
         ValueError: ``config.neighbours`` is 0.
@@ -138,10 +140,8 @@ class NeighbourContexts:
         self.passages = [formatter.chunk_ids(text) for text in texts]
         self.vectors = np.ascontiguousarray(embedder.embed(texts), dtype=np.float32)
         self._row = {tuple(ids): row for row, ids in enumerate(self.passages)}
-        digest = hashlib.sha256(json.dumps([asdict(config), embedder.fingerprint]).encode())
-        for ids in self.passages:
-            digest.update(np.asarray(ids, dtype=np.int64).tobytes() + b"|")
-        self.fingerprint = digest.hexdigest()
+        self.fingerprint = hashlib.sha256(json.dumps([asdict(config), embedder.fingerprint]).encode()).hexdigest()
+        self._contexts = functools.lru_cache(maxsize=4096)(self._draw)
 
     def nearest(self, ids: Sequence[int]) -> list[list[int]]:
         """The ``config.neighbours`` passages nearest to the chunk ``ids`` (token ids), nearest first, itself
@@ -160,8 +160,19 @@ class NeighbourContexts:
 
     def contexts_for(self, ids: Sequence[int]) -> list[list[int]]:
         """The chunk's calibration contexts (token ids): ``config.contexts`` draws of ``config.depth`` passages."""
+        return [list(context) for context in self._contexts(tuple(ids))]
+
+    def digest(self, ids: Sequence[int]) -> str:
+        """sha256 hex over the chunk's calibration contexts: what its packet depends on besides the chunk."""
+        digest = hashlib.sha256()
+        for context in self._contexts(tuple(ids)):
+            digest.update(np.asarray(context, dtype=np.int64).tobytes() + b"|")
+        return digest.hexdigest()
+
+    def _draw(self, ids: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
         near = self.nearest(ids)
         seed = hashlib.sha256(np.asarray([self.config.seed, *ids], dtype=np.int64).tobytes()).digest()
         rng = random.Random(seed)
         depth = min(self.config.depth, len(near))
-        return [[t for passage in rng.sample(near, depth) for t in passage] for _ in range(self.config.contexts)]
+        return tuple(tuple(t for passage in rng.sample(near, depth) for t in passage)
+                     for _ in range(self.config.contexts))

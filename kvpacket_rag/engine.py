@@ -278,9 +278,9 @@ class PacketEngine:
                                 unsaved)
                 self.counters["packets_built"] += len(built)
             build_s = time.perf_counter() - start if missing else 0.0
-            for packet in found:
+            for packet, chunk_ids in zip(found, ids):
                 packet.check_compatible(self.model.fingerprint, self.model.tokenizer_fingerprint,
-                                        builder.adapter_fingerprint)
+                                        builder.provenance_for(chunk_ids))
             self.counters["packets_loaded"] += len(found) - len(missing)
             return PacketFetch(found, keys, build_s, len(missing), sum(len(ids[n]) for n in missing))
 

@@ -124,15 +124,29 @@ def test_neighbour_packet_equals_the_adapter_calibrated_with_the_same_context(ti
     torch.testing.assert_close(packet.values, expected.values, rtol=1e-5, atol=1e-5)
 
 
-def test_neighbour_packets_are_keyed_by_their_corpus(tiny_llama, embedder):
-    near, formatter = neighbours_of(tiny_llama, embedder, contexts=2, depth=2, neighbours=3)
-    other = NeighbourContexts(TOPICS[:4], formatter, embedder, CalibrationConfig(contexts=2, depth=2, neighbours=3))
+def test_neighbour_packets_are_keyed_by_their_own_contexts(tiny_llama, embedder):
+    """A packet's key covers the contexts it was built after: another corpus in which the chunk's nearest passages
+    are the same gives the same packet; a nearer passage gives another."""
+    formatter = PromptFormatter(tiny_llama.tokenizer)
+    config = CalibrationConfig(contexts=1, depth=1, neighbours=1)
     adapter = PacketAdapter.empty(tiny_llama, "preamble")
-    ids = formatter.chunk_ids(TOPICS[4])
-    keys = {PacketBuilder(tiny_llama, adapter, formatter, neighbours=n).key_for(ids) for n in (near, other, None)}
-    assert len(keys) == 3 and near.fingerprint != other.fingerprint
+    ids = formatter.chunk_ids(TOPICS[0])
+
+    def builder_in(corpus):
+        return PacketBuilder(tiny_llama, adapter, formatter,
+                             neighbours=NeighbourContexts(corpus, formatter, embedder, config))
+
+    def key_in(corpus):
+        return builder_in(corpus).key_for(ids)
+
+    assert key_in(TOPICS) == key_in(TOPICS[:2] + TOPICS[4:])  # the cello stays the violin's nearest passage
+    assert key_in(TOPICS) != key_in(TOPICS + ["The violin, also called a fiddle, has four strings tuned in fifths."])
+    assert key_in(TOPICS) != PacketBuilder(tiny_llama, adapter, formatter).key_for(ids)
+    builder = builder_in(TOPICS)
+    packet = builder.build(ids)
+    assert packet.key == builder.key_for(ids) and packet.adapter_fingerprint == builder.provenance_for(ids)
     with pytest.raises(ValueError, match="already carries calibration"):
-        PacketBuilder(tiny_llama, adapter.with_calibration([ids], {}), formatter, neighbours=near)
+        PacketBuilder(tiny_llama, adapter.with_calibration([ids], {}), formatter, neighbours=builder.neighbours)
 
 
 def test_engine_builds_with_neighbour_contexts_then_as_before(tiny_llama, embedder):

@@ -76,9 +76,10 @@ def main() -> None:
     parser.add_argument("--teacher-cache", default="runs/teacher")
     parser.add_argument("--json", default=None)
     parser.add_argument("--readings", nargs="*", default=[],
-                        help="extra mean packets DEPTH:K[:other]: DEPTH 'm' (as many chunks as precede it) or a "
-                             "number of context chunks, K contexts, 'other' to draw them from the other datasets, 'near' "
-                             "from the chunk's --near nearest passages of the same dataset (any sample, by embedding)")
+                        help="extra mean packets DEPTH:K[:other|:near]: DEPTH 'm' (as many chunks as precede it) "
+                             "or a number of context chunks, K contexts, 'other' to draw them from the other "
+                             "datasets, 'near' from the chunk's --near nearest passages of the same dataset (any "
+                             "sample, by embedding)")
     parser.add_argument("--near", type=int, default=8)
     parser.add_argument("--datasets", default="", help="only samples of these datasets (comma-separated)")
     args = parser.parse_args()

@@ -116,6 +116,8 @@ class NeighbourContexts:
         embedder: embeds passages, and chunks outside the corpus when they are built.
         config: contexts per chunk, passages per context, seed, and ``neighbours``: how many nearest passages
             each chunk's contexts are drawn from.
+        vectors: the passages' unit-length embeddings ``[len(passages), dim]`` when already computed (e.g. read
+            back from a FAISS index); None embeds them.
 
     Attributes:
         fingerprint: sha256 hex over the configuration and the embedder. A packet built with these contexts records
@@ -128,17 +130,24 @@ class NeighbourContexts:
     """
 
     def __init__(self, passages: Sequence[str], formatter: PromptFormatter, embedder: "Embedder",
-                 config: CalibrationConfig = CalibrationConfig(neighbours=8)):
+                 config: CalibrationConfig = CalibrationConfig(neighbours=8), vectors: np.ndarray | None = None):
         if not config.neighbours:
             raise ValueError("NeighbourContexts needs config.neighbours >= depth (how many nearest passages to draw "
                              "from); for contexts shared by every chunk use calibrate")
-        texts = list(dict.fromkeys(text for text in passages if text.strip()))
-        if len(texts) < 2:
+        if vectors is not None and np.shape(vectors) != (len(passages), embedder.dim):
+            raise ValueError(f"vectors must be [{len(passages)}, {embedder.dim}] (one row per passage), got "
+                             f"{list(np.shape(vectors))}")
+        first: dict[str, int] = {}
+        for row, text in enumerate(passages):
+            if text.strip():
+                first.setdefault(text, row)
+        if len(first) < 2:
             raise InvalidInputError(f"neighbour calibration needs at least 2 distinct non-blank passages, got "
-                                    f"{len(texts)}; calibrate on the whole corpus, not one chunk")
+                                    f"{len(first)}; calibrate on the whole corpus, not one chunk")
         self.config, self.embedder, self.formatter = config, embedder, formatter
-        self.passages = [formatter.chunk_ids(text) for text in texts]
-        self.vectors = np.ascontiguousarray(embedder.embed(texts), dtype=np.float32)
+        self.passages = [formatter.chunk_ids(text) for text in first]
+        chosen = embedder.embed(list(first)) if vectors is None else np.asarray(vectors)[list(first.values())]
+        self.vectors = np.ascontiguousarray(chosen, dtype=np.float32)
         self._row = {tuple(ids): row for row, ids in enumerate(self.passages)}
         self.fingerprint = hashlib.sha256(json.dumps([asdict(config), embedder.fingerprint]).encode()).hexdigest()
         self._contexts = functools.lru_cache(maxsize=4096)(self._draw)

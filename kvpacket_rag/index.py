@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
+from .calibration import CalibrationConfig
 from .chunker import Chunker, ChunkerConfig
 from .errors import CorruptIndexError, EmptyInputError, IncompatiblePacketError, KVPacketError, PacketNotFoundError
 from .generation import GenerationConfig
@@ -117,7 +118,8 @@ class IngestReport:
 
     Attributes:
         documents: documents added; skipped: ids of documents already indexed with the same text.
-        chunks: chunk records added; packets_built: packets newly built; packets_reused: packets already
+        chunks: chunk records added; packets_built: packets newly built (with neighbour calibration, also those
+            of earlier chunks whose nearest chunks changed); packets_reused: packets of the added chunks already
             stored (both count every packet kind the engine ingests, see `PacketEngine.ingest_kinds`); seconds: wall
             time.
     """
@@ -143,13 +145,19 @@ class PacketIndex:
             (sizes in tokens of the engine's model).
         missing_packets: what `answer`/`stream` do when a chunk's packet is not in the store:
             ``build`` (default) builds it, ``error`` raises `PacketNotFoundError`.
+        calibration: build each chunk's adapter packet after contexts drawn from its nearest chunks of this index
+            (`kvpacket_rag.calibration.NeighbourContexts`; ``neighbours`` must be set), for corpora whose
+            retrieved chunks resemble each other. The index sets its engine to build that way (give each
+            calibrated index an engine of its own); adding or deleting documents rebuilds the packets of the
+            chunks whose nearest chunks changed. None (default): packets as the adapter builds them.
 
     Writes (``add_documents``/``delete_document``) must not run concurrently with anything else; ``search`` may run
     from several threads; answering may run from several threads and coroutines (see `PacketEngine`).
     """
 
     def __init__(self, engine: "PacketEngine", embedder: "Embedder | None" = None,
-                 chunker: Chunker | ChunkerConfig | None = None, missing_packets: MissingPackets = "build"):
+                 chunker: Chunker | ChunkerConfig | None = None, missing_packets: MissingPackets = "build",
+                 calibration: CalibrationConfig | None = None):
         import faiss
 
         from .embedder import Embedder
@@ -162,6 +170,10 @@ class PacketIndex:
         if missing_packets not in ("build", "error"):
             raise ValueError(f"missing_packets must be 'build' or 'error', got {missing_packets!r}")
         self.missing_packets = missing_packets
+        if calibration is not None and not calibration.neighbours:
+            raise ValueError("an index's calibration draws each chunk's contexts from its nearest chunks: set "
+                             "neighbours >= depth (shared contexts belong to the adapter: kvpacket calibrate)")
+        self.calibration = calibration
         self.faiss = faiss.IndexIDMap2(faiss.IndexFlatIP(self.embedder.dim))
         self.records: dict[int, ChunkRecord] = {}
         self.documents: dict[str, dict] = {}  # doc_id -> {"sha256", "chunk_ids", "metadata"}
@@ -202,13 +214,16 @@ class PacketIndex:
         texts = [chunk.text for _, _, chunks in pending for chunk in chunks]
         if texts:
             built_before = self.engine.counters["packets_built"]
+            vectors = self.embedder.embed(texts)
+            self._calibrate(texts, vectors)
             unique = list(dict.fromkeys(texts))  # a chunk repeated in this batch is built once
             key_of = dict(zip(unique, self.engine.ingest_packets(unique, progress=progress)))
             keys = [key_of[text] for text in texts]
-            report.packets_built = self.engine.counters["packets_built"] - built_before
-            report.packets_reused = len(keys) * len(self.engine.ingest_kinds) - report.packets_built
-            vectors = self.embedder.embed(texts)
+            built_new = self.engine.counters["packets_built"] - built_before
+            report.packets_reused = len(keys) * len(self.engine.ingest_kinds) - built_new
             report.chunks = self._add_records(pending, keys, vectors)
+            self._refresh_keys(progress)
+            report.packets_built = self.engine.counters["packets_built"] - built_before
         report.documents = len(pending)
         report.seconds = time.perf_counter() - start
         return report
@@ -237,7 +252,39 @@ class PacketIndex:
         self.faiss.remove_ids(ids)
         for chunk_id in entry["chunk_ids"]:
             self.records.pop(chunk_id, None)
+        self._calibrate()
+        self._refresh_keys()
         return len(ids)
+
+    # ---- neighbour calibration -----------------------------------------------------------------------------------
+
+    def _calibrate(self, new_texts: Sequence[str] = (), new_vectors: np.ndarray | None = None) -> None:
+        """Point the engine at neighbour contexts over the indexed chunks plus ``new_texts`` (no-op without
+        calibration); vectors of indexed chunks are read back from FAISS, not re-embedded."""
+        if self.calibration is None:
+            return
+        from .calibration import NeighbourContexts
+
+        ids = list(self.records)
+        texts = [self.records[i].text for i in ids] + list(new_texts)
+        if len(set(texts)) < 2:  # one distinct chunk: nothing to draw from, packets as the adapter builds them
+            self.engine.calibrate_on(None)
+            return
+        old = (self.faiss.reconstruct_batch(np.array(ids, dtype=np.int64)) if ids
+               else np.zeros((0, self.embedder.dim), dtype=np.float32))
+        vectors = np.concatenate([old, new_vectors]) if new_vectors is not None else old
+        self.engine.calibrate_on(NeighbourContexts(texts, self.engine.formatter, self.embedder, self.calibration,
+                                                   vectors))
+
+    def _refresh_keys(self, progress: bool = False) -> None:
+        """Re-key the chunks whose packet key changed (their nearest chunks did) and build those packets."""
+        if self.calibration is None:
+            return
+        changed = [r for r in self.records.values() if r.packet_key != self.engine.packet_key(r.text)]
+        if changed:
+            self.engine.ingest_packets(list(dict.fromkeys(r.text for r in changed)), progress=progress)
+            for r in changed:
+                self.records[r.chunk_id] = ChunkRecord(**{**asdict(r), "packet_key": self.engine.packet_key(r.text)})
 
     # ---- retrieval and answers -----------------------------------------------------------------------------------
 
@@ -336,7 +383,8 @@ class PacketIndex:
         documents = "".join(json.dumps({"doc_id": d, **entry}, ensure_ascii=False) + "\n"
                             for d, entry in self.documents.items())
         manifest = {"format": INDEX_FORMAT, "fingerprints": self.fingerprints(), "dim": self.embedder.dim,
-                    "chunker": asdict(self.chunker.config), "next_id": self._next_id, "chunks": len(self.records)}
+                    "chunker": asdict(self.chunker.config), "next_id": self._next_id, "chunks": len(self.records),
+                    "calibration": asdict(self.calibration) if self.calibration is not None else None}
         writers = {"chunks": lambda path: path.write_bytes(records.encode()),
                    "documents": lambda path: path.write_bytes(documents.encode()),
                    "faiss": lambda path: faiss.write_index(self.faiss, str(path))}
@@ -367,16 +415,19 @@ class PacketIndex:
         manifest, files = read_manifest(directory)
         try:
             chunker = ChunkerConfig(**manifest["chunker"])
+            saved = manifest.get("calibration")
+            calibration = CalibrationConfig(**saved) if saved is not None else None
         except (TypeError, ValueError) as error:
-            raise CorruptIndexError(f"{directory}: the manifest's chunker settings are invalid ({error}); save the "
-                                    "index again") from None
-        index = cls(engine, embedder, chunker, missing_packets)
+            raise CorruptIndexError(f"{directory}: the manifest's chunker or calibration settings are invalid "
+                                    f"({error}); save the index again") from None
+        index = cls(engine, embedder, chunker, missing_packets, calibration)
         index._check_fingerprints(manifest["fingerprints"], rebuild_packets)
         index.faiss = faiss.read_index(str(files["faiss"]))
         index._load_records(files["chunks"], files["documents"])
         index._next_id = manifest["next_id"]
         if index.faiss.ntotal != len(index.records) or index.faiss.d != index.embedder.dim:
             raise CorruptIndexError(f"{directory}: the FAISS index and the chunk records disagree; save the index again")
+        index._calibrate()
         if rebuild_packets:
             index._rekey()
         index._check_packets(missing_packets)

@@ -198,3 +198,36 @@ def test_reopening_over_a_persistent_store_builds_nothing(default_model, embedde
     result = reopened.answer("Who founded Quill Press?", k=2, generation=GEN)
     assert second.counters["packets_built"] == 0 and second.counters["packets_loaded"] == 2
     assert result.text == index.answer("Who founded Quill Press?", k=2, generation=GEN).text
+
+
+def test_neighbour_calibrated_index_keys_packets_by_their_nearest_chunks(default_model, embedder, tmp_path):
+    """Each chunk's packet is built after its nearest chunks of the index; a new document rebuilds only the packets
+    of the chunks whose nearest chunks changed; a reopened index finds every packet in the store."""
+    from kvpacket_rag.calibration import CalibrationConfig
+    from kvpacket_rag.store import LocalStore
+
+    store = LocalStore(tmp_path / "packets")
+    engine = PacketEngine(default_model, adapter="none+preamble", store=store)
+    calibration = CalibrationConfig(contexts=1, depth=1, neighbours=1)
+    index = PacketIndex(engine, embedder, calibration=calibration)
+    index.add_documents([Document(text, doc_id) for doc_id, text in CORPUS.items()])
+    plain = PacketEngine(default_model, adapter="none+preamble", store=InMemoryStore())
+    records = list(index.records.values())
+    assert all(store.contains(r.packet_key) and r.packet_key != plain.packet_key(r.text) for r in records)
+    before = {r.doc_id: r.packet_key for r in records}
+    report = index.add_documents([Document("Quill Press, the Edinburgh publisher founded by Fiona Baird, also "
+                                           "prints poetry pamphlets.", "quill-news")])
+    after = {r.doc_id: r.packet_key for r in index.records.values()}
+    assert after["quill"] != before["quill"] and after["lumen"] == before["lumen"]  # quill's nearest chunk changed
+    assert report.packets_built == 2 + 1  # the new chunk's two packets and quill's rebuilt adapter packet
+    answer = index.answer("Who founded Quill Press?", k=2, generation=GEN)
+    assert answer.text and answer.packets_built == 0  # every packet read from the store
+    index.save(tmp_path / "index")
+    fresh = PacketEngine(default_model, adapter="none+preamble", store=store)
+    reopened = PacketIndex.open(tmp_path / "index", fresh, embedder)
+    assert reopened.calibration == calibration and fresh.counters["packets_built"] == 0
+    assert {r.chunk_id: r.packet_key for r in reopened.records.values()} == \
+        {r.chunk_id: r.packet_key for r in index.records.values()}
+    assert index.delete_document("quill-news") == 1 and index.records[0].packet_key == before["quill"]
+    with pytest.raises(ValueError, match="set neighbours"):
+        PacketIndex(engine, embedder, calibration=CalibrationConfig())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import EmptyInputError, InvalidInputError
 from ..generation import GenerationConfig
-from .common import add_model_arguments, make_engine
+from .common import add_calibration_arguments, add_model_arguments, calibrate_engine, make_engine
 
 SAMPLE_DOCS = Path(__file__).resolve().parent.parent / "data" / "samples"
 
@@ -18,6 +18,7 @@ def register(subparsers) -> None:
     build = subparsers.add_parser("build", help="build one packet per document file into a store")
     build.add_argument("--docs", nargs="+", required=True, type=Path, help="text files (one chunk each) or directories")
     build.add_argument("--out", "--store", dest="store", required=True, help="store directory or redis:// URL")
+    add_calibration_arguments(build, "the documents (ask over the same documents with the same options)")
     add_model_arguments(build)
     build.set_defaults(handler=run_build)
 
@@ -31,6 +32,7 @@ def register(subparsers) -> None:
     ask.add_argument("--store", default=None, help="store directory or redis:// URL (default: in memory)")
     ask.add_argument("--max-new-tokens", type=int, default=64)
     ask.add_argument("--json", action="store_true", help="print the answer, timings and FLOPs as JSON")
+    add_calibration_arguments(ask, "the documents")
     add_model_arguments(ask)
     ask.set_defaults(handler=run_ask)
 
@@ -78,6 +80,7 @@ def _open_store(spec: str | None):
 def run_build(args: argparse.Namespace) -> int:
     docs = read_documents(args.docs)
     engine = make_engine(args, store=_open_store(args.store))
+    calibrate_engine(engine, args, [text for _, text in docs])
     keys = engine.ingest_packets([text for _, text in docs], progress=True)
     for (name, _), key in zip(docs, keys):
         print(f"{key}  {name}")
@@ -89,6 +92,7 @@ def run_build(args: argparse.Namespace) -> int:
 def run_ask(args: argparse.Namespace) -> int:
     docs = read_documents(args.docs)
     engine = make_engine(args, store=_open_store(args.store))
+    calibrate_engine(engine, args, [text for _, text in docs])
     answer = engine.answer(args.question, [text for _, text in docs], method=args.method,
                            generation=GenerationConfig(max_new_tokens=args.max_new_tokens))
     if args.json:

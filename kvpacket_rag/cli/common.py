@@ -30,3 +30,43 @@ def make_engine(args: argparse.Namespace, store=None):
         return PacketEngine(args.model, adapter=args.adapter, store=store, device=args.device, dtype=args.dtype)
     except IncompatiblePacketError as error:  # speak in command-line options, not keyword arguments
         raise IncompatiblePacketError(str(error).replace("pass adapter=None", "pass --adapter none")) from None
+
+
+def add_calibration_arguments(parser: argparse.ArgumentParser, corpus: str) -> None:
+    """--calibrate-neighbours, --calibration-contexts, --calibration-depth (``corpus`` names the passages)."""
+    parser.add_argument("--calibrate-neighbours", type=int, default=0, metavar="N",
+                        help=f"build each chunk's adapter packet after contexts drawn from its N nearest passages "
+                             f"among {corpus}; 0 (default): as the adapter builds them")
+    parser.add_argument("--calibration-contexts", type=int, default=4,
+                        help="with --calibrate-neighbours: contexts per chunk (each one more forward; default 4)")
+    parser.add_argument("--calibration-depth", type=int, default=2,
+                        help="with --calibrate-neighbours: passages per context (default 2)")
+
+
+def calibration_config(args: argparse.Namespace):
+    """The `CalibrationConfig` of the calibration arguments, or None without --calibrate-neighbours."""
+    from ..calibration import CalibrationConfig
+
+    if not args.calibrate_neighbours:
+        return None
+    return CalibrationConfig(args.calibration_contexts, args.calibration_depth,
+                             neighbours=args.calibrate_neighbours)
+
+
+def calibration_flags(args: argparse.Namespace) -> list[str]:
+    """The calibration arguments as given (for reproducing a command), empty without --calibrate-neighbours."""
+    if not args.calibrate_neighbours:
+        return []
+    return ["--calibrate-neighbours", str(args.calibrate_neighbours), "--calibration-contexts",
+            str(args.calibration_contexts), "--calibration-depth", str(args.calibration_depth)]
+
+
+def calibrate_engine(engine, args: argparse.Namespace, passages: list[str]) -> None:
+    """With --calibrate-neighbours, point ``engine`` at neighbour contexts over ``passages``."""
+    config = calibration_config(args)
+    if config is None:
+        return
+    from ..calibration import NeighbourContexts
+    from ..embedder import Embedder
+
+    engine.calibrate_on(NeighbourContexts(passages, engine.formatter, Embedder(), config))

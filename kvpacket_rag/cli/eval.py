@@ -35,29 +35,22 @@ def register(subparsers) -> None:
     parser.add_argument("--append", action="store_true",
                         help="add these methods to the result already in --json (same questions and settings; "
                              "full_recompute is rerun as the reference and must give the same answers)")
-    parser.add_argument("--calibrate-neighbours", type=int, default=0, metavar="N",
-                        help="build each chunk's adapter packet after contexts drawn from its N nearest passages "
-                             "among the evaluated questions' passages (the served corpus); 0 (default): as the "
-                             "adapter builds them")
-    parser.add_argument("--calibration-contexts", type=int, default=4,
-                        help="with --calibrate-neighbours: contexts per chunk (each one more forward; default 4)")
-    parser.add_argument("--calibration-depth", type=int, default=2,
-                        help="with --calibrate-neighbours: passages per context (default 2)")
-    from .common import add_model_arguments
+    from .common import add_calibration_arguments, add_model_arguments
 
+    add_calibration_arguments(parser, "the evaluated questions' passages (the served corpus)")
     add_model_arguments(parser)
     parser.set_defaults(handler=run)
 
 
 def command_line(args: argparse.Namespace) -> str:
     """The `kvpacket eval` command that reproduces this run, every setting spelled out."""
+    from .common import calibration_flags
+
     parts = ["kvpacket", "eval", "--dataset", args.dataset, "--methods", args.methods, "--n", str(args.n),
              "--split", args.split, "--seed", str(args.seed), "--max-new-tokens", str(args.max_new_tokens)]
     if args.quantization != "none":
         parts += ["--quantization", args.quantization]
-    if args.calibrate_neighbours:
-        parts += ["--calibrate-neighbours", str(args.calibrate_neighbours), "--calibration-contexts",
-                  str(args.calibration_contexts), "--calibration-depth", str(args.calibration_depth)]
+    parts += calibration_flags(args)
     for flag in ("model", "adapter", "device", "dtype", "threads", "json"):
         value = getattr(args, flag)
         if value is not None:
@@ -67,12 +60,11 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..calibration import CalibrationConfig
     from ..evaluation import EvalConfig
     from ..evaluation.merge import check_settings
     from ..evaluation.run import prepare_process
     from ..store import LocalStore
-    from .common import make_engine
+    from .common import calibration_config, make_engine
 
     if (args.plot or args.append) and not args.json:
         raise ValueError("--plot and --append need --json PATH (the result file to write or extend)")
@@ -81,10 +73,8 @@ def run(args: argparse.Namespace) -> int:
         check_settings(existing, {"dataset": args.dataset, "split": args.split, "seed": args.seed, "n": args.n,
                                   "max_new_tokens": args.max_new_tokens, "quantization": args.quantization})
     prepare_process(args.threads)
-    calibration = CalibrationConfig(args.calibration_contexts, args.calibration_depth,
-                                    neighbours=args.calibrate_neighbours) if args.calibrate_neighbours else None
     config = EvalConfig(tuple(s.strip() for s in args.methods.split(",") if s.strip()),
-                        max_new_tokens=args.max_new_tokens, kl=not args.no_kl, calibration=calibration)
+                        max_new_tokens=args.max_new_tokens, kl=not args.no_kl, calibration=calibration_config(args))
     with tempfile.TemporaryDirectory(prefix="kvpacket-eval-") as packet_dir:
         store = None if args.quantization == "none" else LocalStore(packet_dir, quantization=args.quantization)
         return _evaluate_and_write(args, config, make_engine(args, store), existing)

@@ -115,3 +115,25 @@ def test_gc_by_model_keeps_the_packets_its_engine_reads(default_model, tmp_path,
     assert "removed 0 entries" in capsys.readouterr().out and store.stats()["packets"] == 5
     assert main(["store", "gc", "--store", str(tmp_path / "s"), "--model", "default", "--adapter", "none"]) == 0
     assert "removed 2 entries" in capsys.readouterr().out  # the adapter packets; bare and exact ones are kept
+
+
+def test_build_and_ask_with_neighbour_calibration_share_packets(tmp_path, tiny_llama, capsys):
+    """`build --calibrate-neighbours` stores packets that `ask` with the same documents and options reads."""
+    tiny_llama.model.save_pretrained(tmp_path / "model")
+    tiny_llama.tokenizer.save_pretrained(tmp_path / "model")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name, text in {"a.txt": "Ada Lovelace was born in London.", "b.txt": "Charles Babbage lived in London.",
+                       "c.txt": "Basalt is a volcanic rock."}.items():
+        (docs / name).write_text(text)
+    common = ["--docs", str(docs), "--model", str(tmp_path / "model"), "--adapter", "none+preamble",
+              "--store", str(tmp_path / "s")]
+    calibrated = ["--calibrate-neighbours", "2", "--calibration-contexts", "1", "--calibration-depth", "1"]
+    capsys.readouterr()
+    assert main(["build", *common, *calibrated]) == 0
+    keys = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert main(["build", *common]) == 0
+    assert set(keys).isdisjoint(line.split()[0] for line in capsys.readouterr().out.splitlines())
+    assert main(["ask", *common, *calibrated, "--question", "Where?", "--max-new-tokens", "2", "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["packets_built"] == 0 and answer["method"] == "kv_packet_first_exact"

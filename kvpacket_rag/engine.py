@@ -210,7 +210,7 @@ class PacketEngine:
 
     def calibrate_on(self, neighbours: NeighbourContexts | None) -> None:
         """Build this engine's adapter packets after each chunk's own neighbour contexts from now on (None: as
-        the adapter builds them). Their keys record the contexts' fingerprint, so packets built otherwise are not
+        the adapter builds them). Their keys record each chunk's own contexts, so packets built otherwise are not
         read in their place; exact and bare packets are unchanged.
 
         Raises:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
-from .calibration import CalibrationConfig
+from .calibration import CalibrationConfig, NeighbourContexts
 from .chunker import Chunker, ChunkerConfig
 from .errors import CorruptIndexError, EmptyInputError, IncompatiblePacketError, KVPacketError, PacketNotFoundError
 from .generation import GenerationConfig
@@ -263,8 +263,6 @@ class PacketIndex:
         calibration); vectors of indexed chunks are read back from FAISS, not re-embedded."""
         if self.calibration is None:
             return
-        from .calibration import NeighbourContexts
-
         ids = list(self.records)
         texts = [self.records[i].text for i in ids] + list(new_texts)
         if len(set(texts)) < 2:  # one distinct chunk: nothing to draw from, packets as the adapter builds them

@@ -10,7 +10,7 @@ Example:
 
 from .adapter import SHIPPED_ADAPTERS, PacketAdapter, resolve_adapter
 from .builder import PacketBuilder
-from .calibration import CalibrationConfig, calibrate
+from .calibration import CalibrationConfig, NeighbourContexts, calibrate
 from .chunker import Chunker, ChunkerConfig
 from .context import ContextMethod, ContextSource, PreparedContext
 from .embedder import Embedder
@@ -35,7 +35,8 @@ __all__ = [
     "ContextMethod", "ContextSource",
     "ContextTooLongError", "CorruptPacketError", "DEFAULT_MODEL", "Document", "Embedder", "EmptyInputError",
     "EngineSettings", "GenerationConfig", "IncompatiblePacketError", "IngestReport", "InMemoryStore", "KVPacket",
-    "KVPacketError", "LoadedModel", "LocalStore", "METHODS", "PACKET_KEY", "PacketAdapter", "PacketBuilder",
+    "KVPacketError", "LoadedModel", "LocalStore", "METHODS", "NeighbourContexts", "PACKET_KEY", "PacketAdapter",
+    "PacketBuilder",
     "PacketEngine", "PacketIndex", "PacketNotFoundError", "PacketStore", "PreparedContext", "PromptFormatter",
     "QueueFullError", "QueueTimeoutError", "RAGAnswer", "RAGAnswerStream", "SHIPPED_ADAPTERS", "SchedulerConfig",
     "SearchHit", "SessionCache", "StoreError", "UnsupportedModelError",

@@ -159,3 +159,19 @@ def test_engine_builds_with_neighbour_contexts_then_as_before(tiny_llama, embedd
     assert engine.answer("What has four strings?", TOPICS[:2]).text is not None
     engine.calibrate_on(None)
     assert engine.packet_key(TOPICS[0], "adapted") == plain_key
+
+
+def test_neighbour_contexts_too_long_for_the_model_are_cut_from_their_start(tiny_llama, embedder):
+    """Contexts that would push the chunk past the model's positions lose their first tokens, never the chunk."""
+    formatter = PromptFormatter(tiny_llama.tokenizer)
+    long_passages = [" ".join([topic] * 100) for topic in TOPICS[:3]]  # each over half of the 2048 positions
+    near = NeighbourContexts(long_passages, formatter, embedder, CalibrationConfig(contexts=1, depth=2, neighbours=2))
+    adapter = PacketAdapter.empty(tiny_llama, "preamble")
+    ids = formatter.chunk_ids(TOPICS[4])
+    context = near.contexts_for(ids)[0]
+    room = tiny_llama.max_positions - len(formatter.preamble_ids()) - len(ids)
+    assert len(context) > room
+    packet = PacketBuilder(tiny_llama, adapter, formatter, neighbours=near).build(ids)
+    expected = PacketBuilder(tiny_llama, adapter.with_calibration([context[len(context) - room:]], {}),
+                             formatter).build(ids)
+    torch.testing.assert_close(packet.keys, expected.keys, rtol=1e-5, atol=1e-5)

@@ -278,11 +278,12 @@ class PacketIndex:
         """Re-key the chunks whose packet key changed (their nearest chunks did) and build those packets."""
         if self.calibration is None:
             return
-        changed = [r for r in self.records.values() if r.packet_key != self.engine.packet_key(r.text)]
+        key_of = {text: self.engine.packet_key(text) for text in {r.text for r in self.records.values()}}
+        changed = [r for r in self.records.values() if r.packet_key != key_of[r.text]]
         if changed:
             self.engine.ingest_packets(list(dict.fromkeys(r.text for r in changed)), progress=progress)
             for r in changed:
-                self.records[r.chunk_id] = ChunkRecord(**{**asdict(r), "packet_key": self.engine.packet_key(r.text)})
+                self.records[r.chunk_id] = ChunkRecord(**{**asdict(r), "packet_key": key_of[r.text]})
 
     # ---- retrieval and answers -----------------------------------------------------------------------------------
 

@@ -23,10 +23,11 @@ import hashlib
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .calibration import CalibrationConfig
 from .errors import KVPacketError
 from .generation import GenerationConfig
 from .index import Document, PacketIndex, RAGAnswer, SearchHit, stream_answer
@@ -143,23 +144,30 @@ class IngestSummary:
         return {**self.__dict__, "index_dir": str(self.index_dir)}
 
 
-def index_dir_for(engine, root: str | Path | None = None) -> Path:
-    """The saved-index directory for ``engine``'s model, adapter and dtype under ``root`` (default `demo_dir`)."""
+def index_dir_for(engine, root: str | Path | None = None, calibration: CalibrationConfig | None = None) -> Path:
+    """The saved-index directory for ``engine``'s model, adapter and dtype and the index's neighbour
+    ``calibration`` under ``root`` (default `demo_dir`)."""
     model = engine.model
-    key = hashlib.sha256(f"{model.fingerprint}|{engine.adapter.fingerprint}|{model.dtype}".encode()).hexdigest()
+    settings = f"{model.fingerprint}|{engine.adapter.fingerprint}|{model.dtype}"
+    if calibration is not None:
+        settings += f"|{json.dumps(asdict(calibration), sort_keys=True)}"
+    key = hashlib.sha256(settings.encode()).hexdigest()
     return Path(root if root is not None else demo_dir()) / f"index-{key[:12]}"
 
 
 def open_demo_index(engine, corpus: Sequence[Document] | None = None, root: str | Path | None = None,
-                    progress: bool = True, log: Callable[[str], None] | None = None) -> tuple[PacketIndex, IngestSummary]:
+                    progress: bool = True, log: Callable[[str], None] | None = None,
+                    calibration: CalibrationConfig | None = None) -> tuple[PacketIndex, IngestSummary]:
     """Open the saved demo index of ``engine`` or ingest ``corpus`` (default: the bundled one) into a new one.
 
     A saved index is synchronised with ``corpus``: changed or removed documents are dropped and new ones added,
-    so only their packets are built. Packets already in the engine's store are never rebuilt.
+    so only their packets are built. Packets already in the engine's store are never rebuilt. With
+    ``calibration`` (``neighbours`` set), each chunk's adapter packet is built after contexts drawn from its
+    nearest chunks of the corpus (see `PacketIndex`); such an index is kept in a directory of its own.
     """
     log = log or _stderr
     corpus = list(corpus) if corpus is not None else load_corpus()
-    directory = index_dir_for(engine, root)
+    directory = index_dir_for(engine, root, calibration)
     started = time.perf_counter()
     built_before = engine.counters["packets_built"]
     embedder = quiet_embedder()
@@ -170,7 +178,7 @@ def open_demo_index(engine, corpus: Sequence[Document] | None = None, root: str 
         except KVPacketError as error:
             log(f"the saved index in {directory} cannot be used ({error}); building a new one")
     if index is None:
-        index = PacketIndex(engine, embedder)
+        index = PacketIndex(engine, embedder, calibration=calibration)
     changed = _drop_stale_documents(index, corpus)
     new = [doc for doc in corpus if doc.doc_id not in index.documents]
     if new:

@@ -100,6 +100,25 @@ def test_an_index_ingested_for_kv_packet_gets_its_exact_packets_when_reopened(ti
     assert all(engine.store.contains(engine.packet_key(r.text, "exact")) for r in index.records.values())
 
 
+def test_a_neighbour_calibrated_demo_index_is_kept_apart_and_reopened_without_building(tiny_llama, embedder,
+                                                                                       tmp_path):
+    from kvpacket_rag.calibration import CalibrationConfig
+
+    corpus = load_corpus()[:4]
+    calibration = CalibrationConfig(contexts=1, depth=1, neighbours=2)
+    engine = _engine(tiny_llama, tmp_path / "packets")
+    plain, _ = open_demo_index(engine, corpus, tmp_path, progress=False, log=lambda _: None)
+    index, first = open_demo_index(engine, corpus, tmp_path, progress=False, log=lambda _: None,
+                                   calibration=calibration)
+    assert index_dir_for(engine, tmp_path, calibration) != index_dir_for(engine, tmp_path)
+    assert index.calibration == calibration and first.packets_built == 4  # adapter packets only: exact ones are shared
+    assert all(plain.records[i].packet_key != index.records[i].packet_key for i in index.records)
+    engine = _engine(tiny_llama, tmp_path / "packets")
+    reopened, again = open_demo_index(engine, corpus, tmp_path, progress=False, log=lambda _: None,
+                                      calibration=calibration)
+    assert again.reopened and again.packets_built == 0 and reopened.calibration == calibration
+
+
 def test_follow_up_questions_retrieve_the_entity_of_the_conversation(tiny_llama, embedder, tmp_path):
     engine = _engine(tiny_llama, tmp_path / "packets")
     index, _ = open_demo_index(engine, load_corpus(), tmp_path, progress=False, log=lambda _: None)

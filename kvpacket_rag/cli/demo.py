@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..generation import GenerationConfig
 from ..rag import PACKET_READINGS
-from .common import add_model_arguments
+from .common import add_calibration_arguments, add_model_arguments, calibration_config
 
 EXIT_WORDS = {"exit", "quit", ":q"}
 
@@ -41,6 +41,7 @@ def register(subparsers) -> None:
     demo.add_argument("--json", action="store_true",
                       help="print one JSON object (ingestion summary and answers) instead of the chat transcript")
     add_model_arguments(demo)
+    add_calibration_arguments(demo, "the corpus's chunks (kept as an index of its own)")
     demo.set_defaults(handler=run_demo)
 
 
@@ -51,12 +52,13 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens)  # bad values fail before any loading
+    calibration = calibration_config(args)
     set_threads(args.threads)
     root = args.cache_dir if args.cache_dir is not None else core.demo_dir()
     corpus_dir = args.corpus if args.corpus is not None else core.CORPUS_DIR
     corpus = core.load_corpus(corpus_dir)
     engine = core.make_demo_engine(args.model, args.adapter, root / "packets", args.device, args.dtype)
-    index, summary = core.open_demo_index(engine, corpus, root, progress=not args.json)
+    index, summary = core.open_demo_index(engine, corpus, root, progress=not args.json, calibration=calibration)
     print(f"kvpacket demo: {_summary_line(summary)}", file=sys.stderr, flush=True)
     chat = core.DemoChat(index, top_k=args.top_k, generation=generation, method=args.method)
     suggested = core.suggested_questions(corpus_dir)

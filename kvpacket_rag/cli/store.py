@@ -51,10 +51,11 @@ def register(subparsers) -> None:
                     help="keep only packets of this model (Hugging Face id/directory, or 'default'); loads it")
     gc.add_argument("--adapter", default="default",
                     help="with --model: the adapter whose packets to keep besides bare and exact ones ('default', a "
-                         "file, 'none')")
+                         "file, 'none'), those built after neighbour contexts included")
     gc.add_argument("--model-fingerprint", default=None, help="keep only packets with this model fingerprint")
     gc.add_argument("--adapter-fingerprint", action="append", default=None,
-                    help="keep only packets with this adapter fingerprint (repeatable; 'none' = bare packets)")
+                    help="keep only packets with this adapter fingerprint (repeatable; 'none' = bare packets; "
+                         "its packets built after neighbour contexts are kept too)")
     gc.add_argument("--dry-run", action="store_true", help="only report what would be removed")
     rm = action("rm", "remove packets by key", run_rm)
     rm.add_argument("keys", nargs="+", help="packet keys (64 hex characters)")

@@ -167,8 +167,8 @@ class PersistentStore(PacketStore):
             max_age_s: remove entries not used for this many seconds.
             max_bytes: then remove least recently used entries until the store holds at most this.
             keep_model, keep_tokenizer, keep_adapters: when given, remove entries built by any
-                other model / tokenizer / adapter (fingerprints); entries whose header cannot be
-                read go too.
+                other model / tokenizer / adapter (fingerprints; a kept adapter keeps its packets built
+                after neighbour contexts too); entries whose header cannot be read go too.
             dry_run: only report what would go.
 
         Also removes the store's leftovers (stale temp files, quarantined entries).
@@ -187,12 +187,19 @@ class PersistentStore(PacketStore):
         ``{"temp_files": n, "quarantined_files": n}`` (found, and removed unless dry run)."""
 
 
+def _built_by(provenance: str) -> str:
+    """The adapter provenance of a packet's recorded one, without the ``~`` part a packet built after its own
+    neighbour contexts adds."""
+    return provenance.split("~", 1)[0]
+
+
 def select_garbage(entries: Iterable[dict], max_age_s: float | None = None, max_bytes: int | None = None,
                    keep_model: str | None = None, keep_adapters: Sequence[str] | None = None,
                    keep_tokenizer: str | None = None) -> list[dict]:
     """The entries `PersistentStore.gc` removes, most idle first.
 
-    Foreign entries (another model, tokenizer or adapter than those kept, or an unreadable header)
+    Foreign entries (another model, tokenizer or adapter than those kept, packets built after neighbour contexts
+    counting as their adapter's, or an unreadable header)
     and entries idle longer than ``max_age_s`` go; then, while the rest exceed ``max_bytes``, the
     least recently used of them.
     """
@@ -201,7 +208,8 @@ def select_garbage(entries: Iterable[dict], max_age_s: float | None = None, max_
         foreign = entry.get("damaged_header") or (
             (keep_model is not None and entry["model_fingerprint"] != keep_model)
             or (keep_tokenizer is not None and entry["tokenizer_fingerprint"] != keep_tokenizer)
-            or (keep_adapters is not None and entry["adapter_fingerprint"] not in keep_adapters))
+            or (keep_adapters is not None and _built_by(entry["adapter_fingerprint"]) not in keep_adapters
+                and entry["adapter_fingerprint"] not in keep_adapters))
         if foreign or (max_age_s is not None and entry["idle_s"] > max_age_s):
             doomed.append(entry)
         else:

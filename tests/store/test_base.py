@@ -23,6 +23,12 @@ def test_select_garbage_takes_foreign_and_old_entries_then_the_least_recently_us
     assert names(select_garbage(entries, keep_adapters=["b"])) == ["old", "mid", "broken", "alien", "new"]
 
 
+def test_a_kept_adapter_keeps_its_packets_built_after_neighbour_contexts():
+    entries = [entry("plain", 1, adapter="a@p"), entry("near", 2, adapter="a@p~f00d:beef"),
+               entry("other", 3, adapter="b@p~f00d:beef")]
+    assert [e["key"] for e in select_garbage(entries, keep_adapters=["a@p"])] == ["other"]
+
+
 def test_in_memory_store_refuses_quantized_forms_and_the_cache_passes_forms_through(packets):
     store = InMemoryStore()
     with pytest.raises(ValueError, match="no int8 form"):

@@ -33,25 +33,37 @@ if TYPE_CHECKING:
     from .embedder import Embedder
 
 
+SHARED_DEFAULTS = (4, 2)
+"""Contexts and depth of shared calibration contexts when not given (measured on biography)."""
+NEIGHBOUR_DEFAULTS = (2, 4)
+"""Contexts and depth of neighbour contexts when not given: on HotpotQA validation questions, 2 contexts of 4
+passages beat 4 of 2 (answer KL −34 %) at a lower build cost."""
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     """How calibration contexts are drawn.
 
     Attributes:
-        contexts: how many contexts each packet is averaged over (>= 1; each costs one forward per packet).
-        depth: passages per context (>= 1), joined as the engine joins retrieved chunks.
+        contexts: how many contexts each packet is averaged over (>= 1; each costs one forward per packet);
+            default 4 for shared contexts, 2 with ``neighbours``.
+        depth: passages per context (>= 1), joined as the engine joins retrieved chunks; default 2 for shared
+            contexts, 4 with ``neighbours``.
         seed: the draw's seed.
         neighbours: 0 to draw one set of contexts from the whole corpus, shared by every chunk (`calibrate`);
             N >= ``depth`` to draw each chunk's own contexts from its N nearest passages (`NeighbourContexts`).
     """
 
-    contexts: int = 4
-    depth: int = 2
+    contexts: int | None = None
+    depth: int | None = None
     seed: int = 0
     neighbours: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("contexts", "depth"):
+        defaults = NEIGHBOUR_DEFAULTS if self.neighbours else SHARED_DEFAULTS
+        for name, default in zip(("contexts", "depth"), defaults):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"calibration {name} must be an int >= 1, got {value!r}")

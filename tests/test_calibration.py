@@ -39,6 +39,14 @@ def test_bad_config_is_refused(field, value):
         CalibrationConfig(**{field: value})
 
 
+def test_defaults_are_four_contexts_of_two_passages_shared_and_two_of_four_from_neighbours():
+    assert (CalibrationConfig().contexts, CalibrationConfig().depth) == (4, 2)
+    assert (CalibrationConfig(neighbours=8).contexts, CalibrationConfig(neighbours=8).depth) == (2, 4)
+    assert CalibrationConfig(depth=3, neighbours=8) == CalibrationConfig(2, 3, 0, 8)
+    with pytest.raises(ValueError, match=r"neighbours must be 0 or an int >= depth \(4\)"):
+        CalibrationConfig(neighbours=2)
+
+
 def test_calibrate_keeps_the_adapter_and_records_its_draw(tiny_llama):
     formatter = PromptFormatter(tiny_llama.tokenizer)
     base = PacketAdapter.initialize(tiny_llama, 2, 2, seed=1, prefix="preamble")
@@ -106,9 +114,9 @@ def test_neighbour_contexts_are_refused_without_neighbours_or_corpus(tiny_llama,
     with pytest.raises(ValueError, match="neighbours >= depth"):
         NeighbourContexts(TOPICS, formatter, embedder, CalibrationConfig())
     with pytest.raises(InvalidInputError, match="at least 2 distinct"):
-        NeighbourContexts([TOPICS[0], TOPICS[0], " "], formatter, embedder, CalibrationConfig(neighbours=2))
+        NeighbourContexts([TOPICS[0], TOPICS[0], " "], formatter, embedder, CalibrationConfig(depth=2, neighbours=2))
     with pytest.raises(ValueError, match="NeighbourContexts"):
-        calibrate(PacketAdapter.empty(tiny_llama, "preamble"), formatter, TOPICS, CalibrationConfig(neighbours=2))
+        calibrate(PacketAdapter.empty(tiny_llama, "preamble"), formatter, TOPICS, CalibrationConfig(neighbours=8))
 
 
 def test_neighbour_packet_equals_the_adapter_calibrated_with_the_same_context(tiny_model, embedder):

@@ -37,10 +37,10 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, corpus: str) -> N
     parser.add_argument("--calibrate-neighbours", type=int, default=0, metavar="N",
                         help=f"build each chunk's adapter packet after contexts drawn from its N nearest passages "
                              f"among {corpus}; 0 (default): as the adapter builds them")
-    parser.add_argument("--calibration-contexts", type=int, default=4,
-                        help="with --calibrate-neighbours: contexts per chunk (each one more forward; default 4)")
-    parser.add_argument("--calibration-depth", type=int, default=2,
-                        help="with --calibrate-neighbours: passages per context (default 2)")
+    parser.add_argument("--calibration-contexts", type=int, default=None,
+                        help="with --calibrate-neighbours: contexts per chunk (each one more forward; default 2)")
+    parser.add_argument("--calibration-depth", type=int, default=None,
+                        help="with --calibrate-neighbours: passages per context (default 4)")
 
 
 def calibration_config(args: argparse.Namespace):
@@ -54,11 +54,13 @@ def calibration_config(args: argparse.Namespace):
 
 
 def calibration_flags(args: argparse.Namespace) -> list[str]:
-    """The calibration arguments as given (for reproducing a command), empty without --calibrate-neighbours."""
-    if not args.calibrate_neighbours:
+    """The calibration arguments, defaults spelt out (for reproducing a command); empty without
+    --calibrate-neighbours."""
+    config = calibration_config(args)
+    if config is None:
         return []
-    return ["--calibrate-neighbours", str(args.calibrate_neighbours), "--calibration-contexts",
-            str(args.calibration_contexts), "--calibration-depth", str(args.calibration_depth)]
+    return ["--calibrate-neighbours", str(config.neighbours), "--calibration-contexts", str(config.contexts),
+            "--calibration-depth", str(config.depth)]
 
 
 def calibrate_engine(engine, args: argparse.Namespace, passages: list[str]) -> None:

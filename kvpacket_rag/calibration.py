@@ -72,6 +72,23 @@ class CalibrationConfig:
                              f"got {self.neighbours!r}")
 
 
+def _top_k_others(vectors: np.ndarray, k: int, block_floats: int = 1 << 24) -> np.ndarray:
+    """``[P, k]`` int64: for each row of ``vectors [P, d]`` (k < P), the k other rows of highest dot product,
+    highest first (equal scores by row order); scored ``block_floats // P`` rows at a time."""
+    count = len(vectors)
+    table = np.empty((count, k), dtype=np.int64)
+    step = max(1, block_floats // count)
+    for start in range(0, count, step):
+        scores = vectors[start:start + step] @ vectors.T
+        rows = np.arange(len(scores))
+        scores[rows, start + rows] = -np.inf
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        picked = np.take_along_axis(scores, top, axis=1)
+        order = np.lexsort((top, -picked), axis=1)
+        table[start:start + step] = np.take_along_axis(top, order, axis=1)
+    return table
+
+
 def draw_contexts(passages: Sequence[Sequence[int]], config: CalibrationConfig) -> list[list[int]]:
     """``config.contexts`` token sequences, each ``config.depth`` distinct passages (token ids) joined in order.
 
@@ -168,16 +185,18 @@ class NeighbourContexts:
         """The ``config.neighbours`` passages nearest to the chunk ``ids`` (token ids), nearest first, itself
         excluded."""
         row = self._row.get(tuple(ids))
-        if row is None:
-            vector = self.embedder.embed([self.formatter.tokenizer.decode(list(ids))])[0]
-        else:
-            vector = self.vectors[row]
-        scores = self.vectors @ vector
         if row is not None:
-            scores[row] = -np.inf
-        count = min(self.config.neighbours, len(self.passages) - (row is not None))
-        order = np.argsort(-scores, kind="stable")[:count]
+            return [self.passages[j] for j in self._nearest_rows[row]]
+        vector = self.embedder.embed([self.formatter.tokenizer.decode(list(ids))])[0]
+        scores = self.vectors @ vector
+        order = np.argsort(-scores, kind="stable")[:min(self.config.neighbours, len(self.passages))]
         return [self.passages[j] for j in order]
+
+    @functools.cached_property
+    def _nearest_rows(self) -> np.ndarray:
+        """``[P, k]`` rows of each corpus passage's k nearest other passages, nearest first, from one blocked
+        matrix product over the corpus on first use."""
+        return _top_k_others(self.vectors, min(self.config.neighbours, len(self.passages) - 1))
 
     def contexts_for(self, ids: Sequence[int]) -> list[list[int]]:
         """The chunk's calibration contexts (token ids): ``config.contexts`` draws of ``config.depth`` passages."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,6 +108,20 @@ def test_nearest_passages_exclude_the_chunk_and_rank_by_similarity(tiny_llama, e
     assert near.nearest(outside)[0] in (formatter.chunk_ids(TOPICS[0]), formatter.chunk_ids(TOPICS[1]))
     contexts = near.contexts_for(ids)
     assert len(contexts) == 3 and all(c in nearest for c in contexts) and contexts == near.contexts_for(ids)
+
+
+def test_nearest_rows_of_a_corpus_are_ranked_as_one_product_per_row_would_rank_them():
+    from kvpacket_rag.calibration import _top_k_others
+
+    vectors = np.random.default_rng(0).standard_normal((37, 8)).astype(np.float32)
+    vectors[5] = vectors[3]  # an equal score: the earlier row first
+    expected = []
+    for row, vector in enumerate(vectors):
+        scores = vectors @ vector
+        scores[row] = -np.inf
+        expected.append(np.argsort(-scores, kind="stable")[:6])
+    for block_floats in (37, 100, 1 << 24):  # one row, a few rows, every row per block
+        assert np.array_equal(_top_k_others(vectors, 6, block_floats), np.array(expected))
 
 
 def test_neighbour_contexts_are_refused_without_neighbours_or_corpus(tiny_llama, embedder):

@@ -36,7 +36,8 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, corpus: str) -> N
     """--calibrate-neighbours, --calibration-contexts, --calibration-depth (``corpus`` names the passages)."""
     parser.add_argument("--calibrate-neighbours", type=int, default=0, metavar="N",
                         help=f"build each chunk's adapter packet after contexts drawn from its N nearest passages "
-                             f"among {corpus}; 0 (default): as the adapter builds them")
+                             f"among {corpus} (measured with --adapter none+preamble: bare packets); 0 (default): "
+                             f"as the adapter builds them")
     parser.add_argument("--calibration-contexts", type=int, default=None,
                         help="with --calibrate-neighbours: contexts per chunk (each one more forward; default 2)")
     parser.add_argument("--calibration-depth", type=int, default=None,

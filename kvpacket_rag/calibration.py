@@ -12,10 +12,15 @@ Where a retriever brings related passages together (multi-hop questions, several
 chunk's real context resembles its nearest passages more than random ones: `NeighbourContexts` draws each chunk's
 contexts from its own nearest passages of the served corpus, and `PacketBuilder` builds with them instead of the
 adapter's shared contexts.
+
+A chunk read at place p of a retrieved context (p chunks before it) is preceded by p passages; with
+``CalibrationConfig.by_place`` it gets one packet per place, built after the last ``min(p, depth)`` passages of each
+of its contexts (`NeighbourContexts.at_depth`), and at place 0 the packet built after no context at all.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -52,12 +57,17 @@ class CalibrationConfig:
         seed: the draw's seed.
         neighbours: 0 to draw one set of contexts from the whole corpus, shared by every chunk (`calibrate`);
             N >= ``depth`` to draw each chunk's own contexts from its N nearest passages (`NeighbourContexts`).
+        by_place: with ``neighbours``, give each chunk one packet per place among the retrieved chunks: read at
+            place p (p chunks before it) it is built after the last ``min(p, depth)`` passages of each context, at
+            place 0 after none. ``depth`` then caps the places told apart: set it to the retrieval's top-k − 1.
+            Each place costs one more stored packet per chunk.
     """
 
     contexts: int | None = None
     depth: int | None = None
     seed: int = 0
     neighbours: int = 0
+    by_place: bool = False
 
     def __post_init__(self) -> None:
         defaults = NEIGHBOUR_DEFAULTS if self.neighbours else SHARED_DEFAULTS
@@ -70,6 +80,9 @@ class CalibrationConfig:
         if not isinstance(self.neighbours, int) or (self.neighbours and self.neighbours < self.depth):
             raise ValueError(f"calibration neighbours must be 0 or an int >= depth ({self.depth}), "
                              f"got {self.neighbours!r}")
+        if self.by_place and not self.neighbours:
+            raise ValueError("by_place calibration draws each chunk's contexts from its nearest passages: set "
+                             "neighbours >= depth too")
 
 
 def _top_k_others(vectors: np.ndarray, k: int, block_floats: int = 1 << 24) -> np.ndarray:
@@ -149,9 +162,11 @@ class NeighbourContexts:
             back from a FAISS index); None embeds them.
 
     Attributes:
-        fingerprint: sha256 hex over the configuration and the embedder. A packet built with these contexts records
-            it and a digest of its own contexts (`digest`), so the packet of a chunk whose nearest passages are the
-            same in another corpus is the same packet.
+        fingerprint: sha256 hex over the configuration (``by_place`` aside: it chooses among packets, it does not
+            change them) and the embedder. A packet built with these contexts records it and a digest of its own
+            contexts (`digest`), so the packet of a chunk whose nearest passages are the same in another corpus is
+            the same packet.
+        depth: passages of each context read: ``config.depth``, or less after `at_depth`.
 
     Raises:
         ValueError: ``config.neighbours`` is 0.
@@ -178,7 +193,9 @@ class NeighbourContexts:
         chosen = embedder.embed(list(first)) if vectors is None else np.asarray(vectors)[list(first.values())]
         self.vectors = np.ascontiguousarray(chosen, dtype=np.float32)
         self._row = {tuple(ids): row for row, ids in enumerate(self.passages)}
-        self.fingerprint = hashlib.sha256(json.dumps([asdict(config), embedder.fingerprint]).encode()).hexdigest()
+        drawn = {name: value for name, value in asdict(config).items() if name != "by_place"}  # a reading choice
+        self.fingerprint = hashlib.sha256(json.dumps([drawn, embedder.fingerprint]).encode()).hexdigest()
+        self.depth = config.depth
         self._contexts = functools.lru_cache(maxsize=4096)(self._draw)
 
     def nearest(self, ids: Sequence[int]) -> list[list[int]]:
@@ -198,21 +215,33 @@ class NeighbourContexts:
         matrix product over the corpus on first use."""
         return _top_k_others(self.vectors, min(self.config.neighbours, len(self.passages) - 1))
 
+    def at_depth(self, depth: int) -> "NeighbourContexts":
+        """These contexts cut to their last ``depth`` passages (those nearest the chunk in the joined order): what a
+        chunk read at place ``depth`` is built after. Shares the corpus, the ranking and the draws (0 <= depth <=
+        ``config.depth``)."""
+        if not 0 <= depth <= self.config.depth:
+            raise ValueError(f"depth must be in 0..{self.config.depth} (the drawn depth), got {depth!r}")
+        cut = copy.copy(self)
+        cut.depth = depth
+        return cut
+
     def contexts_for(self, ids: Sequence[int]) -> list[list[int]]:
-        """The chunk's calibration contexts (token ids): ``config.contexts`` draws of ``config.depth`` passages."""
-        return [list(context) for context in self._contexts(tuple(ids))]
+        """The chunk's calibration contexts (token ids): ``config.contexts`` draws of ``config.depth`` passages
+        (of their last `depth` passages after `at_depth`)."""
+        return [[t for passage in context[max(0, len(context) - self.depth) :] for t in passage]
+                for context in self._contexts(tuple(ids))]
 
     def digest(self, ids: Sequence[int]) -> str:
         """sha256 hex over the chunk's calibration contexts: what its packet depends on besides the chunk."""
         digest = hashlib.sha256()
-        for context in self._contexts(tuple(ids)):
+        for context in self.contexts_for(ids):
             digest.update(np.asarray(context, dtype=np.int64).tobytes() + b"|")
         return digest.hexdigest()
 
-    def _draw(self, ids: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    def _draw(self, ids: tuple[int, ...]) -> tuple[tuple[tuple[int, ...], ...], ...]:
+        """``config.contexts`` draws, each a tuple of ``config.depth`` passages (fewer when fewer are near)."""
         near = self.nearest(ids)
         seed = hashlib.sha256(np.asarray([self.config.seed, *ids], dtype=np.int64).tobytes()).digest()
         rng = random.Random(seed)
         depth = min(self.config.depth, len(near))
-        return tuple(tuple(t for passage in rng.sample(near, depth) for t in passage)
-                     for _ in range(self.config.contexts))
+        return tuple(tuple(tuple(passage) for passage in rng.sample(near, depth)) for _ in range(self.config.contexts))

@@ -45,6 +45,11 @@ class PacketFetch:
     built: int = 0
     built_tokens: int = 0
 
+    def __add__(self, other: "PacketFetch") -> "PacketFetch":
+        """The packets of both, ``self``'s chunks first."""
+        return PacketFetch(self.packets + other.packets, self.keys + other.keys, self.build_s + other.build_s,
+                           self.built + other.built, self.built_tokens + other.built_tokens)
+
 
 class ContextSource(Protocol):
     """What a context method may use of the engine (`kvpacket_rag.engine.PacketEngine` implements it)."""
@@ -60,8 +65,11 @@ class ContextSource(Protocol):
     def chunk_ids(self, text: str) -> list[int]:
         """Token ids of one chunk as it appears in the context."""
 
-    def packets_for(self, chunks: Sequence[str], kind: PacketKind = "adapted") -> PacketFetch:
-        """The packets of ``chunks`` of ``kind``, read from the store (missing ones are built and stored)."""
+    def packets_for(self, chunks: Sequence[str], kind: PacketKind = "adapted",
+                    first_place: int | None = None) -> PacketFetch:
+        """The packets of ``chunks`` of ``kind``, read from the store (missing ones are built and stored).
+        ``first_place``: the place of ``chunks[0]`` in the context (chunks before it; the others follow in order),
+        for packets that depend on their place; None reads the place-independent ones."""
 
     def forward_context(self, ids: Sequence[int], cache: Cache) -> None:
         """Run context tokens through the model (no LM head), appending to ``cache``."""

@@ -188,7 +188,7 @@ def open_demo_index(engine, corpus: Sequence[Document] | None = None, root: str 
         index.save(directory)
     built = engine.counters["packets_built"] - built_before
     summary = IngestSummary(directory, reopened, len(index.documents), len(index), built,
-                            max(0, len(index.packet_keys()) * len(engine.ingest_kinds) - built),
+                            max(0, len(index.packet_keys()) * len(engine.ingest_builders) - built),
                             time.perf_counter() - started)
     return index, summary
 

@@ -187,6 +187,7 @@ class PacketEngine:
         self.bare_builder = PacketBuilder(self.model, None, self.formatter)
         self.exact_builder = PacketBuilder(self.model, PacketAdapter.empty(self.model, PREFIX_PREAMBLE), self.formatter)
         self._builders: dict[str, PacketBuilder] = {}
+        self._place_builders: list[PacketBuilder] = []  # by-place calibration: adapted packets of places 0..depth-1
         self.counters = {"packets_built": 0, "packets_loaded": 0}
         self._preamble: tuple[torch.Tensor, torch.Tensor] | None = None
         self._compute = threading.RLock()  # model work: one step at a time
@@ -213,28 +214,60 @@ class PacketEngine:
         the adapter builds them). Their keys record each chunk's own contexts, so packets built otherwise are not
         read in their place; exact and bare packets are unchanged.
 
+        With ``neighbours.config.by_place``, a chunk read at place p (p chunks before it) reads the adapter packet
+        built after the last min(p, depth) passages of its contexts, at place 0 the one built after none; ingestion
+        builds one per place.
+
         Raises:
             ValueError: the adapter carries calibration contexts of its own.
         """
         with self._compute:
             self.builder = PacketBuilder(self.model, self.adapter, self.formatter, neighbours=neighbours)
+            self._place_builders = []
+            if neighbours is not None and neighbours.config.by_place:
+                self._place_builders = [PacketBuilder(self.model, self.adapter, self.formatter)] + [
+                    PacketBuilder(self.model, self.adapter, self.formatter, neighbours=neighbours.at_depth(depth))
+                    for depth in range(1, neighbours.config.depth)]
 
     @property
     def ingest_kinds(self) -> list[PacketKind]:
         """The packet kinds `ingest_packets` builds: those the engine's `method` reads, and ``adapted``."""
         return [*(kind for kind in self.method.packet_kinds if kind != "adapted"), "adapted"]
 
+    @property
+    def ingest_builders(self) -> list[PacketBuilder]:
+        """The builders of every packet `ingest_packets` builds for a chunk: one per kind of `ingest_kinds`, with
+        by-place calibration one per place the `method` reads (the first chunk's place too unless it reads that
+        chunk's exact packet), the ``adapted`` one (the deepest place) last."""
+        first = 1 if getattr(self.method, "exact_first", False) else 0
+        return ([self.builder_for(kind) for kind in self.ingest_kinds[:-1]] + self._place_builders[first:]
+                + [self.builder])
+
     def ingest_packets(self, chunks: Sequence[str], progress: bool = False) -> list[str]:
-        """Build (only the missing) packets of ``chunks`` of every kind in `ingest_kinds` (any chunk may be
+        """Build (only the missing) packets of ``chunks`` of every builder in `ingest_builders` (any chunk may be
         retrieved first, so with ``kv_packet_first_exact`` every chunk gets its exact packet too); return the
         adapted packets' keys, in order (the keys an index records)."""
-        for kind in self.ingest_kinds[:-1]:
-            self.build_packets(chunks, kind, progress)
+        for builder in self.ingest_builders[:-1]:
+            self._fetch(chunks, builder, progress)
         return self.build_packets(chunks, progress=progress)
 
-    def packets_for(self, chunks: Sequence[str], kind: PacketKind = "adapted") -> PacketFetch:
-        """Packets of ``chunks`` of ``kind`` from the store, building and storing missing ones (see `build_packets`)."""
-        return self._fetch(chunks, self.builder_for(kind), progress=False)
+    def packets_for(self, chunks: Sequence[str], kind: PacketKind = "adapted",
+                    first_place: int | None = None) -> PacketFetch:
+        """Packets of ``chunks`` of ``kind`` from the store, building and storing missing ones (see `build_packets`).
+
+        ``first_place``: the place of ``chunks[0]`` among the context's chunks (the others follow in order); with
+        by-place calibration (`calibrate_on`) it chooses each chunk's adapted packet. None: the place-independent
+        packets (the deepest place's under by-place calibration).
+        """
+        if first_place is None or kind != "adapted" or not self._place_builders:
+            return self._fetch(chunks, self.builder_for(kind), progress=False)
+        deepest = len(self._place_builders)
+        fetched = PacketFetch([], [])
+        for place in range(first_place, min(first_place + len(chunks), deepest)):
+            fetched += self._fetch(chunks[place - first_place : place - first_place + 1], self._place_builders[place],
+                                   progress=False)
+        rest = chunks[max(0, deepest - first_place) :]
+        return fetched + self._fetch(rest, self.builder, progress=False) if rest else fetched
 
     def packet_key(self, text: str, kind: PacketKind = "adapted") -> str:
         """The key the packet of chunk ``text`` has (or will have) in the store."""

@@ -120,8 +120,8 @@ class IngestReport:
         documents: documents added; skipped: ids of documents already indexed with the same text.
         chunks: chunk records added; packets_built: packets newly built (with neighbour calibration, also those
             of earlier chunks whose nearest chunks changed); packets_reused: packets of the added chunks already
-            stored (both count every packet kind the engine ingests, see `PacketEngine.ingest_kinds`); seconds: wall
-            time.
+            stored (both count every packet the engine ingests per chunk, see `PacketEngine.ingest_builders`);
+            seconds: wall time.
     """
 
     documents: int = 0
@@ -220,7 +220,7 @@ class PacketIndex:
             key_of = dict(zip(unique, self.engine.ingest_packets(unique, progress=progress)))
             keys = [key_of[text] for text in texts]
             built_new = self.engine.counters["packets_built"] - built_before
-            report.packets_reused = len(keys) * len(self.engine.ingest_kinds) - built_new
+            report.packets_reused = len(keys) * len(self.engine.ingest_builders) - built_new
             report.chunks = self._add_records(pending, keys, vectors)
             self._refresh_keys(progress)
             report.packets_built = self.engine.counters["packets_built"] - built_before
@@ -466,17 +466,17 @@ class PacketIndex:
 
     def _check_packets(self, missing: MissingPackets) -> None:
         texts = list(dict.fromkeys(r.text for r in self.records.values()))
-        store, key = self.engine.store, self.engine.packet_key
-        absent = [(kind, [text for text in texts if not store.contains(key(text, kind))])
-                  for kind in self.engine.ingest_kinds]
+        store = self.engine.store
+        absent = [(builder, [text for text in texts if not store.contains(builder.key_for(builder.chunk_ids(text)))])
+                  for builder in self.engine.ingest_builders]
         count = sum(len(missing_texts) for _, missing_texts in absent)
         if count and missing == "error":
             raise PacketNotFoundError(
                 f"{count} of {len(texts) * len(absent)} packets of this index are not in the engine's store; open it "
                 "with the store it was built into, or pass missing_packets='build' to rebuild them")
-        for kind, missing_texts in absent:
-            if missing_texts:
-                self.engine.build_packets(missing_texts, kind)
+        missing_texts = list(dict.fromkeys(text for _, texts_of in absent for text in texts_of))
+        if missing_texts:
+            self.engine.ingest_packets(missing_texts)
 
     def packet_keys(self) -> list[str]:
         """Distinct packet keys of the indexed chunks."""

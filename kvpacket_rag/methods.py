@@ -60,10 +60,9 @@ class PacketMethod(ContextMethod):
 
     def _fetch(self, source: ContextSource, chunks: list) -> PacketFetch:
         if not (self.exact_first and chunks):
-            return source.packets_for(chunks, self.packet_kinds[-1])
-        first, rest = source.packets_for(chunks[:1], "exact"), source.packets_for(chunks[1:], self.packet_kinds[-1])
-        return PacketFetch(first.packets + rest.packets, first.keys + rest.keys, first.build_s + rest.build_s,
-                           first.built + rest.built, first.built_tokens + rest.built_tokens)
+            return source.packets_for(chunks, self.packet_kinds[-1], first_place=0)
+        return source.packets_for(chunks[:1], "exact") + source.packets_for(chunks[1:], self.packet_kinds[-1],
+                                                                            first_place=1)
 
 
 class FullRecompute(ContextMethod):

@@ -56,8 +56,8 @@ def test_calibrate_keeps_the_adapter_and_records_its_draw(tiny_llama):
     tokens = {tuple(formatter.chunk_ids(text)) for text in PASSAGES}
     assert all(any(tuple(ids[:n]) in tokens for n in range(1, len(ids))) for ids in calibrated.calibration)
     assert calibrated.card["calibrated_from"] == base.fingerprint
-    assert calibrated.card["calibration"] == {"contexts": 3, "depth": 2, "seed": 0, "neighbours": 0, "passages": 4,
-                                              "source": "test"}
+    assert calibrated.card["calibration"] == {"contexts": 3, "depth": 2, "seed": 0, "neighbours": 0, "by_place": False,
+                                              "passages": 4, "source": "test"}
     packet = PacketBuilder(tiny_llama, calibrated, formatter).build("Item 9 is a white box.")
     assert packet.adapter_fingerprint.startswith(calibrated.fingerprint)
 
@@ -182,6 +182,91 @@ def test_engine_builds_with_neighbour_contexts_then_as_before(tiny_llama, embedd
     assert engine.answer("What has four strings?", TOPICS[:2]).text is not None
     engine.calibrate_on(None)
     assert engine.packet_key(TOPICS[0], "adapted") == plain_key
+
+
+# ---- by place: each chunk's packet for its place among the retrieved chunks --------------------------------------
+
+def test_contexts_at_a_depth_are_the_last_passages_of_each_drawn_context(tiny_llama, embedder):
+    near, formatter = neighbours_of(tiny_llama, embedder, contexts=2, depth=3, neighbours=3)
+    ids = formatter.chunk_ids(TOPICS[0])
+    passages = {tuple(p) for p in near.nearest(ids)}
+    full = near.contexts_for(ids)
+    assert near.at_depth(3).contexts_for(ids) == full and near.at_depth(0).contexts_for(ids) == [[], []]
+    for depth in (1, 2):
+        cut = near.at_depth(depth).contexts_for(ids)
+        assert all(context[len(context) - len(c):] == c for context, c in zip(full, cut))
+        assert all(any(list(a) + list(b) == c for a in passages for b in passages if a != b) for c in cut) \
+            if depth == 2 else all(tuple(c) in passages for c in cut)
+    digests = {near.at_depth(depth).digest(ids) for depth in (1, 2, 3)}
+    assert len(digests) == 3 and near.at_depth(3).digest(ids) == near.digest(ids) and near.depth == 3
+    with pytest.raises(ValueError, match="0..3"):
+        near.at_depth(4)
+    by_place = NeighbourContexts(TOPICS, formatter, embedder, CalibrationConfig(2, 3, neighbours=3, by_place=True))
+    assert by_place.fingerprint == NeighbourContexts(TOPICS, formatter, embedder,
+                                                     CalibrationConfig(2, 3, neighbours=3)).fingerprint
+    with pytest.raises(ValueError, match="set neighbours"):
+        CalibrationConfig(by_place=True)
+
+
+def test_engine_reads_each_chunk_at_its_place(tiny_llama, embedder):
+    """By place: the chunk at place p reads the packet built after min(p, depth) passages of its contexts; at
+    place 0 the one built after none (with bare packets, the exact packet's tensors); ingestion builds each place's
+    packet once."""
+    engine = PacketEngine(tiny_llama, adapter="none+preamble")
+    formatter = engine.formatter
+    near = NeighbourContexts(TOPICS, formatter, embedder, CalibrationConfig(1, 2, neighbours=2, by_place=True))
+    engine.calibrate_on(near)
+
+    def key(text, depth):
+        neighbours = near.at_depth(depth) if depth else None
+        return PacketBuilder(tiny_llama, engine.adapter, formatter, neighbours=neighbours).key_for(
+            formatter.chunk_ids(text))
+
+    chunks = TOPICS[:4]
+    answer = engine.answer("What has four strings?", chunks, method="kv_packet")
+    assert answer.packet_keys == [key(chunks[0], 0), key(chunks[1], 1), key(chunks[2], 2), key(chunks[3], 2)]
+    assert answer.packet_keys[2] == engine.packet_key(chunks[2]) and len(set(answer.packet_keys)) == 4
+    exact = engine.store.get(engine.packet_key(chunks[0], "exact")) or engine.exact_builder.build(chunks[0])
+    assert torch.equal(engine.store.get(answer.packet_keys[0]).keys, exact.keys)
+    default = engine.answer("What has four strings?", chunks)  # the default reading: the first chunk exact
+    assert default.packet_keys == [engine.packet_key(chunks[0], "exact"), *answer.packet_keys[1:]]
+    built = engine.counters["packets_built"]
+    engine.ingest_packets([TOPICS[4]])  # exact, place 1, place 2 (the first place reads the exact packet)
+    assert engine.counters["packets_built"] - built == len(engine.ingest_builders) == 3
+    engine.calibrate_on(None)
+    assert engine.ingest_builders[-1] is engine.builder and len(engine.ingest_builders) == 2
+
+
+def test_by_place_index_builds_every_place_and_reopens_without_building(tiny_llama, embedder, tmp_path):
+    from kvpacket_rag.index import Document, PacketIndex
+    from kvpacket_rag.store import LocalStore
+
+    calibration = CalibrationConfig(1, 2, neighbours=2, by_place=True)
+    engine = PacketEngine(tiny_llama, adapter="none+preamble", store=LocalStore(tmp_path / "packets"))
+    index = PacketIndex(engine, embedder, calibration=calibration)
+    report = index.add_documents([Document(text, f"doc{n}") for n, text in enumerate(TOPICS)])
+    assert report.packets_built == len(TOPICS) * 3  # exact, place 1, place 2
+    index.save(tmp_path / "index")
+    fresh = PacketEngine(tiny_llama, adapter="none+preamble", store=LocalStore(tmp_path / "packets"))
+    reopened = PacketIndex.open(tmp_path / "index", fresh, embedder, missing_packets="error")
+    assert reopened.calibration == calibration
+    answer = reopened.answer("What has four strings?", k=3)
+    assert answer.packets_built == 0 and fresh.counters["packets_built"] == 0
+
+
+def test_calibration_arguments_spell_out_by_place():
+    import argparse
+
+    from kvpacket_rag.cli.common import add_calibration_arguments, calibration_config, calibration_flags
+
+    parser = argparse.ArgumentParser()
+    add_calibration_arguments(parser, "the corpus")
+    args = parser.parse_args(["--calibrate-neighbours", "8", "--calibration-depth", "2", "--calibrate-by-place"])
+    assert calibration_config(args) == CalibrationConfig(2, 2, neighbours=8, by_place=True)
+    assert calibration_flags(args) == ["--calibrate-neighbours", "8", "--calibration-contexts", "2",
+                                       "--calibration-depth", "2", "--calibrate-by-place"]
+    with pytest.raises(ValueError, match="needs --calibrate-neighbours"):
+        calibration_config(parser.parse_args(["--calibrate-by-place"]))
 
 
 def test_neighbour_contexts_too_long_for_the_model_are_cut_from_their_start(tiny_llama, embedder):

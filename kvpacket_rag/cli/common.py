@@ -33,7 +33,8 @@ def make_engine(args: argparse.Namespace, store=None):
 
 
 def add_calibration_arguments(parser: argparse.ArgumentParser, corpus: str) -> None:
-    """--calibrate-neighbours, --calibration-contexts, --calibration-depth (``corpus`` names the passages)."""
+    """--calibrate-neighbours, --calibration-contexts, --calibration-depth, --calibrate-by-place (``corpus`` names
+    the passages)."""
     parser.add_argument("--calibrate-neighbours", type=int, default=0, metavar="N",
                         help=f"build each chunk's adapter packet after contexts drawn from its N nearest passages "
                              f"among {corpus} (measured with --adapter none+preamble: bare packets); 0 (default): "
@@ -42,6 +43,10 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, corpus: str) -> N
                         help="with --calibrate-neighbours: contexts per chunk (each one more forward; default 2)")
     parser.add_argument("--calibration-depth", type=int, default=None,
                         help="with --calibrate-neighbours: passages per context (default 4)")
+    parser.add_argument("--calibrate-by-place", action="store_true",
+                        help="with --calibrate-neighbours: one packet per place among the retrieved chunks, a chunk "
+                             "at place p built after min(p, depth) passages (place 0: none); set the depth to the "
+                             "number of retrieved chunks minus one")
 
 
 def calibration_config(args: argparse.Namespace):
@@ -49,9 +54,11 @@ def calibration_config(args: argparse.Namespace):
     from ..calibration import CalibrationConfig
 
     if not args.calibrate_neighbours:
+        if args.calibrate_by_place:
+            raise ValueError("--calibrate-by-place needs --calibrate-neighbours N (the nearest passages to draw from)")
         return None
     return CalibrationConfig(args.calibration_contexts, args.calibration_depth,
-                             neighbours=args.calibrate_neighbours)
+                             neighbours=args.calibrate_neighbours, by_place=args.calibrate_by_place)
 
 
 def calibration_flags(args: argparse.Namespace) -> list[str]:
@@ -61,7 +68,7 @@ def calibration_flags(args: argparse.Namespace) -> list[str]:
     if config is None:
         return []
     return ["--calibrate-neighbours", str(config.neighbours), "--calibration-contexts", str(config.contexts),
-            "--calibration-depth", str(config.depth)]
+            "--calibration-depth", str(config.depth)] + ["--calibrate-by-place"] * config.by_place
 
 
 def calibrate_engine(engine, args: argparse.Namespace, passages: list[str]) -> None:

@@ -261,13 +261,10 @@ class PacketEngine:
         """
         if first_place is None or kind != "adapted" or not self._place_builders:
             return self._fetch(chunks, self.builder_for(kind), progress=False)
-        deepest = len(self._place_builders)
-        fetched = PacketFetch([], [])
-        for place in range(first_place, min(first_place + len(chunks), deepest)):
-            fetched += self._fetch(chunks[place - first_place : place - first_place + 1], self._place_builders[place],
-                                   progress=False)
-        rest = chunks[max(0, deepest - first_place) :]
-        return fetched + self._fetch(rest, self.builder, progress=False) if rest else fetched
+        places = self._place_builders
+        builders = [places[place] if place < len(places) else self.builder
+                    for place in range(first_place, first_place + len(chunks))]
+        return self._fetch(chunks, builders, progress=False)
 
     def packet_key(self, text: str, kind: PacketKind = "adapted") -> str:
         """The key the packet of chunk ``text`` has (or will have) in the store."""
@@ -290,30 +287,31 @@ class PacketEngine:
                 self._builders[kind.fingerprint] = PacketBuilder(self.model, kind, self.formatter)
             return self._builders[kind.fingerprint]
 
-    def _fetch(self, chunks, builder: PacketBuilder, progress) -> PacketFetch:
+    def _fetch(self, chunks, builder: PacketBuilder | Sequence[PacketBuilder], progress) -> PacketFetch:
+        """Packets of ``chunks`` (each of its own builder when ``builder`` is a list), read in one store call."""
+        builders = [builder] * len(chunks) if isinstance(builder, PacketBuilder) else list(builder)
         with self._compute:  # builds run the model; counters change
-            ids = [builder.chunk_ids(chunk) for chunk in chunks]
-            keys = [builder.key_for(i) for i in ids]
+            ids = [b.chunk_ids(chunk) for b, chunk in zip(builders, chunks)]
+            keys = [b.key_for(i) for b, i in zip(builders, ids)]
             found = self.store.get_many(keys)
             missing = [n for n, packet in enumerate(found) if packet is None]
             start = time.perf_counter()
-            if missing:
-                built = builder.build_many([ids[n] for n in missing], progress=progress)
-                unsaved = None
-                for n, packet in zip(missing, built):
+            unsaved = None
+            for each in dict.fromkeys(builders[n] for n in missing):
+                rows = [n for n in missing if builders[n] is each]
+                for n, packet in zip(rows, each.build_many([ids[n] for n in rows], progress=progress)):
                     try:
                         self.store.put(packet)
                     except StoreError as error:  # disk full, read-only, server refused: the packet is in hand
                         unsaved = unsaved or error
                     found[n] = packet
-                if unsaved is not None:
-                    log.warning("could not store %d new packets (%s); answering with them anyway", len(built),
-                                unsaved)
-                self.counters["packets_built"] += len(built)
+            if unsaved is not None:
+                log.warning("could not store %d new packets (%s); answering with them anyway", len(missing), unsaved)
+            self.counters["packets_built"] += len(missing)
             build_s = time.perf_counter() - start if missing else 0.0
-            for packet, chunk_ids in zip(found, ids):
+            for packet, b, chunk_ids in zip(found, builders, ids):
                 packet.check_compatible(self.model.fingerprint, self.model.tokenizer_fingerprint,
-                                        builder.provenance_for(chunk_ids))
+                                        b.provenance_for(chunk_ids))
             self.counters["packets_loaded"] += len(found) - len(missing)
             return PacketFetch(found, keys, build_s, len(missing), sum(len(ids[n]) for n in missing))
 

@@ -2,7 +2,8 @@
 
 A `ContextMethod` turns retrieved chunks into a cache over ``preamble | context``; it sees the engine only
 through the narrow `ContextSource` interface (model, preamble, tokenization, packets, context forwards) and
-declares in `ContextMethod.packet_kinds` which packets it reads, so that callers can build them ahead of time.
+declares in `ContextMethod.packet_kinds` which packets it reads and fetches them with `ContextMethod.fetch_packets`,
+so that callers can build them ahead of time.
 """
 
 from __future__ import annotations
@@ -35,20 +36,25 @@ class PacketFetch:
         packets: one packet per chunk.
         keys: their store keys.
         build_s: seconds spent building the packets that were not stored.
-        built: how many packets were built (the others were read from the store).
+        built_keys: keys of the packets built (the others were read from the store).
         built_tokens: chunk tokens of the packets built.
     """
 
     packets: list["KVPacket"]
     keys: list[str]
     build_s: float = 0.0
-    built: int = 0
+    built_keys: list[str] = field(default_factory=list)
     built_tokens: int = 0
+
+    @property
+    def built(self) -> int:
+        """How many packets were built."""
+        return len(self.built_keys)
 
     def __add__(self, other: "PacketFetch") -> "PacketFetch":
         """The packets of both, ``self``'s chunks first."""
         return PacketFetch(self.packets + other.packets, self.keys + other.keys, self.build_s + other.build_s,
-                           self.built + other.built, self.built_tokens + other.built_tokens)
+                           self.built_keys + other.built_keys, self.built_tokens + other.built_tokens)
 
 
 class ContextSource(Protocol):
@@ -114,6 +120,14 @@ class ContextMethod(ABC):
 
     name: str = ""
     packet_kinds: tuple[PacketKind, ...] = ()
+
+    def fetch_packets(self, source: ContextSource, chunks: Sequence[str]) -> PacketFetch:
+        """The stored packets `prepare` reads for ``chunks``, in the order read (missing ones are built and stored):
+        what a caller builds ahead of time to keep building out of the timed answer."""
+        fetched = PacketFetch([], [])
+        for kind in self.packet_kinds:
+            fetched += source.packets_for(chunks, kind)
+        return fetched
 
     @abstractmethod
     def prepare(self, source: ContextSource, chunks: Sequence[str], buffer: KVBuffer, reserve: int) -> PreparedContext:

@@ -313,7 +313,7 @@ class PacketEngine:
                 packet.check_compatible(self.model.fingerprint, self.model.tokenizer_fingerprint,
                                         b.provenance_for(chunk_ids))
             self.counters["packets_loaded"] += len(found) - len(missing)
-            return PacketFetch(found, keys, build_s, len(missing), sum(len(ids[n]) for n in missing))
+            return PacketFetch(found, keys, build_s, [keys[n] for n in missing], sum(len(ids[n]) for n in missing))
 
     def method_for(self, method: str | ContextMethod | None) -> ContextMethod:
         """The method named by ``method`` (a name or an object), or the engine's `method` for None."""

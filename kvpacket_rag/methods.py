@@ -8,7 +8,7 @@ comparable across methods. `METHODS` lists every method by name; `get_method` pa
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable
 
 from .baselines import CacheBlend, Epic
 from .context import ContextMethod, ContextSource, PacketFetch, PacketKind, PreparedContext, synchronize
@@ -44,7 +44,7 @@ class PacketMethod(ContextMethod):
 
     def prepare(self, source: ContextSource, chunks, buffer, reserve):
         start = time.perf_counter()
-        fetched = self._fetch(source, list(chunks))
+        fetched = self.fetch_packets(source, list(chunks))
         loaded = time.perf_counter()
         preamble = source.preamble_block()
         blocks = [preamble, *fetched.packets]  # packets are decoded (if quantized) and rotated into the buffer in one pass
@@ -58,7 +58,8 @@ class PacketMethod(ContextMethod):
                                packet_keys=fetched.keys, packets_built=fetched.built,
                                tokens_built=fetched.built_tokens)
 
-    def _fetch(self, source: ContextSource, chunks: list) -> PacketFetch:
+    def fetch_packets(self, source: ContextSource, chunks) -> PacketFetch:
+        chunks = list(chunks)
         if not (self.exact_first and chunks):
             return source.packets_for(chunks, self.packet_kinds[-1], first_place=0)
         return source.packets_for(chunks[:1], "exact") + source.packets_for(chunks[1:], self.packet_kinds[-1],
@@ -107,15 +108,6 @@ METHODS: dict[str, Callable[..., ContextMethod]] = {
     "epic": Epic,
 }
 """Every method by name: a factory called with the text after ``:`` in ``NAME:ARG`` (or with nothing)."""
-
-def packet_kinds_read(methods: Iterable[ContextMethod]) -> list[PacketKind]:
-    """The distinct packet kinds ``methods`` read, in the order first seen (an adapter counts once per fingerprint)."""
-    kinds: dict[str, PacketKind] = {}
-    for method in methods:
-        for kind in method.packet_kinds:
-            kinds.setdefault(kind if isinstance(kind, str) else kind.fingerprint, kind)
-    return list(kinds.values())
-
 
 DEFAULT_METHOD = "kv_packet_first_exact"
 """How answers read the chunks unless told otherwise: no model forward over them, the first retrieved chunk exact."""

@@ -8,18 +8,21 @@ from kvpacket_rag.adapter import PacketAdapter
 from kvpacket_rag.baselines import CacheBlend, Epic
 from kvpacket_rag.engine import PacketEngine
 from kvpacket_rag.generation import GenerationConfig
-from kvpacket_rag.methods import METHODS, ClosedBook, FullRecompute, PacketMethod, get_method, packet_kinds_read
+from kvpacket_rag.methods import METHODS, ClosedBook, FullRecompute, PacketMethod, get_method
 
 CHUNKS = ["Ada Lovelace was born in London.", "Alan Turing studied at Cambridge."]
 
 
-def test_the_packet_kinds_of_several_methods_are_listed_once_each(tiny_llama):
+def test_fetch_packets_builds_what_each_method_reads_once(tiny_llama):
+    engine = PacketEngine(tiny_llama, adapter=PacketAdapter.initialize(tiny_llama, 2, 2, seed=1))
     names = ("kv_packet_first_exact", "cacheblend:0.15", "kv_packet", "epic:4", "full_recompute")
-    assert packet_kinds_read(get_method(n) for n in names) == ["exact", "adapted", "bare"]
-    adapter = PacketAdapter.initialize(tiny_llama, 2, 2, seed=1)
-    copy = adapter.with_prefix(adapter.prefix)  # another object, the same fingerprint
-    same = [PacketMethod(adapter=adapter, name="a"), PacketMethod(adapter=copy, name="b")]
-    assert packet_kinds_read(same) == [adapter]
+    built = [get_method(n).fetch_packets(engine, CHUNKS) for n in names]
+    assert [len(b.keys) for b in built] == [2, 2, 2, 2, 0]
+    assert [b.built for b in built] == [2, 2, 1, 0, 0]  # kv_packet: the first chunk's adapted packet only
+    assert built[0].keys == [engine.packet_key(CHUNKS[0], "exact"), engine.packet_key(CHUNKS[1])]
+    assert set(built[2].built_keys) == {engine.packet_key(CHUNKS[0])} and engine.counters["packets_built"] == 5
+    answer = engine.answer("Where was Ada born?", CHUNKS, generation=GenerationConfig(max_new_tokens=1))
+    assert answer.packets_built == 0 and answer.packet_keys == built[0].keys
 
 
 def test_registry_names_every_method_with_its_packet_kinds():

@@ -25,7 +25,7 @@ from pathlib import Path
 from ..datasets import load_samples
 from ..engine import PacketEngine
 from ..generation import GenerationConfig
-from ..methods import get_method, packet_kinds_read
+from ..methods import get_method
 from ..tuning import set_threads, tune_malloc
 from .common import engine_header, median, peak_rss_mb, write_outputs
 
@@ -139,8 +139,8 @@ def measure(engine: PacketEngine, method: str, chunks: list[str], repeats: int) 
 
 def run_one(engine: PacketEngine, n_chunks: int, chunk_tokens: int, methods: list[str], repeats: int) -> dict:
     chunks = make_chunks(engine, n_chunks, chunk_tokens)
-    for kind in packet_kinds_read(get_method(name) for name in methods):
-        engine.build_packets(chunks, kind)  # before timing, as at ingestion (the recompute baselines read bare ones)
+    for name in methods:  # before timing, as at ingestion (the recompute baselines read bare packets)
+        get_method(name).fetch_packets(engine, chunks)
     timed = {name: measure(engine, name, chunks, repeats) for name in methods}
     context_tokens = engine.answer(QUESTION, chunks, generation=GenerationConfig(max_new_tokens=1)).context_tokens
     out = {"chunks": n_chunks, "chunk_tokens": chunk_tokens, "context_tokens": context_tokens, "methods": timed}

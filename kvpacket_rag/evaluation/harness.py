@@ -31,7 +31,7 @@ from ..datasets import Sample
 from ..engine import Answer, PacketEngine
 from ..generation import GenerationConfig
 from ..context import ContextMethod
-from ..methods import get_method, packet_kinds_read
+from ..methods import get_method
 from ..metrics import answer_recall, best_f1, exact_match, macro_f1, micro_f1
 from .teacher import forced_logprobs, kl_per_token
 
@@ -203,12 +203,10 @@ def _run_sample(engine: PacketEngine, sample: Sample, order: list[str], methods:
 
 def _build_packets(engine: PacketEngine, chunks: Sequence[str], methods: Sequence[ContextMethod]) -> list[str]:
     """Build the packets of ``chunks`` that ``methods`` read; return the keys not stored before."""
-    kinds = packet_kinds_read(methods)
-    keys = [engine.packet_key(chunk, kind) for kind in kinds for chunk in chunks]
-    new = [k for k in dict.fromkeys(keys) if not engine.store.contains(k)]
-    for kind in kinds:
-        engine.build_packets(chunks, kind)
-    return new
+    built: list[str] = []
+    for method in methods:
+        built += method.fetch_packets(engine, chunks).built_keys
+    return built
 
 
 def _timed_answer(engine: PacketEngine, sample: Sample, method: ContextMethod, generation: GenerationConfig):

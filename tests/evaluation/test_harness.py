@@ -340,3 +340,13 @@ def test_neighbour_calibration_builds_after_the_evaluated_passages(tiny_llama, j
     assert engine.builder.neighbours is None  # the engine builds as before once the evaluation ends
     with pytest.raises(ValueError, match="set neighbours"):
         EvalConfig(("kv_packet",), calibration=CalibrationConfig())
+
+
+def test_by_place_packets_are_built_before_the_timed_answers_and_dropped_after(tiny_llama, jsonl):
+    engine = PacketEngine(tiny_llama, adapter="none+preamble")
+    calibration = CalibrationConfig(contexts=1, depth=1, neighbours=2, by_place=True)
+    config = EvalConfig(("kv_packet",), max_new_tokens=2, warmup=False, progress=False, calibration=calibration)
+    out = run_evaluation(engine, str(jsonl), 2, config, adapter_spec="none+preamble")
+    records = out["methods"]["kv_packet"]["records"]
+    assert [r["timings"]["packet_build_s"] for r in records] == [0.0, 0.0]
+    assert out["adapter"]["neighbour_calibration"]["by_place"] and not list(engine.store.keys())

@@ -239,7 +239,7 @@ class PacketEngine:
         """The builders of every packet `ingest_packets` builds for a chunk: one per kind of `ingest_kinds`, with
         by-place calibration one per place the `method` reads (the first chunk's place too unless it reads that
         chunk's exact packet), the ``adapted`` one (the deepest place) last."""
-        first = 1 if getattr(self.method, "exact_first", False) else 0
+        first = 1 if "exact" in self.method.packet_kinds else 0
         return ([self.builder_for(kind) for kind in self.ingest_kinds[:-1]] + self._place_builders[first:]
                 + [self.builder])
 

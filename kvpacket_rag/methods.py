@@ -44,7 +44,7 @@ class PacketMethod(ContextMethod):
 
     def prepare(self, source: ContextSource, chunks, buffer, reserve):
         start = time.perf_counter()
-        fetched = self.fetch_packets(source, list(chunks))
+        fetched = self.fetch_packets(source, chunks)
         loaded = time.perf_counter()
         preamble = source.preamble_block()
         blocks = [preamble, *fetched.packets]  # packets are decoded (if quantized) and rotated into the buffer in one pass

@@ -40,9 +40,10 @@ if TYPE_CHECKING:
 
 SHARED_DEFAULTS = (4, 2)
 """Contexts and depth of shared calibration contexts when not given (measured on biography)."""
-NEIGHBOUR_DEFAULTS = (2, 4)
-"""Contexts and depth of neighbour contexts when not given: on HotpotQA validation questions, 2 contexts of 4
-passages beat 4 of 2 (answer KL −34 %) at a lower build cost."""
+NEIGHBOUR_DEFAULTS = (4, 4)
+"""Contexts and depth of neighbour contexts when not given: on HotpotQA validation questions 4 passages beat 2
+(answer KL −34 % with one packet per chunk), and by place 4 contexts beat 2 (HotpotQA: fidelity 0.74 → 0.84,
+KL −17 %; biography: KL −10 %) at twice the build cost."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class CalibrationConfig:
 
     Attributes:
         contexts: how many contexts each packet is averaged over (>= 1; each costs one forward per packet);
-            default 4 for shared contexts, 2 with ``neighbours``.
+            default 4.
         depth: passages per context (>= 1), joined as the engine joins retrieved chunks; default 2 for shared
             contexts, 4 with ``neighbours``.
         seed: the draw's seed.
@@ -60,14 +61,15 @@ class CalibrationConfig:
         by_place: with ``neighbours``, give each chunk one packet per place among the retrieved chunks: read at
             place p (p chunks before it) it is built after the last ``min(p, depth)`` passages of each context, at
             place 0 after none. ``depth`` then caps the places told apart: set it to the retrieval's top-k − 1.
-            Each place costs one more stored packet per chunk.
+            Each place costs one more stored packet per chunk. Default: on with ``neighbours`` (it lowered the
+            answer KL on every corpus measured), off for shared contexts (where it is refused).
     """
 
     contexts: int | None = None
     depth: int | None = None
     seed: int = 0
     neighbours: int = 0
-    by_place: bool = False
+    by_place: bool | None = None
 
     def __post_init__(self) -> None:
         defaults = NEIGHBOUR_DEFAULTS if self.neighbours else SHARED_DEFAULTS
@@ -80,6 +82,8 @@ class CalibrationConfig:
         if not isinstance(self.neighbours, int) or (self.neighbours and self.neighbours < self.depth):
             raise ValueError(f"calibration neighbours must be 0 or an int >= depth ({self.depth}), "
                              f"got {self.neighbours!r}")
+        if self.by_place is None:
+            object.__setattr__(self, "by_place", bool(self.neighbours))
         if self.by_place and not self.neighbours:
             raise ValueError("by_place calibration draws each chunk's contexts from its nearest passages: set "
                              "neighbours >= depth too")

@@ -415,7 +415,8 @@ class PacketIndex:
         try:
             chunker = ChunkerConfig(**manifest["chunker"])
             saved = manifest.get("calibration")
-            calibration = CalibrationConfig(**saved) if saved is not None else None
+            # a manifest written before by-place calibration existed keeps its one packet per chunk
+            calibration = CalibrationConfig(**{"by_place": False, **saved}) if saved is not None else None
         except (TypeError, ValueError) as error:
             raise CorruptIndexError(f"{directory}: the manifest's chunker or calibration settings are invalid "
                                     f"({error}); save the index again") from None

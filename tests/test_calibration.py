@@ -40,10 +40,10 @@ def test_bad_config_is_refused(field, value):
         CalibrationConfig(**{field: value})
 
 
-def test_defaults_are_four_contexts_of_two_passages_shared_and_two_of_four_from_neighbours():
+def test_defaults_are_four_contexts_of_two_passages_shared_and_four_of_four_by_place_from_neighbours():
     assert (CalibrationConfig().contexts, CalibrationConfig().depth) == (4, 2)
-    assert (CalibrationConfig(neighbours=8).contexts, CalibrationConfig(neighbours=8).depth) == (2, 4)
-    assert CalibrationConfig(depth=3, neighbours=8) == CalibrationConfig(2, 3, 0, 8)
+    assert (CalibrationConfig(neighbours=8).contexts, CalibrationConfig(neighbours=8).depth) == (4, 4)
+    assert CalibrationConfig(depth=3, neighbours=8) == CalibrationConfig(4, 3, 0, 8, by_place=True)
     with pytest.raises(ValueError, match=r"neighbours must be 0 or an int >= depth \(4\)"):
         CalibrationConfig(neighbours=2)
 
@@ -203,7 +203,7 @@ def test_contexts_at_a_depth_are_the_last_passages_of_each_drawn_context(tiny_ll
         near.at_depth(4)
     by_place = NeighbourContexts(TOPICS, formatter, embedder, CalibrationConfig(2, 3, neighbours=3, by_place=True))
     assert by_place.fingerprint == NeighbourContexts(TOPICS, formatter, embedder,
-                                                     CalibrationConfig(2, 3, neighbours=3)).fingerprint
+                                                     CalibrationConfig(2, 3, neighbours=3, by_place=False)).fingerprint
     with pytest.raises(ValueError, match="set neighbours"):
         CalibrationConfig(by_place=True)
 
@@ -262,11 +262,39 @@ def test_calibration_arguments_spell_out_by_place():
     parser = argparse.ArgumentParser()
     add_calibration_arguments(parser, "the corpus")
     args = parser.parse_args(["--calibrate-neighbours", "8", "--calibration-depth", "2", "--calibrate-by-place"])
-    assert calibration_config(args) == CalibrationConfig(2, 2, neighbours=8, by_place=True)
-    assert calibration_flags(args) == ["--calibrate-neighbours", "8", "--calibration-contexts", "2",
+    assert calibration_config(args) == CalibrationConfig(4, 2, neighbours=8, by_place=True)
+    assert calibration_flags(args) == ["--calibrate-neighbours", "8", "--calibration-contexts", "4",
                                        "--calibration-depth", "2", "--calibrate-by-place"]
     with pytest.raises(ValueError, match="needs --calibrate-neighbours"):
         calibration_config(parser.parse_args(["--calibrate-by-place"]))
+    assert calibration_config(parser.parse_args(["--calibrate-neighbours", "8"])).by_place  # the default
+    once = parser.parse_args(["--calibrate-neighbours", "8", "--no-calibrate-by-place"])
+    assert calibration_config(once) == CalibrationConfig(neighbours=8, by_place=False)
+    assert calibration_flags(once)[-1] == "--no-calibrate-by-place"
+    assert calibration_config(parser.parse_args([])) is None
+
+
+def test_by_place_is_the_default_of_neighbour_calibration_only():
+    assert CalibrationConfig(neighbours=8).by_place and not CalibrationConfig().by_place
+    assert not CalibrationConfig(neighbours=8, by_place=False).by_place
+
+
+def test_index_saved_before_by_place_reopens_with_one_packet_per_chunk(tiny_llama, embedder, tmp_path):
+    import json
+
+    from kvpacket_rag.index import Document, PacketIndex
+    from kvpacket_rag.index_files import MANIFEST
+
+    engine = PacketEngine(tiny_llama, adapter="none+preamble")
+    index = PacketIndex(engine, embedder, calibration=CalibrationConfig(1, 2, neighbours=2, by_place=False))
+    index.add_documents([Document(text, f"doc{n}") for n, text in enumerate(TOPICS)])
+    index.save(tmp_path / "index")
+    manifest_path = tmp_path / "index" / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["calibration"]["by_place"]
+    manifest_path.write_text(json.dumps(manifest))
+    reopened = PacketIndex.open(tmp_path / "index", engine, embedder, missing_packets="error")
+    assert reopened.calibration == CalibrationConfig(1, 2, neighbours=2, by_place=False)
 
 
 def test_neighbour_contexts_too_long_for_the_model_are_cut_from_their_start(tiny_llama, embedder):

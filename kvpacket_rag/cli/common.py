@@ -40,13 +40,14 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, corpus: str) -> N
                              f"among {corpus} (measured with --adapter none+preamble: bare packets); 0 (default): "
                              f"as the adapter builds them")
     parser.add_argument("--calibration-contexts", type=int, default=None,
-                        help="with --calibrate-neighbours: contexts per chunk (each one more forward; default 2)")
+                        help="with --calibrate-neighbours: contexts per chunk (each one more forward per place; default 4)")
     parser.add_argument("--calibration-depth", type=int, default=None,
                         help="with --calibrate-neighbours: passages per context (default 4)")
-    parser.add_argument("--calibrate-by-place", action="store_true",
+    parser.add_argument("--calibrate-by-place", action=argparse.BooleanOptionalAction, default=None,
                         help="with --calibrate-neighbours: one packet per place among the retrieved chunks, a chunk "
                              "at place p built after min(p, depth) passages (place 0: none); set the depth to the "
-                             "number of retrieved chunks minus one")
+                             "number of retrieved chunks minus one (default: on; --no-calibrate-by-place builds one "
+                             "packet per chunk after depth passages)")
 
 
 def calibration_config(args: argparse.Namespace):
@@ -68,7 +69,8 @@ def calibration_flags(args: argparse.Namespace) -> list[str]:
     if config is None:
         return []
     return ["--calibrate-neighbours", str(config.neighbours), "--calibration-contexts", str(config.contexts),
-            "--calibration-depth", str(config.depth)] + ["--calibrate-by-place"] * config.by_place
+            "--calibration-depth", str(config.depth), "--calibrate-by-place" if config.by_place
+            else "--no-calibrate-by-place"]
 
 
 def calibrate_engine(engine, args: argparse.Namespace, passages: list[str]) -> None:

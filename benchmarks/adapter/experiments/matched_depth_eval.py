@@ -12,6 +12,7 @@ to one question, so a chunk has one place; a passage met at several places keeps
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 import sys
@@ -37,7 +38,7 @@ class MatchedDepthContexts(NeighbourContexts):
         near = self.nearest(ids)
         seed = hashlib.sha256(np.asarray([self.config.seed, *ids], dtype=np.int64).tobytes()).digest()
         rng = random.Random(seed)
-        return tuple(tuple(t for passage in rng.sample(near, min(depth, len(near))) for t in passage)
+        return tuple(tuple(tuple(passage) for passage in rng.sample(near, min(depth, len(near))))
                      for _ in range(self.config.contexts))
 
 
@@ -49,7 +50,8 @@ def matched_depth_contexts(engine, samples, calibration):
         for place, chunk in enumerate(sample.chunks):
             places.setdefault(tuple(engine.formatter.chunk_ids(chunk)), place)
     passages = [chunk for sample in samples for chunk in sample.chunks]
-    return MatchedDepthContexts(passages, engine.formatter, Embedder(), calibration, places=places)
+    one_packet = dataclasses.replace(calibration, by_place=False)  # the places are drawn here, one packet per chunk
+    return MatchedDepthContexts(passages, engine.formatter, Embedder(), one_packet, places=places)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ contexts from its own nearest passages of the served corpus, and `PacketBuilder`
 adapter's shared contexts.
 
 A chunk read at place p of a retrieved context (p chunks before it) is preceded by p passages; with
-``CalibrationConfig.by_place`` it gets one packet per place, built after the last ``min(p, depth)`` passages of each
-of its contexts (`NeighbourContexts.at_depth`), and at place 0 the packet built after no context at all.
+``CalibrationConfig.by_place`` (the default with neighbour contexts) it gets one packet per place, built after the
+last ``min(p, depth)`` passages of each of its contexts (`NeighbourContexts.at_depth`), and at place 0 the packet
+built after no context at all.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class CalibrationConfig:
             place p (p chunks before it) it is built after the last ``min(p, depth)`` passages of each context, at
             place 0 after none. ``depth`` then caps the places told apart: set it to the retrieval's top-k − 1.
             Each place costs one more stored packet per chunk. Default: on with ``neighbours`` (it lowered the
-            answer KL on every corpus measured), off for shared contexts (where it is refused).
+            answer KL on HotpotQA and biography), off for shared contexts (where it is refused).
     """
 
     contexts: int | None = None

@@ -40,7 +40,8 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, corpus: str) -> N
                              f"among {corpus} (measured with --adapter none+preamble: bare packets); 0 (default): "
                              f"as the adapter builds them")
     parser.add_argument("--calibration-contexts", type=int, default=None,
-                        help="with --calibrate-neighbours: contexts per chunk (each one more forward per place; default 4)")
+                        help="with --calibrate-neighbours: contexts per chunk (each one more forward per place; "
+                             "default 4)")
     parser.add_argument("--calibration-depth", type=int, default=None,
                         help="with --calibrate-neighbours: passages per context (default 4)")
     parser.add_argument("--calibrate-by-place", action=argparse.BooleanOptionalAction, default=None,

@@ -44,6 +44,7 @@ def test_defaults_are_four_contexts_of_two_passages_shared_and_four_of_four_by_p
     assert (CalibrationConfig().contexts, CalibrationConfig().depth) == (4, 2)
     assert (CalibrationConfig(neighbours=8).contexts, CalibrationConfig(neighbours=8).depth) == (4, 4)
     assert CalibrationConfig(depth=3, neighbours=8) == CalibrationConfig(4, 3, 0, 8, by_place=True)
+    assert not CalibrationConfig().by_place and not CalibrationConfig(neighbours=8, by_place=False).by_place
     with pytest.raises(ValueError, match=r"neighbours must be 0 or an int >= depth \(4\)"):
         CalibrationConfig(neighbours=2)
 
@@ -272,11 +273,6 @@ def test_calibration_arguments_spell_out_by_place():
     assert calibration_config(once) == CalibrationConfig(neighbours=8, by_place=False)
     assert calibration_flags(once)[-1] == "--no-calibrate-by-place"
     assert calibration_config(parser.parse_args([])) is None
-
-
-def test_by_place_is_the_default_of_neighbour_calibration_only():
-    assert CalibrationConfig(neighbours=8).by_place and not CalibrationConfig().by_place
-    assert not CalibrationConfig(neighbours=8, by_place=False).by_place
 
 
 def test_index_saved_before_by_place_reopens_with_one_packet_per_chunk(tiny_llama, embedder, tmp_path):

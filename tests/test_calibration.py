@@ -273,6 +273,10 @@ def test_calibration_arguments_spell_out_by_place():
     assert calibration_config(once) == CalibrationConfig(neighbours=8, by_place=False)
     assert calibration_flags(once)[-1] == "--no-calibrate-by-place"
     assert calibration_config(parser.parse_args([])) is None
+    # a command that knows its top-k builds places up to top-k - 1 unless a depth is given
+    assert calibration_config(parser.parse_args(["--calibrate-neighbours", "8"]), places=3).depth == 2
+    assert calibration_config(parser.parse_args(["--calibrate-neighbours", "8"]), places=1).depth == 1
+    assert calibration_config(args, places=6).depth == 2
 
 
 def test_index_saved_before_by_place_reopens_with_one_packet_per_chunk(tiny_llama, embedder, tmp_path):

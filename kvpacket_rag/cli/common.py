@@ -32,9 +32,9 @@ def make_engine(args: argparse.Namespace, store=None):
         raise IncompatiblePacketError(str(error).replace("pass adapter=None", "pass --adapter none")) from None
 
 
-def add_calibration_arguments(parser: argparse.ArgumentParser, corpus: str) -> None:
+def add_calibration_arguments(parser: argparse.ArgumentParser, corpus: str, depth_default: str = "4") -> None:
     """--calibrate-neighbours, --calibration-contexts, --calibration-depth, --calibrate-by-place (``corpus`` names
-    the passages)."""
+    the passages, ``depth_default`` the depth's default in the help)."""
     parser.add_argument("--calibrate-neighbours", type=int, default=0, metavar="N",
                         help=f"build each chunk's adapter packet after contexts drawn from its N nearest passages "
                              f"among {corpus} (measured with --adapter none+preamble: bare packets); 0 (default): "
@@ -43,7 +43,7 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, corpus: str) -> N
                         help="with --calibrate-neighbours: contexts per chunk (each one more forward per place; "
                              "default 4)")
     parser.add_argument("--calibration-depth", type=int, default=None,
-                        help="with --calibrate-neighbours: passages per context (default 4)")
+                        help=f"with --calibrate-neighbours: passages per context (default {depth_default})")
     parser.add_argument("--calibrate-by-place", action=argparse.BooleanOptionalAction, default=None,
                         help="with --calibrate-neighbours: one packet per place among the retrieved chunks, a chunk "
                              "at place p built after min(p, depth) passages (place 0: none); set the depth to the "
@@ -51,16 +51,23 @@ def add_calibration_arguments(parser: argparse.ArgumentParser, corpus: str) -> N
                              "packet per chunk after depth passages)")
 
 
-def calibration_config(args: argparse.Namespace):
-    """The `CalibrationConfig` of the calibration arguments, or None without --calibrate-neighbours."""
+def calibration_config(args: argparse.Namespace, places: int | None = None):
+    """The `CalibrationConfig` of the calibration arguments, or None without --calibrate-neighbours.
+
+    ``places``: chunks read per question, where the command knows it (its top-k); without --calibration-depth the
+    depth is then ``places - 1`` (at least 1), the deepest place a chunk is read at, so no unread place is built.
+    """
     from ..calibration import CalibrationConfig
 
     if not args.calibrate_neighbours:
         if args.calibrate_by_place:
             raise ValueError("--calibrate-by-place needs --calibrate-neighbours N (the nearest passages to draw from)")
         return None
-    return CalibrationConfig(args.calibration_contexts, args.calibration_depth,
-                             neighbours=args.calibrate_neighbours, by_place=args.calibrate_by_place)
+    depth = args.calibration_depth
+    if depth is None and places is not None:
+        depth = max(1, places - 1)
+    return CalibrationConfig(args.calibration_contexts, depth, neighbours=args.calibrate_neighbours,
+                             by_place=args.calibrate_by_place)
 
 
 def calibration_flags(args: argparse.Namespace) -> list[str]:

@@ -41,7 +41,7 @@ def register(subparsers) -> None:
     demo.add_argument("--json", action="store_true",
                       help="print one JSON object (ingestion summary and answers) instead of the chat transcript")
     add_model_arguments(demo)
-    add_calibration_arguments(demo, "the corpus's chunks (kept as an index of its own)")
+    add_calibration_arguments(demo, "the corpus's chunks (kept as an index of its own)", "--top-k minus 1")
     demo.set_defaults(handler=run_demo)
 
 
@@ -52,7 +52,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     generation = GenerationConfig(max_new_tokens=args.max_new_tokens)  # bad values fail before any loading
-    calibration = calibration_config(args)
+    calibration = calibration_config(args, places=args.top_k)
     set_threads(args.threads)
     root = args.cache_dir if args.cache_dir is not None else core.demo_dir()
     corpus_dir = args.corpus if args.corpus is not None else core.CORPUS_DIR

@@ -2,8 +2,8 @@
 
 A `ContextMethod` turns retrieved chunks into a cache over ``preamble | context``; it sees the engine only
 through the narrow `ContextSource` interface (model, preamble, tokenization, packets, context forwards) and
-declares in `ContextMethod.packet_kinds` which packets it reads and fetches them with `ContextMethod.fetch_packets`,
-so that callers can build them ahead of time.
+declares in `ContextMethod.packet_kinds` which kinds of packet it reads (`ContextMethod.reads`: which packets, for
+given chunks) and fetches them with `ContextMethod.fetch_packets`, so that callers can build them ahead of time.
 """
 
 from __future__ import annotations
@@ -77,6 +77,10 @@ class ContextSource(Protocol):
         ``first_place``: the place of ``chunks[0]`` in the context (chunks before it; the others follow in order),
         for packets that depend on their place; None reads the place-independent ones."""
 
+    def packet_keys_for(self, chunks: Sequence[str], kind: PacketKind = "adapted",
+                        first_place: int | None = None) -> list[str]:
+        """The store keys `packets_for` reads for the same arguments (nothing is read or built)."""
+
     def forward_context(self, ids: Sequence[int], cache: Cache) -> None:
         """Run context tokens through the model (no LM head), appending to ``cache``."""
 
@@ -121,12 +125,18 @@ class ContextMethod(ABC):
     name: str = ""
     packet_kinds: tuple[PacketKind, ...] = ()
 
+    def reads(self, chunks: Sequence[str]) -> list[tuple[list[str], PacketKind, int | None]]:
+        """The packets `prepare` reads for ``chunks``: ``(chunks, kind, first_place)`` groups in the order read, each
+        ``source.packets_for(chunks, kind, first_place)``. By default every chunk's packet of each of
+        ``packet_kinds``, place-independent."""
+        return [(list(chunks), kind, None) for kind in self.packet_kinds]
+
     def fetch_packets(self, source: ContextSource, chunks: Sequence[str]) -> PacketFetch:
-        """The stored packets `prepare` reads for ``chunks``, in the order read (missing ones are built and stored):
-        what a caller builds ahead of time to keep building out of the timed answer."""
+        """The stored packets `prepare` reads for ``chunks`` (`reads`), in the order read (missing ones are built and
+        stored): what a caller builds ahead of time to keep building out of the timed answer."""
         fetched = PacketFetch([], [])
-        for kind in self.packet_kinds:
-            fetched += source.packets_for(chunks, kind)
+        for group, kind, place in self.reads(chunks):
+            fetched += source.packets_for(group, kind, first_place=place)
         return fetched
 
     @abstractmethod

@@ -259,12 +259,20 @@ class PacketEngine:
         by-place calibration (`calibrate_on`) it chooses each chunk's adapted packet. None: the place-independent
         packets (the deepest place's under by-place calibration).
         """
+        return self._fetch(chunks, self._readers(chunks, kind, first_place), progress=False)
+
+    def packet_keys_for(self, chunks: Sequence[str], kind: PacketKind = "adapted",
+                        first_place: int | None = None) -> list[str]:
+        """The store keys `packets_for` reads for the same arguments, in order (nothing is read or built)."""
+        return [b.key_for(b.chunk_ids(chunk)) for b, chunk in zip(self._readers(chunks, kind, first_place), chunks)]
+
+    def _readers(self, chunks: Sequence[str], kind: PacketKind, first_place: int | None) -> list[PacketBuilder]:
+        """The builder of each chunk's packet as `packets_for` reads it."""
         if first_place is None or kind != "adapted" or not self._place_builders:
-            return self._fetch(chunks, self.builder_for(kind), progress=False)
+            return [self.builder_for(kind)] * len(chunks)
         places = self._place_builders
-        builders = [places[place] if place < len(places) else self.builder
-                    for place in range(first_place, first_place + len(chunks))]
-        return self._fetch(chunks, builders, progress=False)
+        return [places[place] if place < len(places) else self.builder
+                for place in range(first_place, first_place + len(chunks))]
 
     def packet_key(self, text: str, kind: PacketKind = "adapted") -> str:
         """The key the packet of chunk ``text`` has (or will have) in the store."""
@@ -295,25 +303,31 @@ class PacketEngine:
             keys = [b.key_for(i) for b, i in zip(builders, ids)]
             found = self.store.get_many(keys)
             missing = [n for n, packet in enumerate(found) if packet is None]
+            first_of = {}
+            for n in missing:  # a chunk repeated in one call is built once
+                first_of.setdefault(keys[n], n)
+            unique = list(first_of.values())
             start = time.perf_counter()
             unsaved = None
-            for each in dict.fromkeys(builders[n] for n in missing):
-                rows = [n for n in missing if builders[n] is each]
+            for each in dict.fromkeys(builders[n] for n in unique):
+                rows = [n for n in unique if builders[n] is each]
                 for n, packet in zip(rows, each.build_many([ids[n] for n in rows], progress=progress)):
                     try:
                         self.store.put(packet)
                     except StoreError as error:  # disk full, read-only, server refused: the packet is in hand
                         unsaved = unsaved or error
                     found[n] = packet
+            for n in missing:
+                found[n] = found[first_of[keys[n]]]
             if unsaved is not None:
-                log.warning("could not store %d new packets (%s); answering with them anyway", len(missing), unsaved)
-            self.counters["packets_built"] += len(missing)
+                log.warning("could not store %d new packets (%s); answering with them anyway", len(unique), unsaved)
+            self.counters["packets_built"] += len(unique)
             build_s = time.perf_counter() - start if missing else 0.0
             for packet, b, chunk_ids in zip(found, builders, ids):
                 packet.check_compatible(self.model.fingerprint, self.model.tokenizer_fingerprint,
                                         b.provenance_for(chunk_ids))
             self.counters["packets_loaded"] += len(found) - len(missing)
-            return PacketFetch(found, keys, build_s, [keys[n] for n in missing], sum(len(ids[n]) for n in missing))
+            return PacketFetch(found, keys, build_s, [keys[n] for n in unique], sum(len(ids[n]) for n in unique))
 
     def method_for(self, method: str | ContextMethod | None) -> ContextMethod:
         """The method named by ``method`` (a name or an object), or the engine's `method` for None."""

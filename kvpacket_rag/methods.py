@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from .baselines import CacheBlend, Epic
-from .context import ContextMethod, ContextSource, PacketFetch, PacketKind, PreparedContext, synchronize
+from .context import ContextMethod, ContextSource, PacketKind, PreparedContext, synchronize
 from .flops import forward_flops, rotation_flops
 from .kvcache import PacketCache, assemble
 
@@ -58,12 +58,12 @@ class PacketMethod(ContextMethod):
                                packet_keys=fetched.keys, packets_built=fetched.built,
                                tokens_built=fetched.built_tokens)
 
-    def fetch_packets(self, source: ContextSource, chunks) -> PacketFetch:
+    def reads(self, chunks) -> list[tuple[list[str], PacketKind, int | None]]:
+        """Every chunk's packet for its place (the first chunk's exact packet with ``exact_first``)."""
         chunks = list(chunks)
         if not (self.exact_first and chunks):
-            return source.packets_for(chunks, self.packet_kinds[-1], first_place=0)
-        return source.packets_for(chunks[:1], "exact") + source.packets_for(chunks[1:], self.packet_kinds[-1],
-                                                                            first_place=1)
+            return [(chunks, self.packet_kinds[-1], 0)]
+        return [(chunks[:1], "exact", 0), (chunks[1:], self.packet_kinds[-1], 1)]
 
 
 class FullRecompute(ContextMethod):

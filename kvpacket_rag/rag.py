@@ -21,6 +21,7 @@ from .generation import GenerationConfig
 from .prompt import ChatTurn
 
 if TYPE_CHECKING:
+    from .context import ContextMethod
     from .engine import Answer, PacketEngine
     from .index import SearchHit
     from .session import ChatSession
@@ -164,8 +165,10 @@ def ensure_packets(engine: "PacketEngine", texts: Sequence[str], recorded_keys: 
 
 
 def _ensure(engine: "PacketEngine", texts: Sequence[str], recorded_keys: Sequence[str | None] | None,
-            missing: MissingPackets) -> tuple[list[str], tuple[int, int]]:
-    """`ensure_packets`, also returning ``(packets built, their chunk tokens)``."""
+            missing: MissingPackets, method: "ContextMethod | None" = None) -> tuple[list[str], tuple[int, int]]:
+    """`ensure_packets`, also returning ``(packets built, their chunk tokens)``; with ``method``, the packets it
+    reads (`ContextMethod.reads`: each chunk's for its place, the first chunk's exact one) are the ones made sure
+    of instead of the chunks' place-independent adapter packets."""
     if missing not in ("build", "error"):
         raise ValueError(f"missing must be 'build' or 'error', got {missing!r}")
     recorded = list(recorded_keys) if recorded_keys is not None else [None] * len(texts)
@@ -184,33 +187,22 @@ def _ensure(engine: "PacketEngine", texts: Sequence[str], recorded_keys: Sequenc
                 f"{actual[:12]}…; the corpus was ingested with another model or adapter (or the text was edited): "
                 "re-run the packet ingestion step with this engine")
         keys.append(actual)
-    absent = [n for n, key in enumerate(keys) if not engine.store.contains(key)]
-    if absent and missing == "error":
+    reads = method.reads(texts) if method is not None else [(list(texts), "adapted", None)]
+    read_keys = [key for group, kind, place in reads for key in engine.packet_keys_for(group, kind, place)]
+    absent = [key for key in dict.fromkeys(read_keys) if not engine.store.contains(key)]
+    if not absent:
+        return keys, (0, 0)
+    if missing == "error":
         raise PacketNotFoundError(
-            f"{len(absent)} of {len(keys)} retrieved packets are not in the store (first: {keys[absent[0]][:12]}…); "
-            "rebuild them with engine.ingest_packets(texts) or allow building on demand with missing='build'")
-    built = list(dict.fromkeys(texts[n] for n in absent))
-    if built:
-        engine.build_packets(built)
-    return keys, (len(built), sum(len(engine.chunk_ids(text)) for text in built))
+            f"{len(absent)} of the {len(read_keys)} packets these retrieved chunks are read from are not in the store "
+            f"(first: {absent[0][:12]}…); ingest the corpus with this engine (it builds the packets its method reads, "
+            "e.g. engine.ingest_packets(texts)) or allow building on demand with missing='build'")
+    built = [engine.packets_for(group, kind, place) for group, kind, place in reads]
+    return keys, (sum(fetch.built for fetch in built), sum(fetch.built_tokens for fetch in built))
 
 
 PACKET_READINGS = ("kv_packet_first_exact", "kv_packet")
 """The methods that read the chunks' adapter packets (the ones an index records keys for); neither forwards a chunk."""
-
-
-def _ensure_first_exact(engine: "PacketEngine", text: str, missing: MissingPackets) -> tuple[int, int]:
-    """Make sure the first chunk's ``exact`` packet is stored; ``(packets built, their chunk tokens)``."""
-    key = engine.packet_key(text, "exact")
-    if engine.store.contains(key):
-        return 0, 0
-    if missing == "error":
-        raise PacketNotFoundError(
-            f"the exact packet of the first retrieved chunk ({key[:12]}…) is not in the store; ingest the corpus "
-            "with this engine (it builds the packets its method reads), or allow building on demand with "
-            "missing='build'")
-    engine.build_packets([text], "exact")
-    return 1, len(engine.chunk_ids(text))
 
 
 def stream_answer(engine: "PacketEngine", question: str, texts: Sequence[str], *,
@@ -241,10 +233,7 @@ def stream_answer(engine: "PacketEngine", question: str, texts: Sequence[str], *
     prebuilt = (0, 0)
     method = engine.method_for("closed_book" if closed_book else method)
     if "adapted" in method.packet_kinds:
-        prebuilt = _ensure(engine, texts, recorded_keys, missing)[1]
-    if "exact" in method.packet_kinds:
-        exact = _ensure_first_exact(engine, texts[0], missing)
-        prebuilt = (prebuilt[0] + exact[0], prebuilt[1] + exact[1])
+        prebuilt = _ensure(engine, texts, recorded_keys, missing, method)[1]
     if session is None:
         stream = engine.stream(question, texts, method=method, history=tuple(history), generation=generation)
     else:

@@ -15,6 +15,7 @@ from kvpacket_rag.embedder import Embedder
 from kvpacket_rag.cli import main
 from kvpacket_rag.engine import PacketEngine
 from kvpacket_rag.errors import InvalidInputError
+from kvpacket_rag.generation import GenerationConfig
 from kvpacket_rag.models import load_model
 from kvpacket_rag.prompt import PromptFormatter
 
@@ -253,6 +254,28 @@ def test_by_place_index_builds_every_place_and_reopens_without_building(tiny_lla
     assert reopened.calibration == calibration
     answer = reopened.answer("What has four strings?", k=3)
     assert answer.packets_built == 0 and fresh.counters["packets_built"] == 0
+
+
+def test_answering_makes_sure_of_the_packet_each_chunk_is_read_from_at_its_place(tiny_llama, embedder):
+    """With by-place packets a chunk is read from its place's packet: an absent one is reported under
+    missing='error' (not built behind the caller's back) and built under 'build', the place-independent one aside."""
+    from kvpacket_rag.errors import PacketNotFoundError
+    from kvpacket_rag.rag import stream_answer
+
+    engine = PacketEngine(tiny_llama, adapter="none+preamble")
+    engine.calibrate_on(NeighbourContexts(TOPICS, engine.formatter, embedder,
+                                          CalibrationConfig(1, 2, neighbours=2, by_place=True)))
+    chunks = TOPICS[:2]
+    keys = engine.build_packets(chunks)  # the deepest place's packets, as a one-packet ingestion recorded them
+    with pytest.raises(PacketNotFoundError, match="2 of the 2 packets"):  # place 0 (exact) and place 1
+        stream_answer(engine, "What has four strings?", chunks, recorded_keys=keys, missing="error",
+                      method="kv_packet")
+    answer = stream_answer(engine, "What has four strings?", chunks, recorded_keys=keys, method="kv_packet",
+                           generation=GenerationConfig(max_new_tokens=2)).collect()
+    assert answer.packets_built == 2 and answer.answer.packet_keys == engine.packet_keys_for(chunks, first_place=0)
+    again = stream_answer(engine, "What has four strings?", chunks + chunks[:1], recorded_keys=keys + keys[:1],
+                          missing="error", method="kv_packet", generation=GenerationConfig(max_new_tokens=2))
+    assert again.collect().packets_built == 0  # the first chunk read again at place 2: the deepest packet, stored
 
 
 def test_calibration_arguments_spell_out_by_place():

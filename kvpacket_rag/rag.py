@@ -167,8 +167,7 @@ def ensure_packets(engine: "PacketEngine", texts: Sequence[str], recorded_keys: 
 def _ensure(engine: "PacketEngine", texts: Sequence[str], recorded_keys: Sequence[str | None] | None,
             missing: MissingPackets, method: "ContextMethod | None" = None) -> tuple[list[str], tuple[int, int]]:
     """`ensure_packets`, also returning ``(packets built, their chunk tokens)``; with ``method``, the packets it
-    reads (`ContextMethod.reads`: each chunk's for its place, the first chunk's exact one) are the ones made sure
-    of instead of the chunks' place-independent adapter packets."""
+    reads are made sure of too (`ContextMethod.reads`: each chunk's for its place, the first chunk's exact one)."""
     if missing not in ("build", "error"):
         raise ValueError(f"missing must be 'build' or 'error', got {missing!r}")
     recorded = list(recorded_keys) if recorded_keys is not None else [None] * len(texts)
@@ -187,16 +186,17 @@ def _ensure(engine: "PacketEngine", texts: Sequence[str], recorded_keys: Sequenc
                 f"{actual[:12]}…; the corpus was ingested with another model or adapter (or the text was edited): "
                 "re-run the packet ingestion step with this engine")
         keys.append(actual)
-    reads = method.reads(texts) if method is not None else [(list(texts), "adapted", None)]
-    read_keys = [key for group, kind, place in reads for key in engine.packet_keys_for(group, kind, place)]
-    absent = [key for key in dict.fromkeys(read_keys) if not engine.store.contains(key)]
+    reads = [(list(texts), "adapted", None), *(method.reads(texts) if method is not None else ())]
+    needed = list(dict.fromkeys(key for group, kind, place in reads
+                                for key in engine.packet_keys_for(group, kind, place)))
+    absent = [key for key in needed if not engine.store.contains(key)]
     if not absent:
         return keys, (0, 0)
     if missing == "error":
         raise PacketNotFoundError(
-            f"{len(absent)} of the {len(read_keys)} packets these retrieved chunks are read from are not in the store "
-            f"(first: {absent[0][:12]}…); ingest the corpus with this engine (it builds the packets its method reads, "
-            "e.g. engine.ingest_packets(texts)) or allow building on demand with missing='build'")
+            f"{len(absent)} of the {len(needed)} packets these retrieved chunks need are not in the store (first: "
+            f"{absent[0][:12]}…); ingest the corpus with this engine (it builds the packets its method reads, e.g. "
+            "engine.ingest_packets(texts)) or allow building on demand with missing='build'")
     built = [engine.packets_for(group, kind, place) for group, kind, place in reads]
     return keys, (sum(fetch.built for fetch in built), sum(fetch.built_tokens for fetch in built))
 

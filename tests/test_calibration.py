@@ -258,7 +258,7 @@ def test_by_place_index_builds_every_place_and_reopens_without_building(tiny_lla
 
 def test_answering_makes_sure_of_the_packet_each_chunk_is_read_from_at_its_place(tiny_llama, embedder):
     """With by-place packets a chunk is read from its place's packet: an absent one is reported under
-    missing='error' (not built behind the caller's back) and built under 'build', the place-independent one aside."""
+    missing='error' (not built behind the caller's back) and built under 'build'."""
     from kvpacket_rag.errors import PacketNotFoundError
     from kvpacket_rag.rag import stream_answer
 
@@ -267,7 +267,7 @@ def test_answering_makes_sure_of_the_packet_each_chunk_is_read_from_at_its_place
                                           CalibrationConfig(1, 2, neighbours=2, by_place=True)))
     chunks = TOPICS[:2]
     keys = engine.build_packets(chunks)  # the deepest place's packets, as a one-packet ingestion recorded them
-    with pytest.raises(PacketNotFoundError, match="2 of the 2 packets"):  # place 0 (exact) and place 1
+    with pytest.raises(PacketNotFoundError, match="2 of the 4 packets"):  # place 0 (exact) and place 1 are absent
         stream_answer(engine, "What has four strings?", chunks, recorded_keys=keys, missing="error",
                       method="kv_packet")
     answer = stream_answer(engine, "What has four strings?", chunks, recorded_keys=keys, method="kv_packet",

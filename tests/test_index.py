@@ -175,7 +175,7 @@ def test_a_missing_exact_packet_of_the_first_chunk_is_built_or_reported(engine):
     texts = [CORPUS["quill"], CORPUS["lumen"]]
     older = PacketEngine(engine.model, adapter=engine.adapter, store=InMemoryStore())
     keys = older.build_packets(texts)  # adapter packets only, as an ingestion for kv_packet stores them
-    with pytest.raises(PacketNotFoundError, match="1 of the 2 packets"):
+    with pytest.raises(PacketNotFoundError, match="1 of the 3 packets"):
         stream_answer(older, "Who founded Quill Press?", texts, recorded_keys=keys, missing="error")
     answer = stream_answer(older, "Who founded Quill Press?", texts, recorded_keys=keys, generation=GEN).collect()
     assert answer.packets_built == 1 and older.store.contains(older.packet_key(texts[0], "exact"))

@@ -173,9 +173,10 @@ def _ensure(engine: "PacketEngine", texts: Sequence[str], recorded_keys: Sequenc
     recorded = list(recorded_keys) if recorded_keys is not None else [None] * len(texts)
     if len(recorded) != len(texts):
         raise ValueError("recorded_keys must have one entry per text")
-    keys = []
-    for n, (text, key) in enumerate(zip(texts, recorded)):
-        actual = engine.packet_key(text)
+    reads = [(list(texts), "adapted", None), *(method.reads(texts) if method is not None else ())]
+    read_keys = [engine.packet_keys_for(group, kind, place) for group, kind, place in reads]
+    keys = read_keys[0]  # the chunks' recorded (place-independent) packets
+    for n, (key, actual) in enumerate(zip(recorded, keys)):
         if key is None and missing == "error":
             raise MissingPacketKeyError(
                 f"retrieved chunk {n} has no packet key; run the packet ingestion step over the corpus "
@@ -185,10 +186,7 @@ def _ensure(engine: "PacketEngine", texts: Sequence[str], recorded_keys: Sequenc
                 f"retrieved chunk {n} records packet {key[:12]}… but under this model/adapter its packet is "
                 f"{actual[:12]}…; the corpus was ingested with another model or adapter (or the text was edited): "
                 "re-run the packet ingestion step with this engine")
-        keys.append(actual)
-    reads = [(list(texts), "adapted", None), *(method.reads(texts) if method is not None else ())]
-    needed = list(dict.fromkeys(key for group, kind, place in reads
-                                for key in engine.packet_keys_for(group, kind, place)))
+    needed = list(dict.fromkeys(key for group_keys in read_keys for key in group_keys))
     absent = [key for key in needed if not engine.store.contains(key)]
     if not absent:
         return keys, (0, 0)
@@ -197,7 +195,8 @@ def _ensure(engine: "PacketEngine", texts: Sequence[str], recorded_keys: Sequenc
             f"{len(absent)} of the {len(needed)} packets these retrieved chunks need are not in the store (first: "
             f"{absent[0][:12]}…); ingest the corpus with this engine (it builds the packets its method reads, e.g. "
             "engine.ingest_packets(texts)) or allow building on demand with missing='build'")
-    built = [engine.packets_for(group, kind, place) for group, kind, place in reads]
+    built = [engine.packets_for(group, kind, place) for (group, kind, place), group_keys in zip(reads, read_keys)
+             if not all(engine.store.contains(key) for key in group_keys)]  # a group built by an earlier one is skipped
     return keys, (sum(fetch.built for fetch in built), sum(fetch.built_tokens for fetch in built))
 
 

@@ -200,7 +200,7 @@ class SelectiveRecompute(ContextMethod):
 
     def prepare(self, source: ContextSource, chunks, buffer, reserve):
         start = time.perf_counter()
-        fetched = source.packets_for(chunks, "bare")
+        fetched = self.fetch_packets(source, chunks)
         packets = fetched.packets
         loaded = time.perf_counter()
         preamble = source.preamble_block()

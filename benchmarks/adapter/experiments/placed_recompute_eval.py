@@ -1,0 +1,85 @@
+"""Probe: a few context tokens recomputed at question time over the packets kv_packet reads.
+
+Runs `kvpacket eval` (same arguments) with three more methods, each reading every chunk from its packet for its place
+(as `kv_packet` does under by-place calibration; the first chunk's is its exact packet) and then pushing some of the
+context's tokens through every layer again with attention over the whole assembled context (the selective forward of
+the EPIC/CacheBlend baselines):
+
+- ``placed_first:K``: the first K tokens of every chunk after the first (EPIC's choice, over placed packets);
+- ``placed_last:K``: the last K tokens of every chunk after the first (the tokens a chunk ends on, next to its successor);
+- ``placed_tail:K``: the last K tokens of the whole context (those right before the question);
+- ``placed_spread:K``: the K tokens of every chunk after the first whose stored keys and values the context moved most
+  (the squared difference between the chunk's placed packet and its exact packet, built after nothing, summed over
+  layers, each layer's scaled by its mean; layers that do not move, such as the first, left out): a choice known at ingestion, without CacheBlend's two-layer pass.
+
+    python benchmarks/adapter/experiments/placed_recompute_eval.py --dataset biography \
+        --methods kv_packet,placed_first:8,placed_last:8,placed_tail:32 --n 30 --split test --seed 1 \
+        --max-new-tokens 24 --calibrate-neighbours 1000 --calibration-contexts 4 --calibration-depth 4 \
+        --calibrate-by-place --adapter none+preamble --device cpu --threads 2 --json OUT.json
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from kvpacket_rag.baselines import Epic
+from kvpacket_rag.cli import main
+from kvpacket_rag.methods import METHODS
+
+
+class PlacedRecompute(Epic):
+    """Placed packets (kv_packet's reading), then K tokens per chunk (or of the context's tail) recomputed."""
+
+    packet_kinds = ("adapted",)
+    where = "first"
+
+    def __init__(self, k: int | str):
+        super().__init__(k)
+        self.name = f"placed_{self.where}:{self.k}"
+
+    def reads(self, chunks):
+        return [(list(chunks), "adapted", 0)]
+
+    def fetch_packets(self, source, chunks):
+        fetched = super().fetch_packets(source, chunks)
+        if self.where == "spread":
+            exact = source.packets_for(chunks, "exact").packets
+            self.spread = [_moved(placed, alone) for placed, alone in zip(fetched.packets, exact)]
+        return fetched
+
+    def choose(self, deviation, skip, chunk_lengths):
+        starts = (torch.tensor([0] + chunk_lengths[:-1]).cumsum(0) + skip).tolist()
+        if self.where == "tail":
+            total = skip + sum(chunk_lengths)
+            first_later = starts[1] if len(starts) > 1 else total
+            return torch.arange(max(first_later, total - self.k), total)
+        spans = []
+        for index, (start, length) in list(enumerate(zip(starts, chunk_lengths)))[1:]:
+            k = min(self.k, length)
+            if self.where == "spread":
+                spans.append(torch.topk(self.spread[index], k).indices.sort().values + start)
+                continue
+            spans.append(torch.arange(start, start + k) if self.where == "first" else
+                         torch.arange(start + length - k, start + length))
+        return torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
+
+
+def _moved(placed, alone) -> torch.Tensor:
+    """Per packet position ``[T]``: how far the placed packet's keys and values are from the exact packet's."""
+    diff = ((placed.keys.float() - alone.keys.float()) ** 2 + (placed.values.float() - alone.values.float()) ** 2)
+    per_layer = diff.sum(dim=(1, 3))  # [layers, T]
+    mean = per_layer.mean(dim=1, keepdim=True)
+    weight = torch.where(mean > 1e-6 * mean.max(), 1 / mean.clamp_min(1e-30), 0.0)  # layer 0 moves by rounding only
+    return (per_layer * weight).sum(dim=0)
+
+
+def variant(where: str):
+    return type(f"Placed{where.title()}", (PlacedRecompute,), {"where": where})
+
+
+if __name__ == "__main__":
+    for where in ("first", "last", "tail", "spread"):
+        METHODS[f"placed_{where}"] = variant(where)
+    sys.exit(main(["eval", *sys.argv[1:]]))

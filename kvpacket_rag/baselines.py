@@ -1,4 +1,4 @@
-"""Recompute-based baselines over the same stored packets: CacheBlend and EPIC.
+"""Recompute-based methods over stored packets: the CacheBlend and EPIC baselines, and kv_packet_refresh.
 
 Both start exactly like ``no_recompute``: the bare packets (built without adapters, as these methods
 reuse per-chunk caches in the field) are read from the store and rotated into place after the cached
@@ -16,12 +16,18 @@ causal prefill, the preamble included, whose K/V come out unchanged), picks the
 only those in the remaining layers. EPIC (Hu et al., ICML 2025) recomputes the first ``k`` tokens of
 every chunk in every layer.
 
-Invariants (tested): ``cacheblend:1`` and ``epic:K`` with K >= every chunk's length equal
-``full_recompute``; ``cacheblend:0`` and ``epic:0`` equal ``no_recompute``.
+``kv_packet_refresh:K`` reads the packets ``kv_packet_first_exact`` reads (the first chunk's exact packet, the others'
+packets for their place) and recomputes the first ``K`` tokens of every chunk after the first, as EPIC does over bare
+packets: a little question-time compute over packets that already carry a context.
+
+Invariants (tested): ``cacheblend:1``, ``epic:K`` and ``kv_packet_refresh:K`` with K >= every chunk's length equal
+``full_recompute``; ``cacheblend:0`` and ``epic:0`` equal ``no_recompute``, ``kv_packet_refresh:0``
+``kv_packet_first_exact``.
 
 Example:
     >>> engine.answer("Where was Ada born?", chunks, method="cacheblend:0.15")
     >>> engine.answer("Where was Ada born?", chunks, method="epic:32")
+    >>> engine.answer("Where was Ada born?", chunks, method="kv_packet_refresh:4")
 """
 
 from __future__ import annotations
@@ -203,6 +209,7 @@ class SelectiveRecompute(ContextMethod):
         fetched = self.fetch_packets(source, chunks)
         packets = fetched.packets
         loaded = time.perf_counter()
+        _check_no_soft_tokens(self.name, packets)
         preamble = source.preamble_block()
         cache = assemble(buffer, [preamble, *packets], source.model.rope, reserve)
         synchronize(source.model.device)
@@ -226,6 +233,15 @@ class SelectiveRecompute(ContextMethod):
                                context_prefill_s=done - assembled if forwarded else 0.0, context_flops=flops,
                                forwarded_tokens=forwarded, packet_keys=fetched.keys, packets_built=fetched.built,
                                tokens_built=fetched.built_tokens)
+
+
+def _check_no_soft_tokens(name: str, packets) -> None:
+    """Recomputed tokens are the packets' chunk tokens, so the packets must hold nothing else."""
+    soft = next((p for p in packets if p.n_header or p.n_trailer), None)
+    if soft is not None:
+        raise ValueError(f"{name} recomputes chunk tokens inside packets without soft tokens, but this engine's packets "
+                         f"carry {soft.n_header}+{soft.n_trailer} adapter tokens: use it with adapter 'none+preamble' "
+                         "(e.g. with neighbour calibration) or a calibrated adapter of 0+0 soft tokens")
 
 
 class CacheBlend(SelectiveRecompute):
@@ -269,19 +285,48 @@ class Epic(SelectiveRecompute):
         k: tokens per chunk (a non-negative integer; chunks shorter than ``k`` are recomputed whole).
     """
 
+    family = "epic"
+    first_chunk = 0  # chunks before this one are not recomputed
+
     def __init__(self, k: int | str = 32):
         try:
             self.k = int(k)
         except ValueError:
-            raise ValueError(f"epic takes a token count per chunk, e.g. 'epic:32'; got {k!r}") from None
+            raise ValueError(f"{self.family} takes a token count per chunk, e.g. '{self.family}:4'; got {k!r}") from None
         if self.k < 0:
-            raise ValueError(f"epic token count must be >= 0 (e.g. 'epic:32'); got {self.k}")
-        self.name = f"epic:{self.k}"
+            raise ValueError(f"{self.family} token count must be >= 0 (e.g. '{self.family}:4'); got {self.k}")
+        self.name = f"{self.family}:{self.k}"
 
     def recomputes_nothing(self) -> bool:
         return self.k == 0
 
     def choose(self, deviation, skip, chunk_lengths):
         starts = (torch.tensor([0] + chunk_lengths[:-1]).cumsum(0) + skip).tolist()
-        return torch.cat([torch.arange(s, s + min(self.k, n)) for s, n in zip(starts, chunk_lengths)])
+        spans = [torch.arange(s, s + min(self.k, n)) for s, n in zip(starts, chunk_lengths)][self.first_chunk:]
+        return torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
+
+
+class PacketRefresh(Epic):
+    """kv_packet_refresh: ``kv_packet_first_exact``'s packets, then the first ``k`` tokens of every later chunk
+    recomputed in every layer over the assembled context.
+
+    A chunk's first tokens are the ones its packet's context decides most (they have little of their own chunk to
+    read yet). The packets must carry no soft tokens (bare or calibrated packets, e.g. by-place neighbour
+    calibration); ``k = 0`` reads exactly as ``kv_packet_first_exact``.
+
+    Args:
+        k: tokens per chunk after the first (a non-negative integer; shorter chunks are recomputed whole).
+    """
+
+    family = "kv_packet_refresh"
+    first_chunk = 1
+    packet_kinds = ("exact", "adapted")
+
+    def __init__(self, k: int | str = 4):
+        super().__init__(k)
+
+    def reads(self, chunks):
+        """The first chunk's exact packet, then the others' packets for their place."""
+        chunks = list(chunks)
+        return [(chunks[:1], "exact", 0), (chunks[1:], "adapted", 1)]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Callable
 
-from .baselines import CacheBlend, Epic
+from .baselines import CacheBlend, Epic, PacketRefresh
 from .context import ContextMethod, ContextSource, PacketKind, PreparedContext, synchronize
 from .flops import forward_flops, rotation_flops
 from .kvcache import PacketCache, assemble
@@ -106,6 +106,7 @@ METHODS: dict[str, Callable[..., ContextMethod]] = {
     "closed_book": ClosedBook,
     "cacheblend": CacheBlend,
     "epic": Epic,
+    "kv_packet_refresh": PacketRefresh,
 }
 """Every method by name: a factory called with the text after ``:`` in ``NAME:ARG`` (or with nothing)."""
 
@@ -117,7 +118,8 @@ PARAMETERLESS = {"kv_packet", "kv_packet_first_exact", "no_recompute", "full_rec
 
 def get_method(spec: str | ContextMethod) -> ContextMethod:
     """A method object from its name (``kv_packet``, ``kv_packet_first_exact``, ``no_recompute``,
-    ``full_recompute``, ``closed_book``, ``cacheblend:RATIO``, ``epic:K``) or the object itself.
+    ``full_recompute``, ``closed_book``, ``cacheblend:RATIO``, ``epic:K``, ``kv_packet_refresh:K``) or the object
+    itself.
 
     Raises:
         ValueError: unknown name or bad parameter, listing the valid names.

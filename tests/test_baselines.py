@@ -1,4 +1,4 @@
-"""CacheBlend and EPIC: exact at their extremes, selective in between, FLOPs by hand."""
+"""CacheBlend, EPIC and kv_packet_refresh: exact at their extremes, selective in between, FLOPs by hand."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from kvpacket_rag import baselines
-from kvpacket_rag.baselines import CacheBlend, Epic
+from kvpacket_rag.baselines import CacheBlend, Epic, PacketRefresh
 from kvpacket_rag.engine import PacketEngine
 from kvpacket_rag.evaluation.teacher import continuation_logprobs
 from kvpacket_rag.flops import forward_flops, layer_flops, rotation_flops
 from kvpacket_rag.kvcache import KVBuffer
 from kvpacket_rag.methods import get_method
-from kvpacket_rag.testing import make_tiny_model
+from kvpacket_rag.testing import make_lora_adapter, make_tiny_model
 
 CHUNKS = ["Ada Lovelace was born in London in 1815.",
           "The Analytical Engine was designed by Charles Babbage, a mathematician.",
@@ -39,6 +39,37 @@ def prepared(engine, method):
 def test_full_selection_equals_full_recompute(tiny_model, spec):
     engine = PacketEngine(tiny_model, adapter=None)
     torch.testing.assert_close(logprobs(engine, spec), logprobs(engine, "full_recompute"), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("adapter", [None, "none+preamble"])
+def test_refreshing_every_token_equals_full_recompute_and_none_the_first_exact_reading(tiny_model, adapter):
+    """kv_packet_refresh: the first chunk exact, the later chunks' packets with their first K tokens recomputed."""
+    engine = PacketEngine(tiny_model, adapter=adapter)
+    torch.testing.assert_close(logprobs(engine, "kv_packet_refresh:1000"), logprobs(engine, "full_recompute"),
+                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logprobs(engine, "kv_packet_refresh:0"), logprobs(engine, "kv_packet_first_exact"),
+                               atol=0, rtol=0)
+
+
+def test_refresh_recomputes_the_start_of_each_chunk_after_the_first(engine4):
+    reading, refresh = prepared(engine4, "kv_packet_first_exact"), prepared(engine4, "kv_packet_refresh:3")
+    offset = len(engine4.formatter.preamble_ids()) + len(engine4.chunk_ids(CHUNKS[0]))
+    starts = []
+    for chunk in CHUNKS[1:]:
+        starts += range(offset, offset + 3)
+        offset += len(engine4.chunk_ids(chunk))
+    for layer in range(4):
+        diff = (refresh.cache.layers[layer].keys[0] - reading.cache.layers[layer].keys[0])[:, : refresh.length]
+        changed = torch.nonzero(diff.abs().amax(dim=(0, 2)) > 0).flatten().tolist()
+        assert set(changed) <= set(starts)
+    assert refresh.forwarded_tokens == 3 * (len(CHUNKS) - 1)
+    assert refresh.packet_keys[0] == engine4.packet_key(CHUNKS[0], "exact")
+
+
+def test_refresh_refuses_packets_with_soft_tokens(tiny_llama):
+    engine = PacketEngine(tiny_llama, adapter=make_lora_adapter(tiny_llama, n_soft=2))
+    with pytest.raises(ValueError, match="none\\+preamble"):
+        prepared(engine, "kv_packet_refresh:4")
 
 
 @pytest.mark.parametrize("spec", ["cacheblend:0", "epic:0"])
@@ -125,7 +156,9 @@ def test_method_flops_add_up(engine4):
 def test_names_and_errors():
     assert get_method("cacheblend:0.15").name == "cacheblend:0.15"
     assert get_method("epic:32").name == "epic:32"
+    assert get_method("kv_packet_refresh:4").name == "kv_packet_refresh:4"
     assert isinstance(get_method("cacheblend"), CacheBlend) and isinstance(get_method("epic"), Epic)
-    for bad in ("cacheblend:1.5", "cacheblend:-0.1", "cacheblend:x", "epic:-1", "epic:1.5"):
-        with pytest.raises(ValueError, match="cacheblend|epic"):
+    assert isinstance(get_method("kv_packet_refresh"), PacketRefresh)
+    for bad in ("cacheblend:1.5", "cacheblend:-0.1", "cacheblend:x", "epic:-1", "epic:1.5", "kv_packet_refresh:-1"):
+        with pytest.raises(ValueError, match="cacheblend|epic|kv_packet_refresh"):
             get_method(bad)

@@ -256,6 +256,20 @@ def test_by_place_index_builds_every_place_and_reopens_without_building(tiny_lla
     assert answer.packets_built == 0 and fresh.counters["packets_built"] == 0
 
 
+def test_refresh_over_by_place_packets_is_exact_at_its_extremes(tiny_model, embedder):
+    """kv_packet_refresh over by-place packets: K = 0 reads as kv_packet (the first place's packet is the exact
+    one), every token recomputed is full recompute."""
+    from kvpacket_rag.evaluation.teacher import continuation_logprobs
+
+    engine = PacketEngine(tiny_model, adapter="none+preamble")
+    engine.calibrate_on(NeighbourContexts(TOPICS, engine.formatter, embedder,
+                                          CalibrationConfig(1, 2, neighbours=2, by_place=True)))
+    logprobs = lambda method: continuation_logprobs(engine, method, "What has four strings?", TOPICS[:3], [5, 9, 7])
+    torch.testing.assert_close(logprobs("kv_packet_refresh:0"), logprobs("kv_packet"), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(logprobs("kv_packet_refresh:1000"), logprobs("full_recompute"), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(logprobs("kv_packet_refresh:2"), logprobs("kv_packet"), atol=1e-6)
+
+
 def test_answering_makes_sure_of_the_packet_each_chunk_is_read_from_at_its_place(tiny_llama, embedder):
     """With by-place packets a chunk is read from its place's packet: an absent one is reported under
     missing='error' (not built behind the caller's back) and built under 'build'."""

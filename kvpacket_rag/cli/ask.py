@@ -28,7 +28,7 @@ def register(subparsers) -> None:
     ask.add_argument("--question", required=True)
     ask.add_argument("--method", default=None,
                      help="kv_packet_first_exact (default) | kv_packet | no_recompute | full_recompute | closed_book | "
-                          "cacheblend:R | epic:K")
+                          "cacheblend:R | epic:K | kv_packet_refresh:K")
     ask.add_argument("--store", default=None, help="store directory or redis:// URL (default: in memory)")
     ask.add_argument("--max-new-tokens", type=int, default=64)
     ask.add_argument("--json", action="store_true", help="print the answer, timings and FLOPs as JSON")

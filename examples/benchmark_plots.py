@@ -71,8 +71,8 @@ for name in results:
 # ## 1. Time to first token against context length
 
 # %%
-ttft_runs = {name: r for name, r in results.items()
-             if isinstance(r.get("runs"), list) and all("context_tokens" in run for run in r["runs"])}
+ttft_runs = {name: r for name, r in results.items()  # sweeps that timed kv_packet against full recompute
+             if isinstance(r.get("runs"), list) and all("context_tokens" in run and "speedup" in run for run in r["runs"])}
 if not ttft_runs:
     print("no TTFT sweep yet: run `kvpacket bench ttft --json benchmarks/ttft/<name>.json`")
 for name, result in ttft_runs.items():

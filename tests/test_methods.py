@@ -27,12 +27,13 @@ def test_fetch_packets_builds_what_each_method_reads_once(tiny_llama):
 
 def test_registry_names_every_method_with_its_packet_kinds():
     assert set(METHODS) == {"kv_packet", "kv_packet_first_exact", "no_recompute", "full_recompute", "closed_book",
-                            "cacheblend", "epic"}
+                            "cacheblend", "epic", "kv_packet_refresh"}
     assert get_method("kv_packet").packet_kinds == ("adapted",)
     assert get_method("kv_packet_first_exact").packet_kinds == ("exact", "adapted")
     assert get_method("no_recompute").packet_kinds == ("bare",)
     assert isinstance(get_method("cacheblend:0.2"), CacheBlend) and get_method("cacheblend:0.2").packet_kinds == ("bare",)
     assert isinstance(get_method("epic:4"), Epic) and get_method("epic:4").name == "epic:4"
+    assert get_method("kv_packet_refresh:4").packet_kinds == ("exact", "adapted")
     assert isinstance(get_method("full_recompute"), FullRecompute) and FullRecompute.packet_kinds == ()
     assert isinstance(get_method("closed_book"), ClosedBook) and ClosedBook.packet_kinds == ()
     method = PacketMethod(name="mine")

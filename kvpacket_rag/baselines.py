@@ -41,7 +41,7 @@ from transformers.cache_utils import Cache
 
 from .flops import layer_flops, rotation_flops
 from .kvcache import PacketCache, assemble
-from .context import ContextMethod, ContextSource, PreparedContext, synchronize
+from .context import ContextMethod, ContextSource, PreparedContext, first_exact_reads, synchronize
 from .models import LoadedModel
 
 BLOCK_ROWS = 256
@@ -327,6 +327,5 @@ class PacketRefresh(Epic):
 
     def reads(self, chunks):
         """The first chunk's exact packet, then the others' packets for their place."""
-        chunks = list(chunks)
-        return [(chunks[:1], "exact", 0), (chunks[1:], "adapted", 1)]
+        return first_exact_reads(chunks, "adapted")
 

@@ -144,6 +144,15 @@ class ContextMethod(ABC):
         """Build the cache for ``chunks`` in ``buffer``; keep ``reserve`` free positions for question and answer."""
 
 
+def first_exact_reads(chunks: Sequence[str], kind: PacketKind) -> list[tuple[list[str], PacketKind, int]]:
+    """The packet groups of a reading with the first chunk exact: ``chunks[0]``'s exact packet, then the other chunks'
+    packets of ``kind`` for their place (see `ContextMethod.reads`)."""
+    chunks = list(chunks)
+    if not chunks:
+        return [(chunks, kind, 0)]
+    return [(chunks[:1], "exact", 0), (chunks[1:], kind, 1)]
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so that timings measure it (no-op on CPU)."""
     if device.type == "cuda":

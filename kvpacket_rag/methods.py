@@ -11,7 +11,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from .baselines import CacheBlend, Epic, PacketRefresh
-from .context import ContextMethod, ContextSource, PacketKind, PreparedContext, synchronize
+from .context import ContextMethod, ContextSource, PacketKind, PreparedContext, first_exact_reads, synchronize
 from .flops import forward_flops, rotation_flops
 from .kvcache import PacketCache, assemble
 
@@ -60,10 +60,9 @@ class PacketMethod(ContextMethod):
 
     def reads(self, chunks) -> list[tuple[list[str], PacketKind, int | None]]:
         """Every chunk's packet for its place (the first chunk's exact packet with ``exact_first``)."""
-        chunks = list(chunks)
-        if not (self.exact_first and chunks):
-            return [(chunks, self.packet_kinds[-1], 0)]
-        return [(chunks[:1], "exact", 0), (chunks[1:], self.packet_kinds[-1], 1)]
+        if self.exact_first:
+            return first_exact_reads(chunks, self.packet_kinds[-1])
+        return [(list(chunks), self.packet_kinds[-1], 0)]
 
 
 class FullRecompute(ContextMethod):

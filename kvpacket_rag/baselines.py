@@ -20,6 +20,11 @@ every chunk in every layer.
 packets for their place) and recomputes the first ``K`` tokens of every chunk after the first, as EPIC does over bare
 packets: a little question-time compute over packets that already carry a context.
 
+EPIC and kv_packet_refresh recompute the same tokens in every layer and need no probe layer to choose them, so they
+leave them to the question's own forward (`PreparedContext.deferred_ids`): it runs them first, at their positions,
+and the question after them, in one pass over the weights. Their keys/values in every layer are those a selective
+forward before the question computes (`run_deferred`); the question reads them the same way.
+
 Invariants (tested): ``cacheblend:1``, ``epic:K`` and ``kv_packet_refresh:K`` with K >= every chunk's length equal
 ``full_recompute``; ``cacheblend:0`` and ``epic:0`` equal ``no_recompute``, ``kv_packet_refresh:0``
 ``kv_packet_first_exact``.
@@ -153,14 +158,37 @@ def selective_recompute(model: LoadedModel, cache: PacketCache, start: int, toke
             query_positions = positions[rows]
             blocks = _blocks(base, hidden, query_positions, length, whole=start == 0 and rows.numel() == n)
         overwrite.record = index == full_layers - 1
-        outputs = []
-        for block in blocks:
-            overwrite.positions, overwrite.limit = block.positions, block.limit
-            outputs.append(layer(hidden[:, block.rows], attention_mask=block.mask, position_ids=block.positions[None],
-                                 position_embeddings=block.rotary, cache=overwrite, use_cache=True))
-        hidden = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+        hidden = _layer_forward(layer, hidden, blocks, overwrite)
         trace.append(query_positions)
     return RecomputeTrace(trace, deviation)
+
+
+@torch.no_grad()
+def run_deferred(model: LoadedModel, context: PreparedContext) -> None:
+    """Recompute a prepared context's deferred tokens in its cache, in place, as a selective forward over those
+    tokens in every layer (what the question's own forward does first when the engine answers).
+
+    Running it again changes nothing: the tokens read the same cache and come out the same.
+    """
+    if not context.deferred_ids:
+        return
+    base, device = model.model.model, model.device
+    positions = torch.tensor(context.deferred_positions, device=device)
+    hidden = base.embed_tokens(torch.tensor([context.deferred_ids], device=device))
+    blocks = _blocks(base, hidden, positions, context.length, whole=False)
+    overwrite = _OverwriteCache(context.cache)
+    for layer in base.layers:
+        hidden = _layer_forward(layer, hidden, blocks, overwrite)
+
+
+def _layer_forward(layer, hidden: torch.Tensor, blocks: list["_Block"], cache: _OverwriteCache) -> torch.Tensor:
+    """One decoder layer over the recomputed rows, block by block; their fresh K/V land in ``cache``."""
+    outputs = []
+    for block in blocks:
+        cache.positions, cache.limit = block.positions, block.limit
+        outputs.append(layer(hidden[:, block.rows], attention_mask=block.mask, position_ids=block.positions[None],
+                             position_embeddings=block.rotary, cache=cache, use_cache=True))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 
 def _blocks(base, hidden: torch.Tensor, query_positions: torch.Tensor, length: int, whole: bool) -> list[_Block]:
@@ -188,7 +216,9 @@ class SelectiveRecompute(ContextMethod):
     `PreparedContext.forwarded_tokens` is the number of distinct tokens recomputed in at least one
     layer; ``context_flops`` counts the rotation plus every recomputed token-layer. With
     ``with_preamble`` the preamble is rerun too in the fully recomputed layers (its K/V come out
-    unchanged), which makes those layers one plain causal prefill with the fastest kernels.
+    unchanged), which makes those layers one plain causal prefill with the fastest kernels. Without
+    fully recomputed layers (``full_layers == 0``) the chosen tokens are the same in every layer and are
+    left to the question's forward (`PreparedContext.deferred_ids`).
     """
 
     full_layers = 0
@@ -217,22 +247,29 @@ class SelectiveRecompute(ContextMethod):
         offset, lengths = preamble[0].shape[2], [p.length for p in packets]
         config = source.model.config
         flops = rotation_flops(config, sum(lengths))
-        forwarded = 0
+        forwarded, deferred_ids, deferred_positions = 0, [], []
         if packets and not self.recomputes_nothing():
             chunk_ids = [t for p in packets for t in p.token_ids.tolist()]
-            first = 0 if self.with_preamble else offset
-            token_ids = (source.preamble_ids() if self.with_preamble else []) + chunk_ids
-            trace = selective_recompute(source.model, cache, first, token_ids, self.full_layers,
-                                        lambda deviation: self.choose(deviation, offset - first, lengths))
-            synchronize(source.model.device)
-            flops += sum(layer_flops(config, p.tolist()) for p in trace.positions)
-            forwarded = int(trace.positions[0].numel()) if trace.positions else 0
+            if self.full_layers == 0:  # the same tokens in every layer: the question's forward runs them first
+                chosen = self.choose(None, 0, lengths).tolist()
+                deferred_ids, deferred_positions = [chunk_ids[i] for i in chosen], [offset + i for i in chosen]
+                flops += config.num_hidden_layers * layer_flops(config, deferred_positions)
+                forwarded = len(chosen)
+            else:
+                first = 0 if self.with_preamble else offset
+                token_ids = (source.preamble_ids() if self.with_preamble else []) + chunk_ids
+                trace = selective_recompute(source.model, cache, first, token_ids, self.full_layers,
+                                            lambda deviation: self.choose(deviation, offset - first, lengths))
+                synchronize(source.model.device)
+                flops += sum(layer_flops(config, p.tolist()) for p in trace.positions)
+                forwarded = int(trace.positions[0].numel()) if trace.positions else 0
         done = time.perf_counter()
         return PreparedContext(cache, offset + sum(lengths), packet_load_s=loaded - start - fetched.build_s,
                                packet_build_s=fetched.build_s, assembly_s=assembled - loaded,
-                               context_prefill_s=done - assembled if forwarded else 0.0, context_flops=flops,
-                               forwarded_tokens=forwarded, packet_keys=fetched.keys, packets_built=fetched.built,
-                               tokens_built=fetched.built_tokens)
+                               context_prefill_s=done - assembled if forwarded and not deferred_ids else 0.0,
+                               context_flops=flops, forwarded_tokens=forwarded, packet_keys=fetched.keys,
+                               packets_built=fetched.built, tokens_built=fetched.built_tokens,
+                               deferred_ids=deferred_ids, deferred_positions=deferred_positions)
 
 
 def _check_no_soft_tokens(name: str, packets) -> None:

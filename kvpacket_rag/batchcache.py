@@ -8,7 +8,9 @@ columns past a row's length are never attended. A request's context is assembled
 `forward_rows` runs new tokens of consecutive rows through the model in one forward, packed into one sequence
 (one token for a row that decodes, a whole question for a row that joins): each row's tokens are written at that
 row's own columns, carry that row's own RoPE position ids and attend only to that row's cache (causally among
-themselves), so each row gets the logits it would get alone.
+themselves), so each row gets the logits it would get alone. A row's new tokens may also sit at positions inside its
+cache: their fresh keys/values then replace the cached ones there, in every layer, before anything attends to them
+(context tokens a method recomputes, run in the question's own forward).
 """
 
 from __future__ import annotations
@@ -107,29 +109,31 @@ class RowBuffer(KVBuffer):
 
 
 class RowsAttention:
-    """How the packed new tokens of `forward_rows` attend: each token to its own row's cache, causally.
+    """How the packed new tokens of `forward_rows` attend: each token to its own row's cache, up to its own position.
 
     Token ``t`` of the packed sequence belongs to row ``rows[t]`` (counted from the call's first row) and sits at
     column (= RoPE position) ``columns[t]``. Rows are attended in groups: each run of consecutive rows that add a
     single token (decode steps), and each run of rows that add several (prefills), padded to the longest of
     the run. Each group is one grouped-query SDPA over its rows' cache slices, so no row's cache is
-    copied and a decode row is never padded to a prefill's width.
+    copied and a decode row is never padded to a prefill's width. A group of one row whose new tokens jump
+    (tokens inside its cache, then its question) is attended in segments (`_segments`), each over the columns up to
+    its own last position only.
 
     Args:
-        lengths: cached positions of each row before the call.
-        widths: new tokens of each row (>= 1).
+        positions: for each row, the ascending positions of its new tokens (>= 1 token per row).
     """
 
-    def __init__(self, lengths: Sequence[int], widths: Sequence[int], device: torch.device):
+    def __init__(self, positions: Sequence[Sequence[int]], device: torch.device):
+        widths = [len(p) for p in positions]
         offsets = [0]
         for width in widths:
             offsets.append(offsets[-1] + width)
         self.rows = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths)).to(device)
-        self.columns = torch.cat([torch.arange(n, n + w) for n, w in zip(lengths, widths)]).to(device)
-        self.span = max(n + w for n, w in zip(lengths, widths))
+        self.columns = torch.tensor([p for row in positions for p in row], device=device)
+        self.span = max(row[-1] for row in positions) + 1
         self.last_tokens = torch.tensor(offsets[1:], device=device) - 1
         self.mask_stub = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)  # the real masks are per group
-        self.groups = [_RowGroup(first, last, lengths, offsets, self.span, device)
+        self.groups = [_RowGroup(positions[first:last], offsets[first:last], first, self.span, device)
                        for first, last in _runs([w > 1 for w in widths])]
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
@@ -140,28 +144,49 @@ class RowsAttention:
         out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])
         for group in self.groups:
             rows = slice(group.first, group.last)
-            grouped = query[0][:, group.tokens].transpose(0, 1)  # [rows, heads, width, dim]
-            result = attention(grouped, key[rows], value[rows], group.mask, scaling)  # [rows, width, heads, dim]
-            out[group.tokens[group.real]] = result[group.real]
+            for slots, limit in group.segments:
+                tokens, real = group.tokens[:, slots], group.real[:, slots]
+                grouped = query[0][:, tokens].transpose(0, 1)  # [rows, heads, width, dim]
+                result = attention(grouped, key[rows, :, :limit], value[rows, :, :limit],
+                                   group.mask[:, :, slots, :limit], scaling)  # [rows, width, heads, dim]
+                out[tokens[real]] = result[real]
         return out[None]
 
 
 class _RowGroup:
     """Rows ``first..last-1`` attended together, padded to their longest new-token count."""
 
-    def __init__(self, first: int, last: int, lengths: Sequence[int], offsets: list[int], span: int,
+    def __init__(self, positions: Sequence[Sequence[int]], starts: Sequence[int], first: int, span: int,
                  device: torch.device):
-        self.first, self.last = first, last
-        counts = torch.tensor([offsets[r + 1] - offsets[r] for r in range(first, last)])
+        self.first, self.last = first, first + len(positions)
+        counts = torch.tensor([len(p) for p in positions])
         width = int(counts.max())
         steps = torch.arange(width)
         self.real = (steps[None, :] < counts[:, None]).to(device)  # [rows, width]: padding slots are False
-        starts = torch.tensor(offsets[first:last])
-        # a padding slot repeats its row's last token; its output is computed and dropped
-        self.tokens = (starts[:, None] + torch.minimum(steps[None, :], counts[:, None] - 1)).to(device)
-        positions = torch.tensor(lengths[first:last])[:, None] + steps[None, :]
-        # row r, new token j sees columns 0..lengths[r]+j: its own cache and its own earlier new tokens
-        self.mask = (torch.arange(span)[None, None, None, :] <= positions[:, None, :, None]).to(device)
+        # a padding slot repeats its row's last token (and position); its output is computed and dropped
+        slot = torch.minimum(steps[None, :], counts[:, None] - 1)
+        self.tokens = (torch.tensor(starts)[:, None] + slot).to(device)
+        padded = torch.tensor([list(p) + [p[-1]] * (width - len(p)) for p in positions])  # [rows, width]
+        # a new token sees its row's columns up to its own position: the cache and the row's earlier new tokens
+        self.mask = (torch.arange(span)[None, None, None, :] <= padded[:, None, :, None]).to(device)
+        self.segments = _segments(positions[0]) if len(positions) == 1 else [(slice(None), span)]
+
+
+SEGMENT_TOKENS = 8
+"""Fewest new tokens of a row attended together when its positions jump (see `_segments`)."""
+
+
+def _segments(positions: Sequence[int]) -> list[tuple[slice, int]]:
+    """Split one row's ascending new-token positions where they jump, once a segment holds ``SEGMENT_TOKENS``:
+    ``(slots, key columns)`` per segment. A segment's tokens attend to the columns up to its last position rather
+    than the row's whole span (their masks hide the rest anyway), which saves the attention work of tokens that sit
+    early in a long cache."""
+    segments, first = [], 0
+    for i in range(1, len(positions) + 1):
+        if i == len(positions) or (positions[i] != positions[i - 1] + 1 and i - first >= SEGMENT_TOKENS):
+            segments.append((slice(first, i), positions[i - 1] + 1))
+            first = i
+    return segments
 
 
 def _runs(flags: Sequence[bool]) -> list[tuple[int, int]]:
@@ -206,24 +231,34 @@ class _RowsCache(Cache):
 
 
 @torch.no_grad()
-def forward_rows(batch: BatchKV, start: int, lengths: Sequence[int], tokens: Sequence[Sequence[int]]) -> torch.Tensor:
+def forward_rows(batch: BatchKV, start: int, lengths: Sequence[int], tokens: Sequence[Sequence[int]],
+                 positions: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
     """Run ``tokens[i]`` after the ``lengths[i]`` cached positions of row ``start + i``, all rows in one forward.
 
     The new tokens of all rows run packed, one after the other, through the model's layers, so a row decoding one
     token costs one token even beside rows prefilling a question: decode steps and prefills share one forward.
-    Attention alone is per row (`RowsAttention`). The caller advances each row's length by ``len(tokens[i])``.
+    Attention alone is per row (`RowsAttention`).
+
+    Args:
+        positions: for each row, the ascending positions of its tokens; default ``lengths[i], lengths[i] + 1, ...``.
+            Tokens at positions below ``lengths[i]`` overwrite the row's cached keys/values there in every layer
+            (each new token attends to the row up to its own position); the row's new length is its last
+            position + 1, which the caller tracks.
 
     Returns:
         ``[len(tokens), vocab]`` logits of each row's last token.
     """
     model = batch.model
-    device = model.device
-    widths = [len(t) for t in tokens]
-    if min(widths) < 1:
+    if positions is None:
+        positions = [range(n, n + len(t)) for n, t in zip(lengths, tokens)]
+    positions = [list(p) for p in positions]
+    if min(len(p) for p in positions) < 1:
         raise ValueError("every row needs at least one new token")
-    batch.reserve(start + len(tokens), max(n + w for n, w in zip(lengths, widths)))
-    plan = RowsAttention(lengths, widths, device)
-    ids = torch.tensor([[token for row in tokens for token in row]], device=device)
+    if any(len(p) != len(t) for p, t in zip(positions, tokens)):
+        raise ValueError("each row needs one position per new token")
+    batch.reserve(start + len(tokens), max(p[-1] + 1 for p in positions))
+    plan = RowsAttention(positions, model.device)
+    ids = torch.tensor([[token for row in tokens for token in row]], device=model.device)
     cache = _RowsCache(batch, start, plan.rows, plan.columns, plan.span)
     hidden = model.model.model(input_ids=ids, position_ids=plan.columns[None], attention_mask=plan.mask_stub,
                                cache=cache, use_cache=True, kvpacket_rows=plan).last_hidden_state

@@ -101,6 +101,11 @@ class PreparedContext:
         packet_keys: keys of the packets used, in context order.
         packets_built: how many of them were built during this call (the rest came from the store).
         tokens_built: chunk tokens of the packets built during this call.
+        deferred_ids: context tokens whose cached keys/values are provisional: the next forward over the cache must
+            first recompute them, in every layer, at ``deferred_positions`` (ascending, below ``length``), each
+            attending to the cache up to its own position. The engine runs them in the question's own forward;
+            `kvpacket_rag.baselines.run_deferred` runs them alone.
+        deferred_positions: their positions.
     """
 
     cache: Cache
@@ -114,6 +119,8 @@ class PreparedContext:
     packet_keys: list[str] = field(default_factory=list)
     packets_built: int = 0
     tokens_built: int = 0
+    deferred_ids: list[int] = field(default_factory=list)
+    deferred_positions: list[int] = field(default_factory=list)
 
 
 class ContextMethod(ABC):

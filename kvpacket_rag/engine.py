@@ -56,7 +56,8 @@ class Answer:
         method: the method name (``kv_packet``, ``full_recompute``, ...).
         timings: seconds: ``queue_s`` (waiting for a place in the batch), ``packet_load_s``, ``packet_build_s``,
             ``assembly_s``, ``context_prefill_s``, ``question_prefill_s`` (the forward that prefilled this question,
-            together with the questions that joined the batch with it), ``ttft_s`` (call start to first token) and
+            together with the questions that joined the batch with it and the context tokens a method recomputes
+            in that forward), ``ttft_s`` (call start to first token) and
             ``total_s``.
         context_flops: FLOPs spent on the documents at question time (rotation and/or recompute).
         prefill_flops: all FLOPs before the first token (context work plus the question prefill).

@@ -3,8 +3,9 @@
 Callers on any thread hand a `Request` to the engine's `Scheduler` and iterate over its text pieces. One
 scheduler thread runs all model work for answers: between two forwards it admits waiting requests (up to
 `SchedulerConfig.max_batch` active) and assembles each one's context straight into its row of a shared
-`BatchKV`; then one forward (`forward_rows`) prefills the joiners' questions and advances every other active
-request by one token, and each request gets its next token (a joiner: its first). Requests leave between
+`BatchKV`; then one forward (`forward_rows`) prefills the joiners' questions (with the context tokens their method
+left to recompute, at their own positions) and advances every other active request by one token, and each request
+gets its next token (a joiner: its first). Requests leave between
 forwards: finished, stopped by a stop string or an end-of-sequence token, out of token budget, or closed by their
 consumer. Each keeps its own context length, positions, mask, stop strings, sampling settings and budget, so its
 tokens are those it would get alone.
@@ -99,6 +100,7 @@ class Request:
         self.cancelled = False
         self.length = 0  # positions in the request's cache row
         self.pending: list[int] | None = None  # tokens of its next forward (the suffix, then one); None once done
+        self.positions: list[int] = []  # the positions of the pending tokens
         self.events: queue.SimpleQueue = queue.SimpleQueue()
 
     def _elapsed(self) -> float:
@@ -257,8 +259,11 @@ class Scheduler:
                 continue
             # the row holds the cache now; the request keeps no view of storage that growth may replace
             request.context = replace(context, cache=None)
+            # context tokens the method left to recompute run in the question's own forward, at their positions
             request.length = context.length
-            request.pending = list(request.suffix)
+            request.pending = list(context.deferred_ids) + list(request.suffix)
+            request.positions = list(context.deferred_positions) + list(
+                range(context.length, context.length + len(request.suffix)))
             self._active.append(request)
         with self._cond:
             self._stats["prepare_s"] += time.perf_counter() - started
@@ -270,7 +275,8 @@ class Scheduler:
         active = self._active
         started = time.perf_counter()
         try:
-            logits = forward_rows(self.batch, 0, [r.length for r in active], [r.pending for r in active])
+            logits = forward_rows(self.batch, 0, [r.length for r in active], [r.pending for r in active],
+                                  [r.positions for r in active])
         except Exception as error:
             self._active = []
             for request in active:
@@ -286,7 +292,7 @@ class Scheduler:
         for request in joined:
             request.timings["question_prefill_s"] = forward_s
         for request, row_logits in zip(active, logits):
-            request.length += len(request.pending)
+            request.length = request.positions[-1] + 1
             self._emit(request, row_logits)
         self._remove_finished()
 
@@ -305,7 +311,7 @@ class Scheduler:
         elif len(streamer.ids) >= request.generation.max_new_tokens:
             self._finish(request, "length")
         else:
-            request.pending = [token]
+            request.pending, request.positions = [token], [request.length]
 
     def _finish(self, request: Request, reason: str) -> None:
         tail = request.streamer.flush()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kvpacket_rag import baselines
-from kvpacket_rag.baselines import CacheBlend, Epic, PacketRefresh
+from kvpacket_rag.baselines import CacheBlend, Epic, PacketRefresh, run_deferred
+from kvpacket_rag.batchcache import BatchKV, forward_rows
 from kvpacket_rag.engine import PacketEngine
 from kvpacket_rag.evaluation.teacher import continuation_logprobs
 from kvpacket_rag.flops import forward_flops, layer_flops, rotation_flops
@@ -32,7 +33,10 @@ def logprobs(engine, method):
 
 
 def prepared(engine, method):
-    return get_method(method).prepare(engine, CHUNKS, KVBuffer(engine.model), 0)
+    """The method's context with its deferred tokens recomputed: the cache the question reads."""
+    context = get_method(method).prepare(engine, CHUNKS, KVBuffer(engine.model), 0)
+    run_deferred(engine.model, context)
+    return context
 
 
 @pytest.mark.parametrize("spec", ["cacheblend:1.0", "epic:1000"])
@@ -121,7 +125,38 @@ def test_epic_recomputes_each_chunk_start(engine4):
         diff = (epic.cache.layers[layer].keys[0] - bare.cache.layers[layer].keys[0])[:, : epic.length]
         changed = torch.nonzero(diff.abs().amax(dim=(0, 2)) > 0).flatten().tolist()
         assert set(changed) <= set(starts) and len(changed) >= 3 * len(CHUNKS) - 1
-    assert epic.forwarded_tokens == 3 * len(CHUNKS)
+    assert epic.forwarded_tokens == 3 * len(CHUNKS) and epic.deferred_positions == starts
+
+
+@pytest.mark.parametrize("spec", ["epic:3", "kv_packet_refresh:3", "epic:1000"])
+def test_deferred_tokens_run_in_the_question_forward_as_in_a_forward_before_it(tiny_model, spec):
+    """EPIC and kv_packet_refresh leave their tokens to the question's forward (the engine's scheduler packs them
+    before the question, at their own positions): the question's logits and the row's keys/values equal those of
+    a selective forward over the same tokens before the question."""
+    engine = PacketEngine(tiny_model, adapter=None)
+    suffix = engine.formatter.suffix_ids(QUESTION)
+    batch = BatchKV(engine.model)
+    context = get_method(spec).prepare(engine, CHUNKS, batch.row_buffer(0), len(suffix))
+    assert context.deferred_ids and context.context_prefill_s == 0.0
+    positions = context.deferred_positions + list(range(context.length, context.length + len(suffix)))
+    folded = forward_rows(batch, 0, [context.length], [context.deferred_ids + suffix], [positions])[0]
+    before = continuation_logprobs(engine, spec, QUESTION, CHUNKS, [])[0]
+    torch.testing.assert_close(torch.log_softmax(folded.float(), dim=-1), before, atol=1e-4, rtol=1e-4)
+    separate = prepared(engine, spec)
+    for layer in range(engine.model.num_layers):
+        torch.testing.assert_close(batch.keys[layer, 0, :, : context.length],
+                                   separate.cache.layers[layer].keys[0, :, : context.length], atol=1e-5, rtol=1e-4)
+    if spec == "epic:1000":
+        assert (engine.answer(QUESTION, CHUNKS, method=spec).token_ids
+                == engine.answer(QUESTION, CHUNKS, method="full_recompute").token_ids)
+
+
+def test_running_deferred_tokens_twice_changes_nothing(engine4):
+    context = prepared(engine4, "kv_packet_refresh:3")
+    keys = [layer.keys.clone() for layer in context.cache.layers]
+    run_deferred(engine4.model, context)
+    for layer, before in zip(context.cache.layers, keys):
+        torch.testing.assert_close(layer.keys, before, atol=0, rtol=0)
 
 
 def test_layer_flops_hand_count(tiny_llama):

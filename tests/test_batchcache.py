@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvpacket_rag import batchcache
 from kvpacket_rag.batchcache import BatchKV, forward_rows
 from kvpacket_rag.errors import ContextTooLongError
 
@@ -111,3 +112,42 @@ def test_new_storage_is_zero_so_unused_columns_cannot_poison_attention(tiny_llam
     forward_rows(batch, 0, [0], [CONTEXTS[0]])
     batch.reserve(3, batch.columns * 4)
     assert not batch.keys[:, 1:].any() and not batch.values[:, :, :, len(CONTEXTS[0]):].any()
+
+
+def test_tokens_inside_the_cache_overwrite_it_before_the_question(tiny_model):
+    """A row prefilled with wrong last context tokens, then given the right ones at their positions before its
+    suffix in one call (beside a decoding row): its logits are those of the right context and suffix."""
+    context, suffix, wrong = CONTEXTS[2], SUFFIXES[2], 4
+    batch = BatchKV(tiny_model)
+    forward_rows(batch, 0, [0, 0], [CONTEXTS[0], context[:-wrong] + [1] * wrong])
+    n = len(context)
+    positions = [[len(CONTEXTS[0])], list(range(n - wrong, n + len(suffix)))]
+    got = forward_rows(batch, 0, [len(CONTEXTS[0]), n], [[7], context[-wrong:] + suffix], positions)
+    want_suffix = plain_greedy(tiny_model, context + suffix, 1)[1][0]
+    want_decode = plain_greedy(tiny_model, CONTEXTS[0] + [7], 1)[1][0]
+    torch.testing.assert_close(got[1], want_suffix, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(got[0], want_decode, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("segment_tokens", [1, 3, 100])
+def test_scattered_tokens_attended_in_segments(tiny_model, monkeypatch, segment_tokens):
+    """Tokens at scattered positions inside the cache (re-run with the tokens they held) and a suffix, in one call:
+    however the row is split into attention segments, its logits are those of the context and suffix, and its cache
+    holds what a plain prefill holds."""
+    monkeypatch.setattr(batchcache, "SEGMENT_TOKENS", segment_tokens)
+    context, suffix = CONTEXTS[2], SUFFIXES[2]
+    scattered = [3, 4, 5, 20, 21, 50, 70, 71, 72, 73]
+    reference = BatchKV(tiny_model)
+    forward_rows(reference, 0, [0], [context])
+    batch = BatchKV(tiny_model)
+    forward_rows(batch, 0, [0], [context])
+    n = len(context)
+    got = forward_rows(batch, 0, [n], [[context[p] for p in scattered] + suffix],
+                       [scattered + list(range(n, n + len(suffix)))])[0]
+    torch.testing.assert_close(got, plain_greedy(tiny_model, context + suffix, 1)[1][0], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(batch.keys[:, :, :, :n], reference.keys[:, :, :, :n], atol=1e-5, rtol=1e-4)
+    segments = batchcache._segments(scattered + list(range(n, n + len(suffix))))
+    assert [s.stop - s.start for s, _ in segments][: 2] == {1: [3, 2], 3: [3, 3], 100: [18]}[segment_tokens][: 2]
+    assert segments[-1][1] == n + len(suffix)
+    with pytest.raises(ValueError, match="one position per new token"):
+        forward_rows(batch, 0, [n], [[1, 2]], [[n]])

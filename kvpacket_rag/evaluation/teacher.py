@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..baselines import run_deferred
 from ..engine import PacketEngine
 from ..kvcache import KVBuffer
 from ..context import ContextMethod, PreparedContext
@@ -47,11 +48,13 @@ def forced_logprobs(engine: PacketEngine, context: PreparedContext, suffix: Sequ
     """Like `continuation_logprobs`, on an already prepared context.
 
     The context's cache is first cropped back to ``context.length`` (dropping any question/answer a
-    previous call appended), so the cache an answer was generated from can be scored afterwards.
+    previous call appended), so the cache an answer was generated from can be scored afterwards, and its
+    deferred context tokens are recomputed (`run_deferred`).
     """
     extra = context.cache.get_seq_length() - context.length
     if extra > 0:
         context.cache.crop(-extra)
+    run_deferred(engine.model, context)
     ids = list(suffix) + list(continuation)
     engine.model.check_context(context.length + len(ids), "context plus question and answer")
     device = engine.model.device

@@ -256,6 +256,8 @@ def forward_rows(batch: BatchKV, start: int, lengths: Sequence[int], tokens: Seq
         raise ValueError("every row needs at least one new token")
     if any(len(p) != len(t) for p, t in zip(positions, tokens)):
         raise ValueError("each row needs one position per new token")
+    if any(b <= a for p in positions for a, b in zip(p, p[1:])):
+        raise ValueError("a row's new token positions must ascend")
     batch.reserve(start + len(tokens), max(p[-1] + 1 for p in positions))
     plan = RowsAttention(positions, model.device)
     ids = torch.tensor([[token for row in tokens for token in row]], device=model.device)

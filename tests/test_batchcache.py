@@ -151,3 +151,5 @@ def test_scattered_tokens_attended_in_segments(tiny_model, monkeypatch, segment_
     assert segments[-1][1] == n + len(suffix)
     with pytest.raises(ValueError, match="one position per new token"):
         forward_rows(batch, 0, [n], [[1, 2]], [[n]])
+    with pytest.raises(ValueError, match="ascend"):
+        forward_rows(batch, 0, [n], [[1, 2]], [[n, n - 3]])

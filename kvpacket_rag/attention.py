@@ -27,24 +27,36 @@ def packed_gqa_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     tokens then attend to that row alone.
     """
     rows = kwargs.pop("kvpacket_rows", None)
+    groups = getattr(module, "num_key_value_groups", 1)
+    unsupported = kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
+    packs = groups > 1 and query.device.type == "cpu" and not unsupported
     if rows is not None:
         def grouped(q, k, v, mask, scale):
             return packed_gqa_sdpa(module, q, k, v, mask, dropout=dropout, scaling=scale, **kwargs)[0]
-        return rows.attend(query, key, value, scaling, grouped), None
-    groups = getattr(module, "num_key_value_groups", 1)
-    unsupported = kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
-    if groups == 1 or query.device.type != "cpu" or attention_mask is None or unsupported:
+        pack = (lambda mask: packed_mask(mask, groups, query.dtype)) if packs else None
+        return rows.attend(query, key, value, scaling, grouped, pack), None
+    if not packs or attention_mask is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     batch, heads, q_len, dim = query.shape
     packed = query.reshape(batch, heads // groups, groups * q_len, dim)
     mask = attention_mask
-    if mask.shape[1] != 1:
-        mask = mask[:, :1]
-    mask = mask.expand(batch, 1, q_len, key.shape[2]).repeat(1, 1, groups, 1) if groups > 1 else mask
+    if mask.dtype == torch.bool or mask.shape[2] != groups * q_len:  # else packed already (`packed_mask`)
+        mask = mask[:, :1].expand(batch, 1, q_len, key.shape[2]).repeat(1, 1, groups, 1)
     out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, dropout_p=dropout,
                                                            scale=scaling)
     return out.reshape(batch, heads, q_len, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def packed_mask(mask: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """The mask `packed_gqa_sdpa` attends with for a boolean ``mask [B, 1 or H, q, N]`` (True = attend): repeated
+    for the ``groups`` query heads packed per KV head, as an additive ``[B, 1, groups * q, N]`` mask of ``dtype``
+    (0 or -inf, what SDPA makes of a boolean mask). A forward that attends with one mask in every layer converts it
+    once (`kvpacket_rag.batchcache.RowsAttention`) instead of once per layer.
+    """
+    mask = mask[:, :1]
+    additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return additive.repeat(1, 1, groups, 1)
 
 
 AttentionInterface.register(NAME, packed_gqa_sdpa)

@@ -135,20 +135,33 @@ class RowsAttention:
         self.mask_stub = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)  # the real masks are per group
         self.groups = [_RowGroup(positions[first:last], offsets[first:last], first, self.span, device)
                        for first, last in _runs([w > 1 for w in widths])]
+        self._packed: dict[tuple[int, int], torch.Tensor] = {}  # (group, segment) -> mask made by `attend`'s pack_mask
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
-               attention: Callable) -> torch.Tensor:
+               attention: Callable, pack_mask: Callable | None = None) -> torch.Tensor:
         """Attention output ``[1, tokens, heads, dim]`` of packed ``query [1, heads, tokens, dim]`` over the rows'
         caches ``key/value [rows, kv_heads, span, dim]``; ``attention`` is the model's batched grouped-query SDPA
-        (``[B, H, q, D]`` queries, ``[B, 1, q, N]`` boolean mask, returns ``[B, q, H, D]``)."""
+        (``[B, H, q, D]`` queries, ``[B, 1, q, N]`` boolean mask or what ``pack_mask`` makes of it, returns
+        ``[B, q, H, D]``). ``pack_mask`` runs once per segment and call of `forward_rows`: every layer attends with
+        the same masks."""
         out = query.new_empty(query.shape[2], query.shape[1], query.shape[3])
-        for group in self.groups:
+        for g, group in enumerate(self.groups):
             rows = slice(group.first, group.last)
-            for slots, limit in group.segments:
+            for s, (slots, limit) in enumerate(group.segments):
+                mask = group.mask[:, :, slots, :limit]
+                if pack_mask is not None:
+                    if (g, s) not in self._packed:
+                        self._packed[g, s] = pack_mask(mask)
+                    mask = self._packed[g, s]
+                if group.start is not None:  # one row: its segment is a run of the packed tokens, no padding
+                    run = slice(group.start + slots.start, group.start + slots.stop)
+                    out[run] = attention(query[:, :, run], key[rows, :, :limit], value[rows, :, :limit], mask,
+                                         scaling)[0]
+                    continue
                 tokens, real = group.tokens[:, slots], group.real[:, slots]
                 grouped = query[0][:, tokens].transpose(0, 1)  # [rows, heads, width, dim]
-                result = attention(grouped, key[rows, :, :limit], value[rows, :, :limit],
-                                   group.mask[:, :, slots, :limit], scaling)  # [rows, width, heads, dim]
+                result = attention(grouped, key[rows, :, :limit], value[rows, :, :limit], mask,
+                                   scaling)  # [rows, width, heads, dim]
                 out[tokens[real]] = result[real]
         return out[None]
 
@@ -170,6 +183,7 @@ class _RowGroup:
         # a new token sees its row's columns up to its own position: the cache and the row's earlier new tokens
         self.mask = (torch.arange(span)[None, None, None, :] <= padded[:, None, :, None]).to(device)
         self.segments = _segments(positions[0]) if len(positions) == 1 else [(slice(None), span)]
+        self.start = starts[0] if len(positions) == 1 else None  # a lone row's first token in the packed sequence
 
 
 SEGMENT_TOKENS = 8

@@ -13,6 +13,9 @@ boundaries never depend on their neighbours.
 
 from __future__ import annotations
 
+import threading
+from array import array
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -36,15 +39,24 @@ class ChatTurn:
 class PromptFormatter:
     """Renders the three prompt pieces with the tokenizer's chat template.
 
+    Chunk token ids are remembered for the last `CHUNK_MEMO` chunks: a served corpus asks for the same chunks'
+    ids (their packet keys) question after question, and tokenizing them again is a measurable part of the time
+    to first token.
+
     Args:
         tokenizer: a Hugging Face tokenizer (with or without a chat template).
         system_prompt: system message placed in the cached preamble.
     """
 
+    CHUNK_MEMO = 2048
+    """How many chunks' token ids are remembered (about 2 KB each for a chunk of 512 tokens)."""
+
     def __init__(self, tokenizer, system_prompt: str = DEFAULT_SYSTEM_PROMPT):
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self._preamble_text = self._render(question="?", history=())[0]
+        self._chunk_memo: OrderedDict[str, array] = OrderedDict()
+        self._memo_lock = threading.Lock()
 
     def _render(self, question: str, history: Sequence[ChatTurn]) -> tuple[str, str]:
         first_user = history[0].user if history else question
@@ -96,7 +108,17 @@ class PromptFormatter:
         """
         if not text or not text.strip():
             raise EmptyInputError("a document chunk is empty; drop empty documents before building packets")
-        return self._ids(text.strip() + "\n\n")
+        with self._memo_lock:
+            ids = self._chunk_memo.get(text)
+            if ids is not None:
+                self._chunk_memo.move_to_end(text)
+                return ids.tolist()
+        ids = array("i", self._ids(text.strip() + "\n\n"))
+        with self._memo_lock:
+            self._chunk_memo[text] = ids
+            if len(self._chunk_memo) > self.CHUNK_MEMO:
+                self._chunk_memo.popitem(last=False)
+        return ids.tolist()
 
     def suffix_ids(self, question: str, history: Sequence[ChatTurn] = ()) -> list[int]:
         """Token ids after the chunks: the question, earlier turns, and the assistant header.

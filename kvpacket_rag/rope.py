@@ -92,10 +92,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-ROTATION_TILE_BYTES = 1 << 20
-"""Bytes of keys `rotate_keys` rotates at a time on CPU (about one core's L2 cache)."""
-
-
 def rotate_keys(
     keys: torch.Tensor, delta: int, spec: RopeSpec, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -109,9 +105,7 @@ def rotate_keys(
 
     Returns:
         Keys equal (to float rounding) to those computed at ``p + delta``; same shape and dtype.
-        Computed as ``keys * cos``, then ``- x2 sin`` added to the first half and ``+ x1 sin`` to the second
-        (``[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]``), without temporaries, in slices of the first axis of
-        about `ROTATION_TILE_BYTES` so that the three passes over a slice hit the CPU cache.
+        Computed half by half (``[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]``) without temporaries.
     """
     if out is None:
         out = torch.empty_like(keys)
@@ -119,15 +113,11 @@ def rotate_keys(
         return out.copy_(keys)
     cos, sin = delta_cos_sin(spec, delta, keys.device, keys.dtype)
     half = keys.shape[-1] // 2
-    sin = sin[:half]
-    slice_bytes = keys[0].numel() * keys.element_size() if keys.dim() > 2 else 0
-    step = max(1, ROTATION_TILE_BYTES // slice_bytes) if slice_bytes else None
-    tiles = [(keys, out)] if step is None or keys.device.type != "cpu" else \
-        [(keys[i : i + step], out[i : i + step]) for i in range(0, keys.shape[0], step)]
-    for x, o in tiles:
-        torch.mul(x, cos, out=o)
-        o[..., :half].addcmul_(x[..., half:], sin, value=-1)
-        o[..., half:].addcmul_(x[..., :half], sin)
+    cos, sin = cos[:half], sin[:half]
+    x1, x2 = keys[..., :half], keys[..., half:]
+    o1, o2 = out[..., :half], out[..., half:]
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin)
     return out
 
 

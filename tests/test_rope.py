@@ -45,19 +45,6 @@ def test_rotation_equals_recomputation_at_new_position(tokenizer, variant):
     torch.testing.assert_close(rotate_keys(local, 700, model.rope), moved, atol=2e-5, rtol=1e-4)
 
 
-def test_rotation_in_slices_equals_one_pass_into_a_strided_buffer(tokenizer, monkeypatch):
-    model = make_tiny_model("qwen3", tokenizer)
-    keys = keys_at(model, torch.arange(0, 12)).expand(5, -1, -1, -1).contiguous()  # [layers, heads, T, dim]
-    keys = keys + torch.randn_like(keys)
-    whole = rotate_keys(keys, 333, model.rope)
-    monkeypatch.setattr("kvpacket_rag.rope.ROTATION_TILE_BYTES", keys[0].numel() * keys.element_size() * 2)
-    buffer = torch.zeros(5, 1, keys.shape[1], 20, keys.shape[3])
-    rotate_keys(keys, 333, model.rope, out=buffer[:, 0, :, 4:16])  # 3 slices of 2, 2 and 1 layers
-    torch.testing.assert_close(buffer[:, 0, :, 4:16], whole, atol=0, rtol=0)
-    assert buffer[:, 0, :, :4].eq(0).all() and buffer[:, 0, :, 16:].eq(0).all()
-    torch.testing.assert_close(rotate_keys(whole, -333, model.rope), keys, atol=2e-5, rtol=1e-4)
-
-
 @pytest.mark.parametrize("variant", ["linear", "llama3", "yarn"])
 def test_packet_path_exact_for_scaled_rope(tokenizer, variant):
     model = make_tiny_model("llama", tokenizer, rope_parameters=VARIANTS[variant])

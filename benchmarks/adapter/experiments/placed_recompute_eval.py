@@ -10,7 +10,9 @@ the EPIC/CacheBlend baselines):
 - ``placed_tail:K``: the last K tokens of the whole context (those right before the question);
 - ``placed_spread:K``: the K tokens of every chunk after the first whose stored keys and values the context moved most
   (the squared difference between the chunk's placed packet and its exact packet, built after nothing, summed over
-  layers, each layer's scaled by its mean; layers that do not move, such as the first, left out): a choice known at ingestion, without CacheBlend's two-layer pass.
+  layers, each layer's scaled by its mean; layers that do not move, such as the first, left out): a choice known at ingestion, without CacheBlend's two-layer pass;
+- ``placed_mix:K``: the first K/2 tokens of every chunk after the first, then the K/2 of its others the context moved
+  most (as ``placed_spread``).
 
     python benchmarks/adapter/experiments/placed_recompute_eval.py --dataset biography \
         --methods kv_packet,placed_first:8,placed_last:8,placed_tail:32 --n 30 --split test --seed 1 \
@@ -44,7 +46,7 @@ class PlacedRecompute(Epic):
 
     def fetch_packets(self, source, chunks):
         fetched = super().fetch_packets(source, chunks)
-        if self.where == "spread":
+        if self.where in ("spread", "mix"):
             exact = source.packets_for(chunks, "exact").packets
             self.spread = [_moved(placed, alone) for placed, alone in zip(fetched.packets, exact)]
         return fetched
@@ -60,6 +62,11 @@ class PlacedRecompute(Epic):
             k = min(self.k, length)
             if self.where == "spread":
                 spans.append(torch.topk(self.spread[index], k).indices.sort().values + start)
+                continue
+            if self.where == "mix":  # the first k // 2, then the rest of k the context moved most
+                first = k // 2
+                rest = torch.topk(self.spread[index][first:length], k - first).indices + first
+                spans.append(torch.cat([torch.arange(first), rest.sort().values]) + start)
                 continue
             spans.append(torch.arange(start, start + k) if self.where == "first" else
                          torch.arange(start + length - k, start + length))
@@ -80,6 +87,6 @@ def variant(where: str):
 
 
 if __name__ == "__main__":
-    for where in ("first", "last", "tail", "spread"):
+    for where in ("first", "last", "tail", "spread", "mix"):
         METHODS[f"placed_{where}"] = variant(where)
     sys.exit(main(["eval", *sys.argv[1:]]))

@@ -49,7 +49,7 @@ class PromptFormatter:
     """
 
     CHUNK_MEMO = 2048
-    """How many chunks' token ids are remembered (about 2 KB each for a chunk of 512 tokens)."""
+    """How many chunks' token ids are remembered (a 512-token chunk holds about 2 KB of text and 2 KB of ids)."""
 
     def __init__(self, tokenizer, system_prompt: str = DEFAULT_SYSTEM_PROMPT):
         self.tokenizer = tokenizer

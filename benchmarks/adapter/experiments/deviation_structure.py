@@ -21,8 +21,8 @@ from kvpacket_rag.engine import PacketEngine
 from kvpacket_rag.kvcache import KVBuffer, PacketCache
 from kvpacket_rag.rope import delta_cos_sin, rotate_half
 from kvpacket_rag.datasets.biography import biography_samples
-import tempfile
 from kvpacket_rag.store import open_store
+
 torch.set_num_threads(1)
 engine = PacketEngine(None, adapter="none+preamble", store=open_store(tempfile.mkdtemp()), device="cpu")
 fmt, spec = engine.formatter, engine.model.rope

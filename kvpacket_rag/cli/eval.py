@@ -24,6 +24,9 @@ def register(subparsers) -> None:
     parser.add_argument("--split", default="test", choices=("train", "test"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--order", default="dataset", choices=("dataset", "retrieval"),
+                        help="chunk order of every question: the dataset's (default), or ranked by the default "
+                             "embedder's similarity to the question, most similar first, as a retriever returns them")
     parser.add_argument("--no-kl", action="store_true", help="skip the teacher-forced KL pass (faster)")
     parser.add_argument("--json", default=None,
                         help="write the result here (and the markdown table beside it); per-question records go to "
@@ -48,6 +51,8 @@ def command_line(args: argparse.Namespace) -> str:
 
     parts = ["kvpacket", "eval", "--dataset", args.dataset, "--methods", args.methods, "--n", str(args.n),
              "--split", args.split, "--seed", str(args.seed), "--max-new-tokens", str(args.max_new_tokens)]
+    if args.order != "dataset":
+        parts += ["--order", args.order]
     if args.quantization != "none":
         parts += ["--quantization", args.quantization]
     parts += calibration_flags(args)
@@ -71,10 +76,12 @@ def run(args: argparse.Namespace) -> int:
     existing = json.loads(Path(args.json).read_text()) if args.append and Path(args.json).is_file() else None
     if existing is not None:
         check_settings(existing, {"dataset": args.dataset, "split": args.split, "seed": args.seed, "n": args.n,
-                                  "max_new_tokens": args.max_new_tokens, "quantization": args.quantization})
+                                  "max_new_tokens": args.max_new_tokens, "quantization": args.quantization,
+                                  "order": args.order})
     prepare_process(args.threads)
     config = EvalConfig(tuple(s.strip() for s in args.methods.split(",") if s.strip()),
-                        max_new_tokens=args.max_new_tokens, kl=not args.no_kl, calibration=calibration_config(args))
+                        max_new_tokens=args.max_new_tokens, kl=not args.no_kl, calibration=calibration_config(args),
+                        order=args.order)
     with tempfile.TemporaryDirectory(prefix="kvpacket-eval-") as packet_dir:
         store = None if args.quantization == "none" else LocalStore(packet_dir, quantization=args.quantization)
         return _evaluate_and_write(args, config, make_engine(args, store), existing)

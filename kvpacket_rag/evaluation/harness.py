@@ -20,8 +20,9 @@ import hashlib
 import json
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -35,7 +36,11 @@ from ..methods import get_method
 from ..metrics import answer_recall, best_f1, exact_match, macro_f1, micro_f1
 from .teacher import forced_logprobs, kl_per_token
 
+if TYPE_CHECKING:
+    from ..embedder import Embedder
+
 REFERENCE = "full_recompute"
+ORDERS = ("dataset", "retrieval")
 TIMINGS = ("packet_load_s", "assembly_s", "context_prefill_s", "question_prefill_s", "ttft_s", "total_s")
 
 
@@ -53,6 +58,9 @@ class EvalConfig:
         calibration: with ``neighbours`` set, the engine's adapter packets are built after each chunk's own
             contexts drawn from its nearest passages among every evaluated question's passages (the served
             corpus; see `kvpacket_rag.calibration.NeighbourContexts`); None builds them as the adapter does.
+        order: ``dataset`` reads each sample's chunks in the dataset's order; ``retrieval`` ranks them as a
+            retriever would return them (`retrieval_order`: the default embedder's similarity to the question,
+            most similar first). The reference and every method read the same order.
     """
 
     methods: tuple[str | ContextMethod, ...]
@@ -61,8 +69,11 @@ class EvalConfig:
     kl: bool = True
     progress: bool = True
     calibration: CalibrationConfig | None = None
+    order: str = "dataset"
 
     def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         names = [get_method(spec).name for spec in self.methods]
         if len(set(names)) != len(names):
             raise ValueError(f"methods repeat: {', '.join(self.methods)}; list each method once")
@@ -105,6 +116,10 @@ def evaluate(engine: PacketEngine, samples: Sequence[Sample], config: EvalConfig
     """
     if not samples:
         raise ValueError("no samples to evaluate; pass n >= 1")
+    if config.order == "retrieval":
+        from ..embedder import Embedder
+
+        samples = retrieval_order(samples, Embedder())
     generation = GenerationConfig(max_new_tokens=config.max_new_tokens)
     methods = {get_method(spec).name: spec for spec in config.methods}
     order = config.names
@@ -120,6 +135,17 @@ def evaluate(engine: PacketEngine, samples: Sequence[Sample], config: EvalConfig
     summaries = {name: summarize([sample[name] for sample in done], engine) for name in order}
     add_relative(summaries)
     return {"methods": summaries, "resumed": len(samples) - len(todo)}
+
+
+def retrieval_order(samples: Sequence[Sample], embedder: "Embedder") -> list[Sample]:
+    """``samples`` with each one's chunks ranked as a retriever ranks them: by ``embedder``'s cosine similarity to
+    the question, most similar first (equal scores keep the dataset's order). Ids, questions and answers unchanged."""
+    ranked = []
+    for sample in samples:
+        scores = embedder.embed(sample.chunks) @ embedder.embed_query(sample.question)
+        order = sorted(range(len(sample.chunks)), key=lambda i: -float(scores[i]))
+        ranked.append(replace(sample, chunks=tuple(sample.chunks[i] for i in order)))
+    return ranked
 
 
 def _neighbour_contexts(engine: PacketEngine, samples: Sequence[Sample],

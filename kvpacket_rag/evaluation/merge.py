@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from .harness import REFERENCE
 
-SAME_SETTINGS = ("dataset", "split", "seed", "n", "max_new_tokens", "quantization")
+SAME_SETTINGS = ("dataset", "split", "seed", "n", "max_new_tokens", "quantization", "order")
+SETTING_DEFAULTS = {"quantization": "none", "order": "dataset"}
+"""What results written before a setting existed ran with."""
 
 
 def session_of(result: dict) -> dict:
@@ -29,11 +31,11 @@ def sessions(result: dict) -> list[dict]:
 def check_settings(base: dict, settings: dict) -> None:
     """Raise ValueError unless ``settings`` (a result or a dict of `SAME_SETTINGS`) match ``base``'s."""
     for key in SAME_SETTINGS:
-        here, there = settings.get(key, "none"), base.get(key, "none")  # results before packet quantization: none
+        here, there = settings.get(key, SETTING_DEFAULTS.get(key)), base.get(key, SETTING_DEFAULTS.get(key))
         if here != there:
             raise ValueError(f"cannot append: {key} is {here!r} here but {there!r} in the existing result; rerun "
-                             "with the same --dataset/--split/--seed/--n/--max-new-tokens/--quantization or write a "
-                             "new file")
+                             "with the same --dataset/--split/--seed/--n/--max-new-tokens/--quantization/--order or "
+                             "write a new file")
 
 
 def merge_results(base: dict, extra: dict) -> dict:

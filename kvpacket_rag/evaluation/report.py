@@ -72,8 +72,8 @@ def headline(results: list[tuple[Path, dict]], metric: str = "f1") -> list[str]:
 
 
 def label(result: dict) -> str:
-    """``dataset (n)``, plus the packet precision when it is not full and the adapter's short fingerprint
-    when the run used one (runs of different adapters share the page)."""
+    """``dataset (n)``, plus the packet precision when it is not full, the adapter's short fingerprint when the run
+    used one (runs of different adapters share the page) and the chunk order when it is not the dataset's."""
     parts = [str(result["n"])]
     quantization = result.get("quantization", "none")
     if quantization != "none":
@@ -81,6 +81,8 @@ def label(result: dict) -> str:
     fingerprint = (result.get("adapter") or {}).get("fingerprint", "none")
     if fingerprint != "none":
         parts.append(f"adapter {fingerprint[:8]}")
+    if result.get("order", "dataset") != "dataset":
+        parts.append(f"{result['order']} order")
     return f"{result['dataset']} ({', '.join(parts)})"
 
 

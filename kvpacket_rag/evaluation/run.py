@@ -31,7 +31,7 @@ def run_evaluation(engine: PacketEngine, dataset: str, n: int, config: EvalConfi
         checkpoint: see `evaluate` (resumes an interrupted run).
 
     Returns:
-        The `evaluate` result plus ``format``, ``dataset``, ``split``, ``seed``, ``n``, ``max_new_tokens``,
+        The `evaluate` result plus ``format``, ``dataset``, ``split``, ``seed``, ``n``, ``order``, ``max_new_tokens``,
         ``model``, ``adapter``, ``store``, ``quantization`` (of the stored packets), ``machine`` (CPU, threads, date, command), ``wall_s``,
         ``process_peak_rss_mb``, ``records_text`` and ``resumed`` (samples taken from the checkpoint;
         ``wall_s`` covers only this process).
@@ -46,7 +46,7 @@ def run_evaluation(engine: PacketEngine, dataset: str, n: int, config: EvalConfi
     threads = set_threads(None)
     adapter = engine.adapter
     return {
-        "format": FORMAT, "dataset": dataset, "split": split, "seed": seed, "n": len(samples),
+        "format": FORMAT, "dataset": dataset, "split": split, "seed": seed, "n": len(samples), "order": config.order,
         "max_new_tokens": config.max_new_tokens,
         "model": {"name": engine.model.name, "fingerprint": engine.model.fingerprint[:16],
                   "dtype": str(engine.model.dtype).removeprefix("torch."), "device": str(engine.model.device),

@@ -130,6 +130,8 @@ def test_config_validation():
         EvalConfig(("kv_pocket",))
     with pytest.raises(ValueError, match="max_new_tokens"):
         EvalConfig(("kv_packet",), max_new_tokens=0)
+    with pytest.raises(ValueError, match="order must be one of dataset, retrieval"):
+        EvalConfig(("kv_packet",), order="shuffled")
 
 
 def test_files_and_report(result, tmp_path):
@@ -186,6 +188,38 @@ def test_cli_end_to_end(model_dir, jsonl, tmp_path, capsys):
     assert data["machine"]["command"].startswith(f"kvpacket eval --dataset {jsonl} --methods kv_packet,epic:2 --n 2")
     assert "| epic:2 |" in capsys.readouterr().out
     assert cli_main(["eval", "--dataset", str(jsonl), "--methods", "nope", "--model", str(model_dir)]) == 2
+
+
+def test_retrieval_order_ranks_each_questions_chunks_by_similarity():
+    """The chunk a question is about comes first, as a retriever would return it; nothing else changes."""
+    from kvpacket_rag.datasets import Sample
+    from kvpacket_rag.embedder import Embedder
+    from kvpacket_rag.evaluation.harness import retrieval_order
+
+    samples = [Sample(id="a", chunks=("Charles Babbage designed the Analytical Engine.", "Ada Lovelace was born in London.",
+                                      "The Thames flows through Oxford."),
+                      question="Where was Ada Lovelace born?", answers=("London",)),
+               Sample(id="b", chunks=("Grace Hopper wrote the first compiler.", "Alan Turing studied at Cambridge."),
+                      question="Who wrote the first compiler?", answers=("Grace Hopper",))]
+    ranked = retrieval_order(samples, Embedder())
+    assert ranked[0].chunks[0] == "Ada Lovelace was born in London."
+    assert sorted(ranked[0].chunks) == sorted(samples[0].chunks)
+    assert ranked[1] == samples[1]  # already ranked: unchanged
+    assert [(r.id, r.question, r.answers) for r in ranked] == [(s.id, s.question, s.answers) for s in samples]
+
+
+def test_retrieval_order_is_recorded_and_kept_by_appends(model_dir, jsonl, tmp_path, capsys):
+    out = tmp_path / "ranked.json"
+    common = ["eval", "--dataset", str(jsonl), "--n", "1", "--model", str(model_dir), "--adapter", "none",
+              "--max-new-tokens", "2", "--threads", "1", "--json", str(out)]
+    assert cli_main([*common, "--methods", "kv_packet", "--order", "retrieval"]) == 0
+    data = json.loads(out.read_text())
+    assert data["order"] == "retrieval" and "--order retrieval" in data["machine"]["command"]
+    assert "chunks in retrieval order" in (tmp_path / "ranked.md").read_text()
+    capsys.readouterr()
+    assert cli_main([*common, "--methods", "epic:2", "--append"]) == 2  # the dataset's order is another run
+    assert "cannot append: order is 'dataset' here but 'retrieval'" in capsys.readouterr().err
+    assert cli_main([*common, "--methods", "epic:2", "--order", "retrieval", "--append"]) == 0
 
 
 def test_samples_from_registry_run(tiny_llama):
@@ -321,12 +355,14 @@ def test_adapter_variants_compare_in_one_run(tiny_llama, jsonl):
         PacketMethod(adapter=adapter)
 
 
-def test_report_labels_name_the_precision_and_the_adapter():
-    """Runs of different adapters or packet precisions on one dataset get distinct row labels."""
+def test_report_labels_name_the_precision_the_adapter_and_the_order():
+    """Runs of different adapters, packet precisions or chunk orders on one dataset get distinct row labels."""
     run = {"dataset": "niah", "n": 100, "adapter": {"fingerprint": "a7f77c3f78560437"}}
     assert label(run) == "niah (100, adapter a7f77c3f)"
     assert label({**run, "quantization": "int8"}) == "niah (100, int8 packets, adapter a7f77c3f)"
     assert label({"dataset": "niah", "n": 20, "adapter": {"fingerprint": "none"}}) == "niah (20)"
+    assert label({**run, "order": "retrieval"}) == "niah (100, adapter a7f77c3f, retrieval order)"
+    assert label({**run, "order": "dataset"}) == label(run)
 
 
 def test_neighbour_calibration_builds_after_the_evaluated_passages(tiny_llama, jsonl):

@@ -30,7 +30,8 @@ def register(subparsers) -> None:
     parser.add_argument("--no-kl", action="store_true", help="skip the teacher-forced KL pass (faster)")
     parser.add_argument("--json", default=None,
                         help="write the result here (and the markdown table beside it); per-question records go to "
-                             "JSON.partial.jsonl as they come, so an interrupted run resumes where it stopped")
+                             "JSON.partial.jsonl (JSON.retrieval.partial.jsonl with --order retrieval) as they come, so an "
+                             "interrupted run resumes where it stopped")
     parser.add_argument("--plot", action="store_true", help="also write PNGs next to --json")
     parser.add_argument("--quantization", default="none", choices=("none", "int8", "int4"),
                         help="store the packets at this precision, in a LocalStore in a temporary directory "
@@ -93,7 +94,7 @@ def _evaluate_and_write(args: argparse.Namespace, config, engine, existing: dict
     from ..evaluation.run import checkpoint_path
     from ..evaluation.table import markdown_table
 
-    checkpoint = checkpoint_path(args.json) if args.json else None
+    checkpoint = checkpoint_path(args.json, args.order) if args.json else None
     if checkpoint is not None and args.append:
         checkpoint = checkpoint.with_name(checkpoint.name.replace(".partial", ".append.partial"))
     result = run_evaluation(engine, args.dataset, args.n, config, split=args.split, seed=args.seed,

@@ -61,10 +61,12 @@ def run_evaluation(engine: PacketEngine, dataset: str, n: int, config: EvalConfi
     }
 
 
-def checkpoint_path(json_path: str | Path) -> Path:
-    """Where a run writing ``json_path`` keeps its per-sample checkpoint (``<json>.partial.jsonl``)."""
+def checkpoint_path(json_path: str | Path, order: str = "dataset") -> Path:
+    """Where a run writing ``json_path`` keeps its per-sample checkpoint: ``<json>.partial.jsonl``, or
+    ``<json>.<order>.partial.jsonl`` for another chunk order (a run never resumes from the records of another order,
+    whose questions have the same ids)."""
     path = Path(json_path)
-    return path.with_name(path.name + ".partial.jsonl")
+    return path.with_name(path.name + ("" if order == "dataset" else f".{order}") + ".partial.jsonl")
 
 
 def write_result(result: dict, json_path: str | Path | None, plot: bool = False) -> list[Path]:

@@ -24,7 +24,7 @@ from kvpacket_rag.evaluation.merge import main as merge_main
 from kvpacket_rag.evaluation.merge import merge_results
 from kvpacket_rag.evaluation.report import label, load_results, render, targets
 from kvpacket_rag.evaluation.report import main as report_main
-from kvpacket_rag.evaluation.run import run_evaluation, write_result
+from kvpacket_rag.evaluation.run import checkpoint_path, run_evaluation, write_result
 
 SAMPLES = [
     {"chunks": ["Ada Lovelace was born in London in 1815.", "Charles Babbage designed the Analytical Engine."],
@@ -220,6 +220,8 @@ def test_retrieval_order_is_recorded_and_kept_by_appends(model_dir, jsonl, tmp_p
     assert cli_main([*common, "--methods", "epic:2", "--append"]) == 2  # the dataset's order is another run
     assert "cannot append: order is 'dataset' here but 'retrieval'" in capsys.readouterr().err
     assert cli_main([*common, "--methods", "epic:2", "--order", "retrieval", "--append"]) == 0
+    assert checkpoint_path(out, "retrieval").name == "ranked.json.retrieval.partial.jsonl"
+    assert checkpoint_path(out).name == "ranked.json.partial.jsonl"  # a resumed run finds only its own order's records
 
 
 def test_samples_from_registry_run(tiny_llama):

@@ -30,8 +30,8 @@ def register(subparsers) -> None:
     parser.add_argument("--no-kl", action="store_true", help="skip the teacher-forced KL pass (faster)")
     parser.add_argument("--json", default=None,
                         help="write the result here (and the markdown table beside it); per-question records go to "
-                             "JSON.partial.jsonl (JSON.retrieval.partial.jsonl with --order retrieval) as they come, so an "
-                             "interrupted run resumes where it stopped")
+                             "JSON.partial.jsonl (JSON.retrieval.partial.jsonl with --order retrieval) as they come, "
+                             "so an interrupted run resumes where it stopped")
     parser.add_argument("--plot", action="store_true", help="also write PNGs next to --json")
     parser.add_argument("--quantization", default="none", choices=("none", "int8", "int4"),
                         help="store the packets at this precision, in a LocalStore in a temporary directory "

@@ -30,8 +30,8 @@ def header(result: dict) -> str:
     """One paragraph: dataset, model, adapter, machine, threads, date and the exact command(s)."""
     model = result["model"]
     order = "" if result.get("order", "dataset") == "dataset" else f", chunks in {result['order']} order"
-    first = (f"**{result['dataset']}** ({result['split']} split, {result['n']} questions, seed {result['seed']}{order}, "
-             f"greedy, ≤ {result['max_new_tokens']} new tokens) · model {model['name']} ({model['dtype']}, "
+    first = (f"**{result['dataset']}** ({result['split']} split, {result['n']} questions, seed {result['seed']}"
+             f"{order}, greedy, ≤ {result['max_new_tokens']} new tokens) · model {model['name']} ({model['dtype']}, "
              f"{model['device']}) · kv_packet adapter {_adapter_text(result['adapter'])}{_packets_text(result)} · "
              f"wall {result['wall_s'] / 60:.1f} min")
     sessions = result.get("sessions")

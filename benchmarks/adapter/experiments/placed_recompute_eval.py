@@ -14,8 +14,8 @@ the EPIC/CacheBlend baselines):
 - ``placed_mix:K``: the first K/2 tokens of every chunk after the first, then the K/2 of its others the context moved
   most (as ``placed_spread``);
 - ``placed_query:K``: the K tokens of every chunk after the first that the question attends to most over the placed
-  packets (attention of every question token, summed over heads and layers), found by one
-  extra forward of the question before the tokens are recomputed (its cost is not in the TTFT this probe reports);
+  packets (attention of every question token, summed over heads and layers), found by one extra forward of the
+  question before the tokens are recomputed (its cost is not in the TTFT this probe reports);
 - ``placed_qfirst:K``: the first K/2 tokens, then the K/2 others the question attends to most.
 
     python benchmarks/adapter/experiments/placed_recompute_eval.py --dataset biography \

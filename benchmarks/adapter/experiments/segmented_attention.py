@@ -8,7 +8,11 @@ forward; 2 threads, medians of 9.
 
     python benchmarks/adapter/experiments/segmented_attention.py
 """
-import torch, time, statistics
+import statistics
+import time
+
+import torch
+
 torch.set_num_threads(2)
 op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 L, S, T = 30, 8, 512

@@ -116,17 +116,20 @@ def evaluate(engine: PacketEngine, samples: Sequence[Sample], config: EvalConfig
     """
     if not samples:
         raise ValueError("no samples to evaluate; pass n >= 1")
-    if config.order == "retrieval":
+    embedder = None
+    if config.order == "retrieval" or config.calibration is not None:  # one MiniLM for both
         from ..embedder import Embedder
 
-        samples = retrieval_order(samples, Embedder())
+        embedder = Embedder()
+    if config.order == "retrieval":
+        samples = retrieval_order(samples, embedder)
     generation = GenerationConfig(max_new_tokens=config.max_new_tokens)
     methods = {get_method(spec).name: spec for spec in config.methods}
     order = config.names
     done = _read_checkpoint(checkpoint, samples, order) if checkpoint is not None else []
     todo = samples[len(done):]
     if config.calibration is not None:
-        engine.calibrate_on(_neighbour_contexts(engine, samples, config.calibration))
+        engine.calibrate_on(_neighbour_contexts(engine, samples, config.calibration, embedder))
     try:
         _run_samples(engine, todo, done, order, methods, generation, config, checkpoint, len(samples))
     finally:
@@ -148,13 +151,11 @@ def retrieval_order(samples: Sequence[Sample], embedder: "Embedder") -> list[Sam
     return ranked
 
 
-def _neighbour_contexts(engine: PacketEngine, samples: Sequence[Sample],
-                        calibration: CalibrationConfig) -> NeighbourContexts:
-    """Neighbour contexts over every passage of ``samples`` (the default embedder ranks them)."""
-    from ..embedder import Embedder
-
+def _neighbour_contexts(engine: PacketEngine, samples: Sequence[Sample], calibration: CalibrationConfig,
+                        embedder: "Embedder") -> NeighbourContexts:
+    """Neighbour contexts over every passage of ``samples`` (``embedder`` ranks them)."""
     passages = [chunk for sample in samples for chunk in sample.chunks]
-    return NeighbourContexts(passages, engine.formatter, Embedder(), calibration)
+    return NeighbourContexts(passages, engine.formatter, embedder, calibration)
 
 
 def _run_samples(engine: PacketEngine, todo: Sequence[Sample], done: list, order: list[str], methods: dict[str, str],

@@ -42,16 +42,14 @@ class MatchedDepthContexts(NeighbourContexts):
                      for _ in range(self.config.contexts))
 
 
-def matched_depth_contexts(engine, samples, calibration):
-    from kvpacket_rag.embedder import Embedder
-
+def matched_depth_contexts(engine, samples, calibration, embedder):
     places: dict[tuple[int, ...], int] = {}
     for sample in samples:
         for place, chunk in enumerate(sample.chunks):
             places.setdefault(tuple(engine.formatter.chunk_ids(chunk)), place)
     passages = [chunk for sample in samples for chunk in sample.chunks]
     one_packet = dataclasses.replace(calibration, by_place=False)  # the places are drawn here, one packet per chunk
-    return MatchedDepthContexts(passages, engine.formatter, Embedder(), one_packet, places=places)
+    return MatchedDepthContexts(passages, engine.formatter, embedder, one_packet, places=places)
 
 
 if __name__ == "__main__":

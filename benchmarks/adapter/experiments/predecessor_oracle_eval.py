@@ -51,9 +51,7 @@ class TruePredecessorContexts(NeighbourContexts):
 
 
 def oracle_contexts(true_last: int):
-    def contexts(engine, samples, calibration):
-        from kvpacket_rag.embedder import Embedder
-
+    def contexts(engine, samples, calibration, embedder):
         before: dict[tuple[int, ...], tuple[tuple[int, ...], ...]] = {}
         for sample in samples:
             chunks = [tuple(engine.formatter.chunk_ids(chunk)) for chunk in sample.chunks]
@@ -61,7 +59,7 @@ def oracle_contexts(true_last: int):
                 before.setdefault(chunk, tuple(chunks[:place]))
         passages = [chunk for sample in samples for chunk in sample.chunks]
         one_packet = dataclasses.replace(calibration, by_place=False)  # each chunk's place is read here
-        return TruePredecessorContexts(passages, engine.formatter, Embedder(), one_packet, before=before,
+        return TruePredecessorContexts(passages, engine.formatter, embedder, one_packet, before=before,
                                        true_last=true_last)
     return contexts
 

@@ -14,7 +14,7 @@ def answer_in_first(samples) -> int:
 
 
 embedder = Embedder()
-for dataset, seed, n in (("hotpotqa", 1, 30), ("biography", 0, 100), ("niah", 0, 30)):
+for dataset, seed, n in (("hotpotqa", 1, 30), ("biography", 0, 100), ("niah", 0, 30), ("squad", 0, 100)):
     samples = load_samples(dataset, "test", n, seed)
     print(f"{dataset} (test split, seed {seed}, {n} questions): answer in the first chunk, dataset order "
           f"{answer_in_first(samples)}, retrieval order {answer_in_first(retrieval_order(samples, embedder))}")

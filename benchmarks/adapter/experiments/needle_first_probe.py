@@ -35,6 +35,8 @@ torch.set_num_threads(args.threads)
 
 samples = retrieval_order(load_samples("niah", "test", 100, 0), Embedder())
 records = json.load(open(args.result))["methods"]["full_recompute"]["records"]
+if [r["id"] for r in records] != [s.id for s in samples]:
+    raise SystemExit(f"{args.result} holds other questions than NIAH's test split, seed 0, first 100")
 first = [s for s, r in zip(samples, records) if r["recall"] and answer_recall(s.chunks[0], s.answers)]
 print(f"{len(first)} haystacks with the needle in the best-ranked chunk, found by full recompute")
 model = load_model()
